@@ -1,0 +1,6 @@
+"""flashattn: FlashAttention (exact, IO-aware attention) in Triton, with flash-attn 2.x's API."""
+from flashattn.interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+__version__ = "0.1.0"
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "__version__"]

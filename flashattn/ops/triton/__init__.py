@@ -1,0 +1,1 @@
+"""Triton kernels, one file per kernel family: forward.py, backward.py; common.py holds shared helpers."""

@@ -1,0 +1,236 @@
+"""FlashAttention backward in Triton: recompute P from Q, K and lse, tile by tile, never storing it.
+
+Three launches, none with atomics, so the result is deterministic run to run:
+    _bwd_preprocess   delta = rowsum(dO * O) - dlse                 one program per (query block, head, batch)
+    _bwd_dkdv         dK_j, dV_j for one key block, looping over the query blocks of every query head
+                      in its GQA group (so the group sum happens in registers)
+    _bwd_dq           dQ_i for one query block, looping over key blocks as the forward does
+
+Glossary (flashattn/ops/reference.py has the same steps in PyTorch):
+    qkT, pT      scores and probabilities transposed, keys on rows           [BLOCK_N, BLOCK_M]
+    p            P_ij = exp2(qk * qk_scale - lse * log2(e))                  [BLOCK_M, BLOCK_N]
+    dp, ds       dP = dO V^T, dS = P * (dP - delta)                          [BLOCK_M, BLOCK_N]
+    lse          the forward's log-sum-exp (natural log); +inf for padding rows and rows that see no
+                 key, which makes their p exactly 0
+    qk_scale     softmax_scale * log2(e)
+"""
+import torch
+import triton
+import triton.language as tl
+
+from flashattn.ops.triton.common import (
+    LOG2E, key_block_bounds, load_tile, query_block_bounds, store_tile, tile_mask,
+)
+from flashattn.ops.triton.configs import backward_config, dot_precision
+from flashattn.ops.triton.forward import block_d
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DLSE, DELTA,
+                    stride_ob, stride_om, stride_oh,
+                    stride_dob, stride_dom, stride_doh,
+                    seqlen_q, nheads,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_DLSE: tl.constexpr):
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                  offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                   + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                    # [BLOCK_M]
+    row = (off_b * nheads + off_h) * seqlen_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + row, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom,
+                    offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the query rows [lo, hi) of one head to dK_j, dV_j. MASK: diagonal or tail rows."""
+    q_ptrs += lo * stride_qm
+    do_ptrs += lo * stride_dom
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASK)    # [BLOCK_M, BLOCK_D]
+        do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        if MASK:
+            lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)                # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * LOG2E)
+        if MASK:
+            pT = tl.where(tl.trans(tile_mask(offs_m, offs_n, seqlen_q, seqlen_k, IS_CAUSAL)), pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)        # [BLOCK_N, BLOCK_D]
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)               # [BLOCK_N, BLOCK_M]
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)         # [BLOCK_N, BLOCK_D]
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+              stride_qb, stride_qm, stride_qh,
+              stride_kb, stride_kn, stride_kh,
+              stride_vb, stride_vn, stride_vh,
+              stride_dob, stride_dom, stride_doh,
+              stride_dkb, stride_dkn, stride_dkh,
+              stride_dvb, stride_dvn, stride_dvh,
+              seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_hk = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                  offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)             # [BLOCK_N, BLOCK_D]
+    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                  offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi = query_block_bounds(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    offs_m = tl.arange(0, BLOCK_M)
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        row = (off_b * nheads + off_h) * seqlen_q
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, stride_qm,
+                                 stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, stride_qm,
+                                 stride_dom, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k,
+                                 qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, stride_qm,
+                                 stride_dom, offs_n, offs_d, tl.maximum(full_lo, full_hi), seqlen_q,
+                                 seqlen_q, seqlen_k, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION)
+    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    store_tile(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM)
+    store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                  lo, hi, seqlen_q, seqlen_k, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the key tiles [lo, hi) to dQ_i. MASK: tiles that straddle the diagonal or the end."""
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)      # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                 # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASK:
+            p = tl.where(tile_mask(offs_m, cols, seqlen_q, seqlen_k, IS_CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)          # [BLOCK_M, BLOCK_D]
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+            stride_qb, stride_qm, stride_qh,
+            stride_kb, stride_kn, stride_kh,
+            stride_vb, stride_vn, stride_vh,
+            stride_dob, stride_dom, stride_doh,
+            stride_dqb, stride_dqm, stride_dqh,
+            seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hk = (off_h // group_size).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                  offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)             # [BLOCK_M, BLOCK_D]
+    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                   + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    row = (off_b * nheads + off_h) * seqlen_q + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E  # [BLOCK_M]
+    delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                       offs_d, 0, full_hi, seqlen_q, seqlen_k, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                       offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, softmax_scale: float, causal: bool, dlse: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward. Shapes as in forward(); lse (B, H, Sq) float32 contiguous.
+
+    Returns dq, dk, dv contiguous, in the inputs' dtypes.
+    """
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    group_size = nheads // nheads_k
+    bd = block_d(head_dim)
+    precision = dot_precision(q.dtype)
+    cfg = backward_config(head_dim, q.dtype, causal, q.device)
+    qk_scale = softmax_scale * 1.4426950408889634
+
+    delta = torch.empty_like(lse)
+    _bwd_preprocess[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+        out, dout, dlse if dlse is not None else lse, delta,
+        *_strides(out), *_strides(dout), seqlen_q, nheads,
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, HAS_DLSE=dlse is not None,
+    )
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_CAUSAL=causal, DOT_PRECISION=precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _bwd_dkdv[(triton.cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
+        q, k, v, dout, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+    )
+    # The dQ kernel owns query rows: the config's roles swap, keeping the same tile areas.
+    _bwd_dq[(triton.cdiv(seqlen_q, cfg.block_n), nheads, batch)](
+        q, k, v, dout, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+        BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m, **common,
+    )
+    return dq, dk, dv

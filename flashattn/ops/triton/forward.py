@@ -1,0 +1,135 @@
+"""FlashAttention forward in Triton: one program per (query block, head, batch).
+
+Glossary (same names as flashattn/ops/reference.py, which this kernel mirrors step by step):
+    q            the program's query tile Q_i                                  [BLOCK_M, BLOCK_D]
+    k, v         one key/value tile K_j, V_j                                  [BLOCK_N, BLOCK_D]
+    qk           scores S_ij in base-2 units: (q k^T) * softmax_scale * log2(e)  [BLOCK_M, BLOCK_N]
+    p            P~_ij = exp2(qk - m_new)                                      [BLOCK_M, BLOCK_N]
+    m_i, l_i     running row max (base 2) and running row sum                 [BLOCK_M]
+    alpha        exp2(m_old - m_new), rescales acc and l_i                     [BLOCK_M]
+    acc          running unnormalised output, fp32                             [BLOCK_M, BLOCK_D]
+    lse          natural-log log-sum-exp per row; +inf for a row that sees no key
+BLOCK_D is HEAD_DIM rounded up to a power of two (>= 16); the extra columns are loaded as 0.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from flashattn.ops.triton.common import LN2, key_block_bounds, load_tile, store_tile, tile_mask
+from flashattn.ops.triton.configs import forward_config, dot_precision
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+               lo, hi, seqlen_q, seqlen_k, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi). MASK: tiles that straddle the diagonal or the end."""
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)   # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)              # [BLOCK_M, BLOCK_N]
+        if MASK:
+            qk = tl.where(tile_mask(offs_m, cols, seqlen_q, seqlen_k, IS_CAUSAL), qk * qk_scale,
+                          float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has only seen masked keys keeps m = -inf: subtract 0 so that no NaN appears.
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            qk = qk - m_new_safe[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_new_safe = m_new
+            qk = qk * qk_scale - m_new[:, None]
+        p = tl.math.exp2(qk)                                                    # [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_new_safe)                                  # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)   # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qm, stride_qh,
+              stride_kb, stride_kn, stride_kh,
+              stride_vb, stride_vn, stride_vh,
+              stride_ob, stride_om, stride_oh,
+              seqlen_q, seqlen_k, nheads, group_size, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    tl.static_assert(BLOCK_D >= 16)
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    if IS_CAUSAL:
+        # The last query blocks have the most keys to visit: launch them first.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_hk = (off_h // group_size).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+
+    q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)    # [BLOCK_M, BLOCK_D]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                               offs_d, 0, full_hi, seqlen_q, seqlen_k, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                               offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
+    lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous.
+
+    Returns O (B, Sq, H, D) contiguous in q's dtype and lse (B, H, Sq) float32.
+    """
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    cfg = forward_config(head_dim, q.dtype, causal, q.device)
+    grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
+    _attn_fwd[grid](
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * 1.4426950408889634,
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
