@@ -39,7 +39,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
     if k.shape[3] != head_dim:
         raise ValueError(f"head dim of q ({head_dim}) and k/v ({k.shape[3]}) differ")
     nheads_k = k.shape[2]
-    if nheads_k == 0 and nheads != 0 or nheads_k and nheads % nheads_k:
+    if nheads == 0 or nheads_k == 0:
+        raise ValueError(f"nheads must be >= 1, got {nheads} for q and {nheads_k} for k/v")
+    if nheads % nheads_k:
         raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) "
                          "(MQA/GQA)")
     if not isinstance(causal, bool):

@@ -48,17 +48,17 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride_dom,
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom,
                     offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the query rows [lo, hi) of one head to dK_j, dV_j. MASK: diagonal or tail rows."""
-    q_ptrs += lo * stride_qm
-    do_ptrs += lo * stride_dom
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASK)    # [BLOCK_M, BLOCK_D]
-        do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+                      HEAD_DIM, BLOCK_D, MASK)                                     # [BLOCK_M, BLOCK_D]
+        do = load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, seqlen_q, offs_d,
+                       HEAD_DIM, BLOCK_D, MASK)
         if MASK:
             lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
             delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -73,8 +73,6 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qm, stride
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)               # [BLOCK_N, BLOCK_M]
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)         # [BLOCK_N, BLOCK_D]
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -101,19 +99,18 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi = query_block_bounds(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    offs_m = tl.arange(0, BLOCK_M)
     for g in range(group_size):
         off_h = off_hk * group_size + g
-        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
         row = (off_b * nheads + off_h) * seqlen_q
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, stride_qm,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
                                  stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q, seqlen_k, qk_scale,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, stride_qm,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
                                  stride_dom, offs_n, offs_d, full_lo, full_hi, seqlen_q, seqlen_k,
                                  qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, stride_qm,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm,
                                  stride_dom, offs_n, offs_d, tl.maximum(full_lo, full_hi), seqlen_q,
                                  seqlen_q, seqlen_k, qk_scale,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION)
@@ -124,17 +121,17 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                   lo, hi, seqlen_q, seqlen_k, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the key tiles [lo, hi) to dQ_i. MASK: tiles that straddle the diagonal or the end."""
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)      # [BLOCK_N, BLOCK_D]
-        v = load_tile(v_ptrs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
+                      BLOCK_D, MASK)                                               # [BLOCK_N, BLOCK_D]
+        v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
+                      BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                 # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASK:
@@ -142,8 +139,6 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, o
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)          # [BLOCK_M, BLOCK_D]
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     return dq
 
 
@@ -175,14 +170,14 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     row = (off_b * nheads + off_h) * seqlen_q + offs_m
     lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E  # [BLOCK_M]
     delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
-    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    K += off_b * stride_kb + off_hk * stride_kh
+    V += off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_n,
                        offs_d, 0, full_hi, seqlen_q, seqlen_k, qk_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_n,
                        offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]

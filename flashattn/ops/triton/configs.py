@@ -31,7 +31,7 @@ def _bucket(head_dim: int) -> int:
 _FWD = {
     (64, True): TileConfig(128, 64, 4, 3),
     (128, True): TileConfig(128, 64, 8, 3),
-    (256, True): TileConfig(64, 64, 4, 2),
+    (256, True): TileConfig(64, 64, 8, 2),
     (64, False): TileConfig(64, 32, 4, 2),
     (128, False): TileConfig(32, 32, 4, 2),
     (256, False): TileConfig(32, 16, 4, 2),

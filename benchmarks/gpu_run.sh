@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the benchmark.
+# The device machine has torch and triton preinstalled and no network, so this runs from the checkout
+# with PYTHONPATH instead of installing. Usage:
+#     bash benchmarks/gpu_run.sh [tests] [sweep] [bench] [bench-quick]     (default: tests bench)
+# Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-bench-out}"
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests bench)
+{
+    date -u +%FT%TZ
+    git rev-parse HEAD 2>/dev/null || true
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+        --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} >>"$LOG" 2>&1
+summary=()
+for step in "${steps[@]}"; do
+    start=$SECONDS
+    case "$step" in
+        tests)
+            timeout 420 python3 -m pytest -q -p no:cacheprovider -x tests/ops tests/test_interface.py \
+                >>"$LOG" 2>&1
+            summary+=("tests: rc=$? $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOG" | tail -1)");;
+        sweep)
+            timeout 400 python3 benchmarks/sweep.py --out "$OUT/sweep.json" >>"$LOG" 2>&1
+            summary+=("sweep: rc=$?")
+            grep BEST "$LOG" | tail -24;;
+        bench)
+            timeout 540 python3 -m flashattn.bench --out "$OUT" >>"$LOG" 2>&1
+            summary+=("bench: rc=$?");;
+        bench-quick)
+            timeout 400 python3 -m flashattn.bench --quick --out "$OUT" >>"$LOG" 2>&1
+            summary+=("bench-quick: rc=$?");;
+        *) echo "unknown step $step"; exit 2;;
+    esac
+    summary[-1]+=" (${step} took $((SECONDS - start)) s)"
+done
+grep -E "FAILED|Error" "$LOG" | head -20
+[ -f "$OUT/summary.md" ] && cat "$OUT/summary.md"
+printf '%s\n' "${summary[@]}"

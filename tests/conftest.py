@@ -1,0 +1,32 @@
+"""Test set-up: without CUDA, the Triton kernels run under Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton.jit decorates the kernels, i.e. before flashattn's
+Triton modules are imported, hence here at the top of conftest.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; full-size shapes (run with -m gpu)")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Force one backend for the duration of a test."""
+    def use(name: str) -> None:
+        monkeypatch.setenv("FLASHATTN_BACKEND", name)
+    return use

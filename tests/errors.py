@@ -1,0 +1,42 @@
+"""The error rule every numerical test uses (flash-attn's): compared with a float64 reference, our
+error must stay within a small factor of the error of the same computation done the standard way in
+the same dtype, plus one rounding unit of the dtype. A loose absolute tolerance would let real bugs
+through at small magnitudes and fail honest kernels at large ones.
+"""
+import torch
+
+# The one table of allowed factors.
+ERROR_FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}
+
+
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference; infinities must coincide (rows that see no key)."""
+    x, ref = x.double(), ref.double()
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(x), inf), "infinities differ from the reference"
+    assert not torch.isnan(x).any(), "NaN in the result"
+    if inf.all():
+        return 0.0
+    return (x[~inf] - ref[~inf]).abs().max().item() if x.numel() else 0.0
+
+
+# The kernels accumulate in fp32: where the exact answer is 0 (a gradient through a single key, say),
+# a few fp32 rounding units of an O(1) sum are the best any kernel can do.
+FP32_ACCUMULATION = 4 * torch.finfo(torch.float32).eps
+
+
+def rounding_unit(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the rounding error of `dtype` at the magnitude of `ref` (flash-attn's atol), and at
+    least the fp32 accumulators' own rounding."""
+    r = ref[torch.isfinite(ref)].to(dtype)
+    unit = 2 * (r + 0.3 - 0.3 - r).abs().max().item() if r.numel() else 0.0
+    return max(unit, FP32_ACCUMULATION)
+
+
+def assert_within_factor(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, ref64: torch.Tensor,
+                         dtype: torch.dtype) -> None:
+    err = max_error(ours, ref64)
+    yardstick = max_error(same_dtype, ref64)
+    bound = ERROR_FACTORS[name] * yardstick + rounding_unit(ref64, dtype)
+    assert err <= bound, (f"{name}: error {err:.3g} > {ERROR_FACTORS[name]} x same-dtype error "
+                          f"{yardstick:.3g} + rounding {rounding_unit(ref64, dtype):.3g}")
