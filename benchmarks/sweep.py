@@ -21,8 +21,8 @@ from flashattn.ops.triton import forward as triton_forward
 
 CANDIDATES_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                   (128, 32, 4, 3), (64, 128, 4, 3)]
-CANDIDATES_BWD = [(64, 128, 8, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3),
-                  (16, 128, 4, 2), (64, 128, 8, 1), (32, 64, 4, 2)]
+CANDIDATES_BWD = [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2),
+                  (32, 32, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
 
 
 def _flops(b, h, n, d, causal, bwd):
@@ -42,7 +42,7 @@ def main() -> None:
         h, b = 2048 // d, 16384 // n
         q, k, v, do = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         scale = 1 / math.sqrt(d)
-        key = (configs._bucket(d), True)
+        key = (configs._bucket(d), True, causal)
         for pass_, cands, table in (("fwd", CANDIDATES_FWD, configs._FWD), ("bwd", CANDIDATES_BWD, configs._BWD)):
             original = table[key]
             best = None

@@ -1,0 +1,144 @@
+"""python -m flashattn.bench: time flashattn against the other attention implementations.
+
+On a CUDA GPU: the FlashAttention-2 paper's grid (bf16, 16k tokens, model dim 2048) against torch
+SDPA's backends, FlexAttention, flash-attn (if installed) and standard attention, plus peak memory.
+Without one: a small float32 CPU comparison of flashattn's PyTorch path, standard attention and
+torch SDPA. Writes bench.json, summary.md, tflops.png and memory.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from flashattn.bench import cases, peers, report, suite
+
+
+def _csv(convert: Callable[[str], object], choices: tuple[str, ...] | None = None):
+    """An argparse type: 'a,b,c' -> [convert(a), convert(b), convert(c)]."""
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        if choices is not None:
+            unknown = [item for item in items if item not in choices]
+            if unknown:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {', '.join(unknown)} (choose from {', '.join(choices)})")
+        try:
+            return [convert(item) for item in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    all_peers = list(dict.fromkeys(peers.names("gpu") + peers.names("cpu")))
+    parser = argparse.ArgumentParser(
+        prog="python -m flashattn.bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    grid = parser.add_argument_group("grid (defaults: the GPU or the CPU grid, see above)")
+    grid.add_argument("--seqlens", type=_csv(cases.parse_seqlen), metavar="LIST",
+                      help="sequence lengths, e.g. 512,1k,16k")
+    grid.add_argument("--head-dims", type=_csv(int), metavar="LIST", help="e.g. 64,128,256")
+    grid.add_argument("--dtypes", type=_csv(str, tuple(cases.DTYPES)), metavar="LIST",
+                      help="bf16, fp16, fp32 (GPU default bf16, CPU default fp32)")
+    grid.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    grid.add_argument("--passes", type=_csv(str, cases.PASSES), metavar="LIST",
+                      help="fwd, bwd (default both)")
+    grid.add_argument("--quick", action="store_true",
+                      help="a small subset (GPU: head dim 64,128, seqlen 1k,4k,16k; memory at "
+                           "16k,64k. CPU: seqlen 256,1k)")
+    parser.add_argument("--peers", type=_csv(str, tuple(all_peers)), metavar="LIST",
+                        help="implementations to compare with flashattn (always run). GPU: "
+                             f"{', '.join(peers.names('gpu')[1:])}; CPU: "
+                             f"{', '.join(peers.names('cpu')[1:])}. Default: all usable")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="peak-memory section (default: on with a GPU; needs CUDA)")
+    parser.add_argument("--memory-seqlens", type=_csv(cases.parse_seqlen), metavar="LIST",
+                        help="memory section sequence lengths (default 1k,4k,16k,64k,128k)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"),
+                        help="output directory (default: bench-out/)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run the CPU comparison even when a GPU is present")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, gpu: bool) -> suite.Config:
+    mode = "gpu" if gpu else "cpu"
+    if gpu:
+        base = cases.GPU_QUICK if args.quick else cases.GPU_GRID
+    else:
+        base = cases.CPU_QUICK if args.quick else cases.CPU_GRID
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    grid = base.override(
+        seqlens=tuple(args.seqlens) if args.seqlens else None,
+        head_dims=tuple(args.head_dims) if args.head_dims else None,
+        dtypes=tuple(args.dtypes) if args.dtypes else None,
+        passes=tuple(args.passes) if args.passes else None,
+        causal=causal)
+
+    chosen, unavailable = peers.available(mode, args.peers)
+
+    memory, memory_note = None, ""
+    if not gpu:
+        memory_note = "it measures peak CUDA memory, and no GPU is in use"
+    elif args.memory is False:
+        memory_note = "--no-memory"
+    else:
+        memory = cases.MEMORY_QUICK if args.quick else cases.MEMORY_GRID
+        if args.memory_seqlens:
+            memory = cases.MemoryGrid(seqlens=tuple(args.memory_seqlens))
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    return suite.Config(mode=mode, device=device, grid=grid, peers=chosen,
+                        unavailable=unavailable, memory=memory, memory_note=memory_note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))  # logs: don't squeeze the tables
+    gpu = torch.cuda.is_available() and not args.cpu
+
+    if gpu:
+        console.print(f"GPU: {torch.cuda.get_device_name()} - timing with triton do_bench.")
+    else:
+        reason = "--cpu given" if args.cpu else "No CUDA GPU found"
+        console.print(f"[bold yellow]{reason}: running the CPU comparison[/] (flashattn's PyTorch "
+                      "path vs standard attention vs torch SDPA, perf_counter medians). "
+                      "The memory section needs a GPU and is skipped.")
+    config = build_config(args, gpu)
+    if args.peers:
+        wrong_mode = [p for p in args.peers if p not in peers.names(config.mode)]
+        if wrong_mode:
+            console.print(f"[yellow]Ignoring peers not available in {config.mode.upper()} mode: "
+                          f"{', '.join(wrong_mode)}[/]")
+    for name, reason in config.unavailable.items():
+        console.print(f"[dim]{name} not measured: {escape(reason)}[/]")
+    console.print(f"{len(config.grid.cases())} cases x {len(config.peers)} implementations "
+                  f"({', '.join(p.name for p in config.peers)}).")
+
+    results = suite.run(config, console)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = report.environment(config.device)
+    report.print_report(results, console)
+    written = [args.out / "bench.json", args.out / "summary.md"]
+    report.write_json(results, env, written[0])
+    report.write_markdown(results, env, written[1])
+    if args.plots:
+        from flashattn.bench import plots  # matplotlib only when plotting
+        written += plots.write_plots(results, args.out)
+    console.print(f"\nWrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

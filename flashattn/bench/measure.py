@@ -1,0 +1,192 @@
+"""Time and peak memory of one implementation on one case. Nothing here raises: a failure comes
+back as a Measurement with status "error" or "oom" and a one-line message.
+
+GPU: triton.testing.do_bench, median, L2 flushed before every call by do_bench itself; on top of
+that, when the inputs of one call would fit in L2 several times over, the timed function cycles
+through several input sets. The forward runs on inputs that require grad (a training forward,
+which saves what the backward needs, as in flash-attn's own benchmarks); the backward is timed as
+`out.backward(grad, retain_graph=True)` on a forward done beforehand.
+CPU: time.perf_counter median of a few repeats after one warm-up call.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from flashattn.bench.cases import Case
+from flashattn.bench.peers import Peer, describe_error
+
+Tensor = torch.Tensor
+Timer = Callable[[list[Callable[[], object]], list[Tensor]], float]
+
+GPU_WARMUP_MS = 25
+GPU_REP_MS = 100
+ASSUMED_L2_BYTES = 50 * 2 ** 20  # H100; used when the device doesn't report its L2 size
+MAX_INPUT_SETS = 8
+
+CPU_MIN_REPEATS = 5
+CPU_MAX_REPEATS = 25
+CPU_BUDGET_S = 0.75  # stop repeating (after CPU_MIN_REPEATS) once this much was spent
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass
+class Measurement:
+    status: str                     # "ok", "error", "oom" or "skipped"
+    ms: float | None = None
+    tflops: float | None = None
+    peak_bytes: int | None = None
+    error: str | None = None        # why it failed or was skipped
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _failure(exc: BaseException) -> Measurement:
+    if isinstance(exc, _OOM):
+        return Measurement("oom", error="out of memory")
+    return Measurement("error", error=describe_error(exc))
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def make_inputs(case: Case, layout: str, device: torch.device, n_sets: int = 1,
+                ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """`n_sets` independent (q, k, v), standard normal, contiguous in `layout`, requiring grad."""
+    if layout == "bnhd":
+        shape = (case.batch, case.seqlen, case.nheads, case.headdim)
+    elif layout == "bhnd":
+        shape = (case.batch, case.nheads, case.seqlen, case.headdim)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+
+    def tensor() -> Tensor:
+        return torch.randn(shape, device=device, dtype=case.torch_dtype, requires_grad=True)
+    return [(tensor(), tensor(), tensor()) for _ in range(n_sets)]
+
+
+def input_sets(case: Case, device: torch.device) -> int:
+    """How many input sets to cycle through so that consecutive calls don't hit in L2.
+
+    One call reads q, k, v (and out, dout in the backward). If that is under 4 x L2, use as many
+    sets as it takes to cover 4 x L2, at most MAX_INPUT_SETS. Only on GPU.
+    """
+    if device.type != "cuda":
+        return 1
+    tensors = 3 if case.pass_ == "fwd" else 5
+    element_size = torch.empty((), dtype=case.torch_dtype).element_size()
+    per_call = tensors * case.batch * case.seqlen * case.nheads * case.headdim * element_size
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or ASSUMED_L2_BYTES
+    if per_call >= 4 * l2:
+        return 1
+    return min(MAX_INPUT_SETS, math.ceil(4 * l2 / per_call))
+
+
+def _cycle(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """One function that runs calls[0], calls[1], ..., calls[0], ... on successive invocations."""
+    if len(calls) == 1:
+        return calls[0]
+    order = itertools.cycle(calls)
+    return lambda: next(order)()
+
+
+def cuda_timer(calls: list[Callable[[], object]], grad_to_none: list[Tensor]) -> float:
+    import triton.testing
+    return triton.testing.do_bench(_cycle(calls), warmup=GPU_WARMUP_MS, rep=GPU_REP_MS,
+                                   grad_to_none=grad_to_none, return_mode="median")
+
+
+def cpu_timer(calls: list[Callable[[], object]], grad_to_none: list[Tensor]) -> float:
+    fn = _cycle(calls)
+
+    def clear_grads() -> None:
+        for x in grad_to_none:
+            x.grad = None
+
+    clear_grads()
+    fn()  # warm-up
+    times: list[float] = []
+    while len(times) < CPU_MIN_REPEATS or (len(times) < CPU_MAX_REPEATS
+                                           and sum(times) < CPU_BUDGET_S):
+        clear_grads()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _timed_ms(peer: Peer, case: Case, device: torch.device, timer: Timer) -> float:
+    attention = peer.build(case, device)
+    sets = make_inputs(case, peer.layout, device, input_sets(case, device))
+    if case.pass_ == "fwd":
+        calls = [lambda q=q, k=k, v=v: attention(q, k, v) for q, k, v in sets]
+    else:
+        outs = [attention(q, k, v) for q, k, v in sets]
+        grads = [torch.randn_like(out) for out in outs]
+        calls = [lambda out=out, grad=grad: out.backward(grad, retain_graph=True)
+                 for out, grad in zip(outs, grads)]
+    return timer(calls, [x for qkv in sets for x in qkv])
+
+
+def time_case(peer: Peer, case: Case, device: torch.device, timer: Timer) -> Measurement:
+    """Median time of `peer` on `case`; FLOP/s from the case's nominal FLOPs."""
+    reason = peer.skip_reason(case)
+    if reason:
+        return Measurement("skipped", error=reason)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SDPA explains its refusals in warnings, then raises
+            ms = _timed_ms(peer, case, device, timer)
+    except Exception as exc:
+        result = _failure(exc)
+    else:
+        result = Measurement("ok", ms=ms, tflops=case.flops / ms / 1e9)
+    _release(device)
+    return result
+
+
+def _peak_bytes(peer: Peer, case: Case, device: torch.device) -> int:
+    attention = peer.build(case, device)
+    (q, k, v), = make_inputs(case, peer.layout, device)
+    grad = torch.randn_like(q)  # out has q's shape in both layouts
+    # Warm-up at the same size: compilation, autotuning, cuDNN plans, workspace allocations.
+    attention(q, k, v).backward(grad)
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    attention(q, k, v).backward(grad)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def peak_memory(peer: Peer, case: Case, device: torch.device) -> Measurement:
+    """Peak CUDA memory of one forward + backward beyond the inputs (q, k, v, dout) already
+    allocated. It includes dq, dk, dv (3 x the size of q), which every implementation writes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peak = _peak_bytes(peer, case, device)
+    except Exception as exc:
+        result = _failure(exc)
+    else:
+        result = Measurement("ok", peak_bytes=peak)
+    _release(device)
+    return result

@@ -1,0 +1,170 @@
+"""The implementations measured, all in this process, each in its native layout.
+
+A peer turns a case and a device into an attention function `fn(q, k, v) -> out`; what is set up
+once per shape (a FlexAttention block mask, a compiled function) happens there, outside the
+timed region. Layouts: flashattn, flash-attn and attention_standard take (B, N, H, D); SDPA and
+FlexAttention take (B, H, N, D). Both are allocated contiguous, so no peer pays for a transpose.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flashattn import flash_attn_func
+from flashattn.bench.cases import Case
+from flashattn.ops.reference import attention_standard
+
+Tensor = torch.Tensor
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+SUBJECT = "flashattn"  # the library under test; every other implementation is a peer
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    layout: str                          # "bnhd" or "bhnd"
+    build: Callable[[Case, torch.device], AttentionFn]
+    max_seqlen: int | None = None        # O(N^2)-memory implementations stop here
+    description: str = ""
+    probe: Callable[[], str | None] | None = None  # why it can't run here (None: it can)
+
+    def skip_reason(self, case: Case) -> str | None:
+        if self.max_seqlen is not None and case.seqlen > self.max_seqlen:
+            return f"seqlen > {self.max_seqlen} (O(N^2) memory)"
+        return None
+
+
+def _flashattn(case: Case, device: torch.device) -> AttentionFn:
+    return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal)
+
+
+def _standard(case: Case, device: torch.device) -> AttentionFn:
+    scale = 1.0 / math.sqrt(case.headdim)
+    return lambda q, k, v: attention_standard(q, k, v, scale, case.causal)[0]
+
+
+def _sdpa_default(case: Case, device: torch.device) -> AttentionFn:
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+
+
+def _sdpa_forced(backend_name: str) -> Callable[[Case, torch.device], AttentionFn]:
+    """SDPA restricted to one backend: it raises rather than fall back when that one can't run."""
+    def build(case: Case, device: torch.device) -> AttentionFn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, backend_name)
+
+        def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+        return fn
+    return build
+
+
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.cache
+def _compiled_flex():
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+    # One compilation per shape and mask kind; the default limit (8) would silently fall back to
+    # the unfused eager path in the middle of the grid.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(case: Case, device: torch.device) -> AttentionFn:
+    from torch.nn.attention.flex_attention import create_block_mask
+    flex = _compiled_flex()
+    mask = None
+    if case.causal:
+        mask = create_block_mask(_causal_mask_mod, B=None, H=None, Q_LEN=case.seqlen,
+                                 KV_LEN=case.seqlen, device=device)
+    return lambda q, k, v: flex(q, k, v, block_mask=mask)
+
+
+def _flash_attn_pkg(case: Case, device: torch.device) -> AttentionFn:
+    import flash_attn
+    return lambda q, k, v: flash_attn.flash_attn_func(q, k, v, causal=case.causal)
+
+
+def _needs(module: str, *attrs: str) -> Callable[[], str | None]:
+    """A probe: None when `module` imports and has `attrs`, else the reason in one line."""
+    def probe() -> str | None:
+        try:
+            loaded = importlib.import_module(module)
+            for attr in attrs:
+                getattr(loaded, attr)
+        except Exception as exc:  # ImportError, or a broken build raising anything at import
+            return describe_error(exc)
+        return None
+    return probe
+
+
+def describe_error(exc: BaseException) -> str:
+    """'Type: first line of the message', at most 160 characters: what the tables show."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+_SDPA_KERNEL = _needs("torch.nn.attention", "SDPBackend", "sdpa_kernel")
+_STANDARD = "flashattn.ops.reference.attention_standard (O(N^2))"
+
+
+def _registry(mode: str) -> list[Peer]:
+    """Every implementation known in `mode` ("gpu" or "cpu"), flashattn first."""
+    if mode == "cpu":
+        return [
+            Peer(SUBJECT, "bnhd", _flashattn, description="this library (PyTorch tiled path)"),
+            Peer("standard", "bnhd", _standard, max_seqlen=4096, description=_STANDARD),
+            Peer("sdpa", "bhnd", _sdpa_default, description="torch SDPA, default CPU backend"),
+        ]
+    return [
+        Peer(SUBJECT, "bnhd", _flashattn, description="this library (Triton kernels)"),
+        Peer("sdpa-flash", "bhnd", _sdpa_forced("FLASH_ATTENTION"), probe=_SDPA_KERNEL,
+             description="torch SDPA, FlashAttention-2 backend"),
+        Peer("sdpa-cudnn", "bhnd", _sdpa_forced("CUDNN_ATTENTION"), probe=_SDPA_KERNEL,
+             description="torch SDPA, cuDNN backend"),
+        Peer("sdpa-efficient", "bhnd", _sdpa_forced("EFFICIENT_ATTENTION"), probe=_SDPA_KERNEL,
+             description="torch SDPA, memory-efficient backend"),
+        Peer("sdpa-math", "bhnd", _sdpa_forced("MATH"), max_seqlen=4096, probe=_SDPA_KERNEL,
+             description="torch SDPA, math backend (unfused)"),
+        Peer("flex", "bhnd", _flex, description="torch.compile(flex_attention)",
+             probe=_needs("torch.nn.attention.flex_attention", "flex_attention",
+                          "create_block_mask")),
+        Peer("flash-attn", "bnhd", _flash_attn_pkg, description="flash_attn.flash_attn_func",
+             probe=_needs("flash_attn", "flash_attn_func")),
+        Peer("standard", "bnhd", _standard, max_seqlen=2048, description=_STANDARD),
+    ]
+
+
+def names(mode: str) -> list[str]:
+    return [peer.name for peer in _registry(mode)]
+
+
+def available(mode: str, wanted: list[str] | None = None) -> tuple[list[Peer], dict[str, str]]:
+    """(peers to run, {name: why it can't run here}). flashattn always runs; `wanted` picks among
+    the others (None: all)."""
+    usable, unavailable = [], {}
+    for peer in _registry(mode):
+        if wanted is not None and peer.name != SUBJECT and peer.name not in wanted:
+            continue
+        reason = peer.probe() if peer.probe else None
+        if reason:
+            unavailable[peer.name] = reason
+        else:
+            usable.append(peer)
+    return usable, unavailable
+
+
+# The memory section compares flashattn with SDPA's backends, as in the paper's memory figure.
+MEMORY_PEERS = (SUBJECT, "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")

@@ -1,0 +1,117 @@
+"""Run the grid (every case on every implementation), then the memory section; show progress."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from flashattn.bench import measure
+from flashattn.bench.cases import Case, Grid, MemoryGrid
+from flashattn.bench.measure import Measurement
+from flashattn.bench.peers import MEMORY_PEERS, SUBJECT, Peer
+
+
+@dataclass
+class Config:
+    mode: str                        # "gpu" or "cpu"
+    device: torch.device
+    grid: Grid
+    peers: list[Peer]
+    unavailable: dict[str, str]      # peers that could not even be imported, and why
+    memory: MemoryGrid | None        # None: no memory section
+    memory_note: str = ""            # why there is no memory section
+
+
+@dataclass
+class Row:
+    """One case and what every implementation did on it."""
+
+    case: Case
+    results: dict[str, Measurement] = field(default_factory=dict)
+
+    def best_peer(self) -> str | None:
+        """The fastest implementation other than flashattn (None if none ran)."""
+        ran = {name: m.tflops for name, m in self.results.items() if name != SUBJECT and m.ok}
+        return max(ran, key=ran.get) if ran else None
+
+    def ratio(self) -> float | None:
+        """flashattn's throughput over the best peer's (> 1: flashattn is faster)."""
+        best, ours = self.best_peer(), self.results.get(SUBJECT)
+        if best is None or ours is None or not ours.ok:
+            return None
+        return ours.tflops / self.results[best].tflops
+
+    def as_dict(self) -> dict:
+        return {**self.case.as_dict(),
+                "results": {name: m.as_dict() for name, m in self.results.items()},
+                "best_peer": self.best_peer(), "flashattn_over_best_peer": self.ratio()}
+
+
+@dataclass
+class MemoryRow:
+    """Peak memory of one forward + backward, per implementation."""
+
+    case: Case
+    results: dict[str, Measurement] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {**self.case.as_dict(),
+                "results": {name: m.as_dict() for name, m in self.results.items()}}
+
+
+@dataclass
+class Results:
+    config: Config
+    rows: list[Row]
+    memory_rows: list[MemoryRow]
+
+    @property
+    def names(self) -> list[str]:
+        return [peer.name for peer in self.config.peers]
+
+    @property
+    def memory_names(self) -> list[str]:
+        return [name for name in self.names if name in MEMORY_PEERS]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.fields[section]}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), TextColumn("{task.description}"),
+                    console=console, transient=False)
+
+
+def run(config: Config, console: Console) -> Results:
+    timer = measure.cuda_timer if config.device.type == "cuda" else measure.cpu_timer
+    cases = config.grid.cases()
+    memory_peers = [p for p in config.peers if p.name in MEMORY_PEERS]
+    memory_cases = config.memory.cases(config.grid.dtypes[0]) if config.memory else []
+    torch.manual_seed(0)
+
+    rows, memory_rows = [], []
+    with _progress(console) as progress:
+        timing = progress.add_task("", section="timing", total=len(cases) * len(config.peers))
+        for case in cases:
+            row = Row(case)
+            for peer in config.peers:
+                progress.update(timing, description=f"{peer.name}: {case.label()}")
+                row.results[peer.name] = measure.time_case(peer, case, config.device, timer)
+                progress.advance(timing)
+            rows.append(row)
+        progress.update(timing, description="done")
+
+        if memory_cases:
+            memory = progress.add_task("", section="memory",
+                                       total=len(memory_cases) * len(memory_peers))
+            for case in memory_cases:
+                row = MemoryRow(case)
+                for peer in memory_peers:
+                    progress.update(memory, description=f"{peer.name}: {case.label()}")
+                    row.results[peer.name] = measure.peak_memory(peer, case, config.device)
+                    progress.advance(memory)
+                memory_rows.append(row)
+            progress.update(memory, description="done")
+    return Results(config, rows, memory_rows)
