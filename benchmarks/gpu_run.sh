@@ -24,7 +24,10 @@ for step in "${steps[@]}"; do
     start=$SECONDS
     case "$step" in
         tests)
-            timeout 420 python3 -m pytest -q -p no:cacheprovider -x tests/ops tests/test_interface.py \
+            # Compiling the kernels for every dtype x head dim x causal dominates: spread it over 8
+            # processes when pytest-xdist is there.
+            par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
+            timeout 420 python3 -m pytest -q -p no:cacheprovider "${par[@]}" tests/ops tests/test_interface.py \
                 >>"$LOG" 2>&1
             summary+=("tests: rc=$? $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOG" | tail -1)");;
         sweep)
@@ -32,7 +35,7 @@ for step in "${steps[@]}"; do
             summary+=("sweep: rc=$?")
             grep BEST "$LOG" | tail -24;;
         bench)
-            timeout 540 python3 -m flashattn.bench --out "$OUT" >>"$LOG" 2>&1
+            timeout 540 python3 -m flashattn.bench --out "$OUT" ${BENCH_ARGS:-} >>"$LOG" 2>&1
             summary+=("bench: rc=$?");;
         bench-quick)
             timeout 400 python3 -m flashattn.bench --quick --out "$OUT" >>"$LOG" 2>&1
