@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import os
 import subprocess
 from collections import defaultdict
 from dataclasses import asdict
@@ -40,10 +41,12 @@ def _git(*args: str) -> str:
 
 
 def git_info() -> dict:
+    """The checkout's commit; FLASHATTN_COMMIT names it where the tree was copied without .git
+    (benchmarks/gpu_run.sh on the device machine)."""
     try:
         return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": os.environ.get("FLASHATTN_COMMIT"), "dirty": None}
 
 
 def _cpu_name() -> str:
