@@ -94,6 +94,14 @@ def _tile_scores(q_i: Tensor, k_j: Tensor, softmax_scale: float, causal: bool,
     return s_ij
 
 
+def _tiles_source(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q (B, Hk, G, Sq, D), K and V (B, Hk, 1, Sk, D) in the accumulator dtype: the tiles are slices
+    of these, and GQA broadcasts K/V over the G query heads of a group instead of copying them."""
+    acc_dtype = _accumulator_dtype(q.dtype)
+    groups = q.shape[2] // k.shape[2]
+    return _grouped(q, groups, acc_dtype), _grouped(k, 1, acc_dtype), _grouped(v, 1, acc_dtype)
+
+
 def _key_range(start_m: int, block_m: int, sq: int, sk: int, causal: bool) -> int:
     """One past the last key any row of the block [start_m, start_m + block_m) may see."""
     if not causal:
@@ -106,12 +114,9 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: floa
                             block_m: int = 128, block_n: int = 128) -> tuple[Tensor, Tensor]:
     """Algorithm 1 (forward): returns O (B, Sq, H, D) in the inputs' dtype and lse (B, H, Sq)."""
     b, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    groups, offset = h // hk, sk - sq
-    acc_dtype = _accumulator_dtype(q.dtype)
-    Q = _grouped(q, groups, acc_dtype)                               # (B, Hk, G, Sq, D)
-    K = _grouped(k, 1, acc_dtype)                                    # (B, Hk, 1, Sk, D)
-    V = _grouped(v, 1, acc_dtype)                                    # (B, Hk, 1, Sk, D)
+    sk = k.shape[1]
+    Q, K, V = _tiles_source(q, k, v)
+    acc_dtype, offset = Q.dtype, sk - sq
     O = torch.empty_like(Q)                                          # (B, Hk, G, Sq, D)
     lse = torch.empty(Q.shape[:-1], dtype=acc_dtype, device=q.device)  # (B, Hk, G, Sq)
 
@@ -156,11 +161,8 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     """
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    groups, offset = h // hk, sk - sq
-    acc_dtype = _accumulator_dtype(q.dtype)
-    Q = _grouped(q, groups, acc_dtype)                               # (B, Hk, G, Sq, D)
-    K = _grouped(k, 1, acc_dtype)                                    # (B, Hk, 1, Sk, D)
-    V = _grouped(v, 1, acc_dtype)
+    Q, K, V = _tiles_source(q, k, v)
+    groups, offset, acc_dtype = h // hk, sk - sq, Q.dtype
     dO = _grouped(dout, groups, acc_dtype)                           # (B, Hk, G, Sq, D)
     LSE = lse.to(acc_dtype).reshape(b, hk, groups, sq)               # (B, Hk, G, Sq)
     delta = (dO * _grouped(out, groups, acc_dtype)).sum(dim=-1)      # (B, Hk, G, Sq)
