@@ -31,7 +31,7 @@ for step in "${steps[@]}"; do
                 >>"$LOG" 2>&1
             summary+=("tests: rc=$? $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOG" | tail -1)");;
         sweep)
-            timeout 400 python3 benchmarks/sweep.py --out "$OUT/sweep.json" >>"$LOG" 2>&1
+            timeout 400 python3 benchmarks/sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
             summary+=("sweep: rc=$?")
             grep BEST "$LOG" | tail -24;;
         bench)

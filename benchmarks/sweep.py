@@ -21,8 +21,8 @@ from flashattn.ops.triton import forward as triton_forward
 
 CANDIDATES_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                   (128, 32, 4, 3), (64, 128, 4, 3)]
-CANDIDATES_BWD = [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2),
-                  (32, 32, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+CANDIDATES_BWD = [(64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2),
+                  (128, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 3)]
 
 
 def _flops(b, h, n, d, causal, bwd):
@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--seqlens", default="2048,8192")
+    ap.add_argument("--passes", default="fwd,bwd")
     ap.add_argument("--out", default="sweep.json")
     args = ap.parse_args()
     rows = []
@@ -44,6 +45,8 @@ def main() -> None:
         scale = 1 / math.sqrt(d)
         key = (configs._bucket(d), True, causal)
         for pass_, cands, table in (("fwd", CANDIDATES_FWD, configs._FWD), ("bwd", CANDIDATES_BWD, configs._BWD)):
+            if pass_ not in args.passes.split(","):
+                continue
             original = table[key]
             best = None
             for cand in cands:
