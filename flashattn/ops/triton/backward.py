@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LOG2E, key_block_bounds, load_tile, query_block_bounds, store_tile, tile_mask,
+    LOG2E, key_block_bounds, load_tile, query_block_bounds, store_tile, strides, tile_mask,
 )
 from flashattn.ops.triton.configs import backward_config, dot_precision
 from flashattn.ops.triton.forward import block_d
@@ -184,10 +184,6 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, softmax_scale: float, causal: bool, dlse: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,12 +197,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     bd = block_d(head_dim)
     precision = dot_precision(q.dtype)
     cfg = backward_config(head_dim, q.dtype, causal, q.device)
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E.value
 
     delta = torch.empty_like(lse)
     _bwd_preprocess[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
         out, dout, dlse if dlse is not None else lse, delta,
-        *_strides(out), *_strides(dout), seqlen_q, nheads,
+        *strides(out), *strides(dout), seqlen_q, nheads,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, HAS_DLSE=dlse is not None,
     )
 
@@ -217,14 +213,14 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _bwd_dkdv[(triton.cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
         q, k, v, dout, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
         seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
     )
     # The dQ kernel owns query rows: the config's roles swap, keeping the same tile areas.
     _bwd_dq[(triton.cdiv(seqlen_q, cfg.block_n), nheads, batch)](
         q, k, v, dout, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq),
         seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
         BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m, **common,
     )

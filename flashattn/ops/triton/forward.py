@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashattn.ops.triton.common import LN2, key_block_bounds, load_tile, store_tile, tile_mask
+from flashattn.ops.triton.common import (
+    LN2, LOG2E, key_block_bounds, load_tile, store_tile, strides, tile_mask,
+)
 from flashattn.ops.triton.configs import forward_config, dot_precision
 
 
@@ -120,11 +122,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
     _attn_fwd[grid](
         q, k, v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * 1.4426950408889634,
+        *strides(q), *strides(k), *strides(v), *strides(o),
+        seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
