@@ -2,7 +2,7 @@
 # Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the benchmark.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [sweep] [bench] [bench-quick]     (default: tests bench)
+#     bash benchmarks/gpu_run.sh [tests] [sweep] [ablation] [bench] [bench-quick]   (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +31,13 @@ for step in "${steps[@]}"; do
                 >>"$LOG" 2>&1
             summary+=("tests: rc=$? $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOG" | tail -1)");;
         sweep)
-            timeout 400 python3 benchmarks/sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
+            timeout 560 python3 benchmarks/sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
             summary+=("sweep: rc=$?")
-            grep BEST "$LOG" | tail -24;;
+            grep BEST "$LOG" | tail -40;;
+        ablation)
+            timeout 300 python3 benchmarks/ablation.py --out "$OUT/ablation.json" ${ABLATION_ARGS:-} >>"$LOG" 2>&1
+            summary+=("ablation: rc=$?")
+            grep -E "^d[0-9]+ n" "$LOG" | tail -12;;
         bench)
             timeout 540 python3 -m flashattn.bench --out "$OUT" ${BENCH_ARGS:-} >>"$LOG" 2>&1
             summary+=("bench: rc=$?");;

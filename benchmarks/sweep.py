@@ -2,7 +2,7 @@
 
 Used to fill the tables in flashattn/ops/triton/configs.py; prints the best shape per cell and writes
 every measurement as JSON. Run by benchmarks/gpu_run.sh, or alone:
-    python benchmarks/sweep.py --out sweep.json --head-dims 64,128 --seqlens 2048,8192
+    python benchmarks/sweep.py --out sweep.json --head-dims 64,128 --seqlens 2048,8192 --passes bwd
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import argparse
 import itertools
 import json
 import math
+import time
 
 import torch
 import triton
@@ -19,10 +20,18 @@ from flashattn.ops.triton import backward as triton_backward
 from flashattn.ops.triton import configs
 from flashattn.ops.triton import forward as triton_forward
 
-CANDIDATES_FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                  (128, 32, 4, 3), (64, 128, 4, 3)]
-CANDIDATES_BWD = [(64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2),
-                  (128, 64, 8, 2), (32, 64, 8, 2), (64, 64, 4, 3)]
+CANDIDATES = {
+    "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],
+            256: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3)]},
+    # Backward: (query rows per step, keys per program) of the dK/dV half; the dQ half swaps them.
+    "bwd": {64: [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (32, 64, 4, 3, False), (32, 64, 4, 3, True),
+                 (64, 64, 4, 3, False)],
+            128: [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 128, 8, 2, False), (64, 128, 8, 2, True),
+                  (32, 64, 4, 2, False)],
+            256: [(64, 32, 4, 2, False), (64, 32, 4, 2, True), (32, 32, 4, 2, False), (32, 32, 4, 2, True)]},
+}
+TABLES = {"fwd": "_FWD", "bwd": "_BWD"}
 
 
 def _flops(b, h, n, d, causal, bwd):
@@ -35,27 +44,33 @@ def main() -> None:
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--seqlens", default="2048,8192")
     ap.add_argument("--passes", default="fwd,bwd")
+    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--budget-s", type=float, default=360, help="stop starting new cells after this")
     ap.add_argument("--out", default="sweep.json")
     args = ap.parse_args()
-    rows = []
+    rows, t0 = [], time.time()
     for d, n, causal in itertools.product([int(x) for x in args.head_dims.split(",")],
-                                          [int(x) for x in args.seqlens.split(",")], (False, True)):
+                                          [int(x) for x in args.seqlens.split(",")],
+                                          [bool(int(c)) for c in args.causal.split(",")]):
         h, b = 2048 // d, 16384 // n
         q, k, v, do = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         scale = 1 / math.sqrt(d)
         key = (configs._bucket(d), True, causal)
-        for pass_, cands, table in (("fwd", CANDIDATES_FWD, configs._FWD), ("bwd", CANDIDATES_BWD, configs._BWD)):
-            if pass_ not in args.passes.split(","):
-                continue
+        o, lse = triton_forward.forward(q, k, v, scale, causal)
+        for pass_ in args.passes.split(","):
+            table = getattr(configs, TABLES[pass_])
             original = table[key]
+            if time.time() - t0 > args.budget_s:
+                print("budget spent, stopping", flush=True)
+                break
             best = None
-            for cand in cands:
+            for cand in CANDIDATES[pass_][configs._bucket(d)]:
                 table[key] = configs.TileConfig(*cand)
+                configs._chosen.clear()  # forget shapes fitted or tuned for the previous candidate
                 try:
                     if pass_ == "fwd":
                         fn = lambda: triton_forward.forward(q, k, v, scale, causal)
                     else:
-                        o, lse = triton_forward.forward(q, k, v, scale, causal)
                         fn = lambda: triton_backward.backward(do, q, k, v, o, lse, scale, causal)
                     ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
                     tf = _flops(b, h, n, d, causal, pass_ == "bwd") / ms / 1e9

@@ -6,10 +6,12 @@ accepted. Below this layer nothing checks user input again.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from flashattn.ops import capabilities, custom_ops, dispatch, reference
+from flashattn.ops import capabilities, custom_ops, dispatch, philox, reference
+from flashattn.sparse import BlockMask, num_blocks
 
 Tensor = torch.Tensor
 
@@ -19,9 +21,79 @@ def _check_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A validated call, normalised: what the custom operator receives besides q, k, v."""
+
+    backend: str
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    attn_bias: Tensor | None         # 4 dims, each 1 or the full size (a view of the user's tensor)
+    block_mask: BlockMask | None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_alibi(alibi_slopes, q: Tensor) -> None:
+    _check_tensor("alibi_slopes", alibi_slopes)
+    batch, _, nheads, _ = q.shape
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (flash-attn's convention), got {alibi_slopes.dtype}; "
+                        "pass alibi_slopes.float()")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
+                         f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+
+
+def _check_attn_bias(attn_bias, q: Tensor, seqlen_k: int) -> Tensor:
+    """Validate attn_bias; return it as a 4-dim view (leading dims of size 1 added, nothing copied)."""
+    _check_tensor("attn_bias", attn_bias)
+    batch, seqlen_q, nheads, _ = q.shape
+    if attn_bias.dtype != torch.bool and attn_bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"attn_bias must be a bool mask (True = may attend) or a float bias of q's dtype "
+                        f"({q.dtype}) or float32, got {attn_bias.dtype}")
+    if attn_bias.device != q.device:
+        raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
+    full = (batch, nheads, seqlen_q, seqlen_k)
+    shape = tuple(attn_bias.shape)
+    if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1])):
+        raise ValueError(f"attn_bias of shape {shape} is not broadcastable to (batch, nheads, seqlen_q, "
+                         f"seqlen_k) = {full}: it needs at most 4 dims, each 1 or the full size")
+    return attn_bias[(None,) * (4 - len(shape))]
+
+
+def _check_block_mask(block_mask, q: Tensor, seqlen_k: int) -> None:
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a flashattn.BlockMask (see flashattn.sparse), got "
+                        f"{type(block_mask).__name__}")
+    batch, seqlen_q, nheads, _ = q.shape
+    bs = block_mask.block_size
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask must be on q's device {q.device}, got {block_mask.device}; "
+                         "use block_mask.to(q.device)")
+    expected = (num_blocks(seqlen_q, bs), num_blocks(seqlen_k, bs))
+    mb, mh, nq, nk = block_mask.shape
+    if mb not in (1, batch) or mh not in (1, nheads) or (nq, nk) != expected:
+        raise ValueError(f"block_mask of shape {block_mask.shape} (block size {bs}) does not fit: expected "
+                         f"(1 or batch={batch}, 1 or nheads={nheads}, ceil(seqlen_q / {bs})={expected[0]}, "
+                         f"ceil(seqlen_k / {bs})={expected[1]})")
+    lists = ((block_mask.kv_num_blocks, (mb, mh, nq)), (block_mask.kv_indices, (mb, mh, nq, nk)),
+             (block_mask.q_num_blocks, (mb, mh, nk)), (block_mask.q_indices, (mb, mh, nk, nq)))
+    for tensor, shape in lists:
+        if tensor.dtype != torch.int32 or tuple(tensor.shape) != shape or tensor.device != q.device:
+            raise ValueError("block_mask's index lists do not match its mask; build it with "
+                             "BlockMask.from_dense or a flashattn.sparse helper")
+
+
 def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal, window_size,
-              softcap, alibi_slopes) -> tuple[str, float]:
-    """Check every argument; return the backend and the softmax scale to use."""
+              softcap, alibi_slopes, deterministic, return_attn_probs, attn_bias, block_mask) -> _Call:
+    """Check every argument; return the backend, the softmax scale and the normalised options."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
         if x.dim() != 4:
@@ -44,21 +116,34 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
     if nheads % nheads_k:
         raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) "
                          "(MQA/GQA)")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic),
+                       ("return_attn_probs", return_attn_probs)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and w >= -1 for w in window_size)):
+            and all(_is_int(w) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
-    if not (isinstance(softcap, (int, float)) and softcap >= 0.0):
-        raise ValueError(f"softcap must be a float >= 0 (0: off), got {softcap!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     if alibi_slopes is not None:
-        _check_tensor("alibi_slopes", alibi_slopes)
+        _check_alibi(alibi_slopes, q)
+    if attn_bias is not None:
+        attn_bias = _check_attn_bias(attn_bias, q, k.shape[1])
+    if block_mask is not None:
+        _check_block_mask(block_mask, q, k.shape[1])
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
     elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+
+    # flash-attn's rule: causal means window_right = 0; conversely any window whose right bound is 0
+    # is causal (window (-1, 0) is exactly causal, and the plain causal kernels take it).
+    window_left, window_right = window_size
+    if causal:
+        window_right = 0
+    causal = window_right == 0
 
     backend = dispatch.select_backend(q.device)
     spec = dispatch.spec(backend)
@@ -67,35 +152,66 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
         error = TypeError if q.dtype not in spec.dtypes else ValueError
         raise error("; ".join(problems))
     features = capabilities.requested_features(
-        causal=causal, gqa=nheads != nheads_k, dropout_p=float(dropout_p), window_size=window_size,
-        softcap=float(softcap), alibi_slopes=alibi_slopes)
+        causal=causal, gqa=nheads != nheads_k, dropout_p=float(dropout_p),
+        window_size=(window_left, window_right), softcap=float(softcap), alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias, block_mask=block_mask, deterministic=deterministic)
     missing = capabilities.missing_features(spec, features)
     if missing:
-        raise NotImplementedError(f"the {backend} kernel does not implement yet: {', '.join(missing)}")
-    return backend, float(softmax_scale)
+        raise NotImplementedError(
+            f"the {backend} kernel does not implement yet: {', '.join(missing)} (this call combines: "
+            f"{', '.join(f for f in capabilities.ALL_FEATURES if f in features)}); the PyTorch path "
+            "implements every option: FLASHATTN_BACKEND=reference")
+    return _Call(backend, float(softmax_scale), causal, window_left, window_right, attn_bias, block_mask)
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                    return_attn_probs: bool = False):
+                    return_attn_probs: bool = False, *, attn_bias: Tensor | None = None,
+                    block_mask: BlockMask | None = None):
     """Exact attention softmax(softmax_scale * q k^T) v, computed by FlashAttention.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim).
         k, v: (batch, seqlen_k, nheads_k, headdim); nheads must be a multiple of nheads_k
             (MQA/GQA: query head h uses key/value head h // (nheads // nheads_k)).
-        dropout_p: dropout probability; only 0.0 for now (NotImplementedError otherwise).
+        dropout_p: dropout probability in [0, 1) on the attention probabilities: each is kept with
+            probability 1 - dropout_p and scaled by 1 / (1 - dropout_p). The mask is never stored:
+            it comes from a counter-based RNG (Philox, flashattn/ops/philox.py) whose seed is drawn
+            from torch's default CPU generator at each call, so torch.manual_seed makes it
+            reproducible and each call gets a fresh mask; the backward regenerates the same mask.
+            Pass 0.0 in evaluation, as with flash-attn.
         softmax_scale: defaults to 1 / sqrt(headdim).
         causal: mask aligned to the bottom-right corner of the score matrix, so query i sees keys
             j <= i + seqlen_k - seqlen_q (flash-attn >= 2.1). Rows that see no key output 0.
-        window_size, softcap, alibi_slopes: flash-attn options; only their neutral values
-            ((-1, -1), 0.0, None) for now (NotImplementedError otherwise).
-        deterministic: the backward is currently always deterministic; accepted for compatibility.
+        window_size: (left, right) sliding window; -1 = unbounded. Query i sees keys j with
+            i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right. causal=True sets
+            right = 0 (as flash-attn does). Tiles outside the band are skipped: for a fixed window the
+            cost is linear in the sequence length.
+        softcap: if > 0, the scaled scores x become softcap * tanh(x / softcap) (before ALiBi, bias
+            and masks).
+        alibi_slopes: float32 (nheads,) or (batch, nheads): adds -slope * |i + seqlen_k - seqlen_q - j|
+            to the scores (flash-attn's convention). Treated as constants (no gradient).
+        deterministic: make the backward bitwise reproducible. Both backends' backwards are
+            deterministic already (no atomics); the flag is passed through.
         return_attn_probs: also return the log-sum-exp (batch, nheads, seqlen_q) float32 and the
-            attention probabilities (batch, nheads, seqlen_q, seqlen_k). The probabilities cost
-            O(N^2) memory: a debugging aid, never for production.
+            attention probabilities (batch, nheads, seqlen_q, seqlen_k) after every option, with
+            the entries that dropout dropped negated (their sign bit set: torch.signbit gives the
+            dropped set). The probabilities cost O(N^2) time and memory and are recomputed
+            densely by the PyTorch implementation: a debugging aid, never for production.
+        attn_bias: keyword only, beyond flash-attn. A float tensor added to the scores (after
+            softcap, with ALiBi), or a bool tensor (True = may attend, SDPA's convention),
+            broadcastable to (batch, nheads, seqlen_q, seqlen_k); float dtype: q's or float32. It is
+            never expanded in memory; a float bias that requires grad gets its gradient (summed
+            over its broadcast dimensions).
+        block_mask: keyword only, beyond flash-attn. A flashattn.BlockMask (see flashattn.sparse):
+            which key blocks each query block attends to; skipped blocks cost nothing.
+
+    Every option combines with every other (and with causal, GQA and packed inputs); a backend
+    that lacks one raises NotImplementedError naming what is missing, nothing is ignored. The exact
+    semantics are in flashattn/ops/variant.py. Today the Triton kernels implement causal and GQA;
+    the PyTorch path implements everything.
 
     Dtypes: float16, bfloat16 and float32 (float32 products are exact fp32, not tf32); on the
     PyTorch path float64 too. Head dims 1 to 256. CUDA tensors run the Triton kernels, other
@@ -106,13 +222,21 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
         out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, attn_probs) when
         return_attn_probs. softmax_lse is +inf for rows that see no key.
     """
-    backend, scale = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                               alibi_slopes)
-    out, lse = custom_ops.attention_forward(q, k, v, scale, causal, backend)
+    call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                     deterministic, return_attn_probs, attn_bias, block_mask)
+    seed = philox.draw_seed() if dropout_p > 0.0 else None
+    bm = call.block_mask
+    options = (call.causal, call.window_left, call.window_right, float(softcap), alibi_slopes,
+               float(dropout_p), seed, call.attn_bias,
+               *((bm.mask, bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices) if bm is not None
+                 else (None,) * 5),
+               bm.block_size if bm is not None else 0, deterministic)
+    out, lse = custom_ops.attention_forward(q, k, v, call.softmax_scale, *options, call.backend)
     if not return_attn_probs:
         return out
     with torch.no_grad():
-        probs = reference.attention_probs(q, k, scale, causal)
+        variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
+        probs = reference.attention_probs(q, k, call.softmax_scale, variant)
     return out, lse, probs
 
 
@@ -126,7 +250,8 @@ def _check_packed(name: str, x, dim: int, count: int) -> None:
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
                               causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                               softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-                              deterministic: bool = False, return_attn_probs: bool = False):
+                              deterministic: bool = False, return_attn_probs: bool = False, *,
+                              attn_bias: Tensor | None = None, block_mask: BlockMask | None = None):
     """flash_attn_func with q, k, v packed as qkv (batch, seqlen, 3, nheads, headdim).
 
     The three are strided views of qkv, not copies; the gradient arrives as one (batch, seqlen, 3,
@@ -134,18 +259,21 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
     """
     _check_packed("qkv", qkv, 2, 3)
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                           attn_bias=attn_bias, block_mask=block_mask)
 
 
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              softmax_scale: float | None = None, causal: bool = False,
                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                              alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                             return_attn_probs: bool = False):
+                             return_attn_probs: bool = False, *, attn_bias: Tensor | None = None,
+                             block_mask: BlockMask | None = None):
     """flash_attn_func with k, v packed as kv (batch, seqlen_k, 2, nheads_k, headdim).
 
     Same options and return values as flash_attn_func.
     """
     _check_packed("kv", kv, 2, 2)
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
-                           softcap, alibi_slopes, deterministic, return_attn_probs)
+                           softcap, alibi_slopes, deterministic, return_attn_probs,
+                           attn_bias=attn_bias, block_mask=block_mask)

@@ -10,7 +10,7 @@ import torch
 
 import flashattn
 from flashattn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
-from flashattn.ops import custom_ops, dispatch
+from flashattn.ops import capabilities, custom_ops, dispatch, philox
 from flashattn.ops.reference import attention_standard
 
 from conftest import DEVICE, HAS_CUDA
@@ -23,12 +23,16 @@ def _qkv(b=1, sq=20, sk=20, h=2, hk=2, d=32, dtype=torch.float16, device=DEVICE)
 
 
 def test_signature_matches_flash_attn():
+    """flash-attn's positional signature, then our keyword-only additions."""
     import inspect
     expected = ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap",
-                "alibi_slopes", "deterministic", "return_attn_probs"]
-    assert list(inspect.signature(flash_attn_func).parameters) == expected
-    assert list(inspect.signature(flash_attn_qkvpacked_func).parameters) == ["qkv"] + expected[3:]
-    assert list(inspect.signature(flash_attn_kvpacked_func).parameters) == ["q", "kv"] + expected[3:]
+                "alibi_slopes", "deterministic", "return_attn_probs", "attn_bias", "block_mask"]
+    for fn, head in ((flash_attn_func, ["q", "k", "v"]), (flash_attn_qkvpacked_func, ["qkv"]),
+                     (flash_attn_kvpacked_func, ["q", "kv"])):
+        params = inspect.signature(fn).parameters
+        assert list(params) == head + expected[3:]
+        keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert keyword_only == ["attn_bias", "block_mask"]
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -48,9 +52,44 @@ def test_signature_matches_flash_attn():
     (lambda q, k, v: flash_attn_func(q, k, v, causal=1), TypeError, "causal"),
     (lambda q, k, v: flash_attn_qkvpacked_func(q), ValueError, "(batch, seqlen, 3, nheads, headdim)"),
     (lambda q, k, v: flash_attn_kvpacked_func(q, k), ValueError, "(batch, seqlen_k, 2, nheads_k, headdim)"),
+    (lambda q, k, v: flash_attn_func(q, k, v, window_size=(2.0, 3)), ValueError, "pair of ints >= -1"),
+    (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "got (-2, 3)"),
+    (lambda q, k, v: flash_attn_func(q, k, v, softcap=float("inf")), ValueError, "finite float >= 0"),
+    (lambda q, k, v: flash_attn_func(q, k, v, deterministic=1), TypeError, "deterministic must be a bool"),
+    (lambda q, k, v: flash_attn_func(q, k, v, return_attn_probs="yes"), TypeError, "return_attn_probs"),
+    (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=[0.5, 0.25]), TypeError,
+     "alibi_slopes must be a torch.Tensor"),
+    (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=torch.ones(2, dtype=torch.float16)), TypeError,
+     "alibi_slopes must be float32"),
+    (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=torch.ones(3, device=q.device)), ValueError,
+     "(nheads,) = (2,) or (batch, nheads) = (2, 2), got (3,)"),
+    (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=torch.ones(2, 2).to("meta")), ValueError,
+     "alibi_slopes must be on q's device"),
+    (lambda q, k, v: flash_attn_func(q, k, v, attn_bias=torch.zeros(20, 20, dtype=torch.int32)), TypeError,
+     "bool mask (True = may attend) or a float bias"),
+    (lambda q, k, v: flash_attn_func(q, k, v, attn_bias=torch.zeros(20, 20, dtype=torch.float64)), TypeError,
+     "got torch.float64"),
+    (lambda q, k, v: flash_attn_func(q, k, v, attn_bias=torch.zeros(2, 3, 20, 20, device=q.device)), ValueError,
+     "(2, 3, 20, 20) is not broadcastable to (batch, nheads, seqlen_q, seqlen_k) = (2, 2, 20, 20)"),
+    (lambda q, k, v: flash_attn_func(q, k, v, attn_bias=torch.zeros(1, 2, 2, 20, 20, device=q.device)), ValueError,
+     "at most 4 dims"),
+    (lambda q, k, v: flash_attn_func(q, k, v, attn_bias=torch.zeros(20, 20).to("meta")), ValueError,
+     "attn_bias must be on q's device"),
+    (lambda q, k, v: flash_attn_func(q, k, v, block_mask=torch.ones(1, 1, dtype=torch.bool)), TypeError,
+     "block_mask must be a flashattn.BlockMask"),
+    (lambda q, k, v: flash_attn_func(q, k, v, block_mask=flashattn.BlockMask.from_dense(
+        torch.ones(2, 1, dtype=torch.bool), block_size=16).to(q.device)), ValueError,
+     "ceil(seqlen_q / 16)=2, ceil(seqlen_k / 16)=2)"),
+    (lambda q, k, v: flash_attn_func(q, k, v, block_mask=flashattn.BlockMask.from_dense(
+        torch.ones(1, 3, 1, 1, dtype=torch.bool), block_size=32).to(q.device)), ValueError, "1 or nheads=2"),
+    (lambda q, k, v: flash_attn_func(q, k, v, block_mask=flashattn.BlockMask.from_dense(
+        torch.ones(1, 1, dtype=torch.bool), block_size=32).to("meta")), ValueError, "use block_mask.to(q.device)"),
 ], ids=["rank", "not-tensor", "dtype-mismatch", "kv-shape", "batch", "head-dim-mismatch", "gqa-divisible",
         "heads0", "dropout-range", "window-form", "softcap-negative", "scale-nan", "causal-type", "qkv-shape",
-        "kv-packed-shape"])
+        "kv-packed-shape", "window-float", "window-below-minus-one", "softcap-inf", "deterministic-type",
+        "return-attn-probs-type", "alibi-not-tensor", "alibi-dtype", "alibi-shape", "alibi-device",
+        "bias-int-dtype", "bias-other-float-dtype", "bias-not-broadcastable", "bias-5-dims", "bias-device",
+        "block-mask-type", "block-mask-shape", "block-mask-heads", "block-mask-device"])
 def test_bad_input_raises_clear_error(call, error, words):
     q, k, v = _qkv(b=2, h=2, hk=2)
     with pytest.raises(error, match=re.escape(words)):
@@ -76,22 +115,62 @@ def test_float64_only_on_the_pytorch_path(use_backend):
         flash_attn_func(q, k, v)
 
 
-@pytest.mark.parametrize("kwargs, feature", [
-    (dict(dropout_p=0.1), "dropout"),
-    (dict(window_size=(8, 0)), "window"),
-    (dict(softcap=30.0), "softcap"),
-    (dict(alibi_slopes=torch.ones(2)), "alibi"),
-], ids=["dropout", "window", "softcap", "alibi"])
-def test_options_not_yet_implemented_are_never_ignored(kwargs, feature):
-    q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match=feature):
-        flash_attn_func(q, k, v, **kwargs)
+# One way to request each option of capabilities.ALL_FEATURES (q: (1, 20, 2, 32), k/v: (1, 20, 2, 32)).
+FEATURE_REQUESTS = {
+    "causal": lambda: dict(causal=True),
+    "dropout": lambda: dict(dropout_p=0.1),
+    "window": lambda: dict(window_size=(8, 0)),
+    "softcap": lambda: dict(softcap=30.0),
+    "alibi": lambda: dict(alibi_slopes=torch.ones(2, device=DEVICE)),
+    "bias": lambda: dict(attn_bias=torch.zeros(20, 20, device=DEVICE)),
+    "mask": lambda: dict(attn_bias=torch.ones(20, 20, dtype=torch.bool, device=DEVICE)),
+    "block_sparse": lambda: dict(block_mask=flashattn.BlockMask.from_dense(
+        torch.ones(2, 2, dtype=torch.bool, device=DEVICE), block_size=16)),
+    "deterministic": lambda: dict(deterministic=True),
+}
+TRITON_MISSING = sorted(set(capabilities.ALL_FEATURES) - capabilities.TRITON.features)
 
 
-def test_every_missing_option_is_listed():
+def test_every_feature_has_a_request():
+    assert set(FEATURE_REQUESTS) | {"gqa"} == set(capabilities.ALL_FEATURES)
+
+
+@pytest.mark.parametrize("feature", TRITON_MISSING)
+def test_options_not_yet_implemented_are_never_ignored(feature, use_backend):
+    """Each option the Triton kernels lack raises NotImplementedError naming it (built from the
+    declarations: a feature the kernels gain drops out of this list)."""
+    use_backend("triton")
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="dropout, softcap, window"):
-        flash_attn_func(q, k, v, dropout_p=0.1, softcap=5.0, window_size=(4, 4))
+    with pytest.raises(NotImplementedError, match=rf"does not implement yet: {feature} \(this call combines"):
+        flash_attn_func(q, k, v, **FEATURE_REQUESTS[feature]())
+
+
+def test_every_missing_option_is_listed(use_backend):
+    use_backend("triton")
+    q, k, v = _qkv()
+    requested = {}
+    for feature in FEATURE_REQUESTS:
+        if feature != "mask":                     # bias and mask share attn_bias
+            requested.update(FEATURE_REQUESTS[feature]())
+    missing = [f for f in TRITON_MISSING if f != "mask"]
+    with pytest.raises(NotImplementedError, match=re.escape(f"does not implement yet: {', '.join(missing)} ")):
+        flash_attn_func(q, k, v, **requested)
+
+
+@pytest.mark.parametrize("feature", sorted(capabilities.TRITON.features - {"gqa"}))
+def test_declared_options_are_accepted(feature, use_backend):
+    """What the Triton kernels declare, they run (the matrix in tests/ops/test_variants.py checks
+    the values)."""
+    use_backend("triton")
+    q, k, v = _qkv(dtype=torch.float32)
+    assert flash_attn_func(q, k, v, **FEATURE_REQUESTS[feature]()).shape == q.shape
+
+
+def test_window_minus_one_zero_is_causal(use_backend):
+    """window_size=(-1, 0) is causal (flash-attn): the Triton kernels take it as such."""
+    use_backend("triton")
+    q, k, v = _qkv(dtype=torch.float32)
+    assert torch.equal(flash_attn_func(q, k, v, window_size=(-1, 0)), flash_attn_func(q, k, v, causal=True))
 
 
 def test_unknown_backend_is_rejected(monkeypatch):
@@ -158,15 +237,30 @@ def test_last_dim_not_contiguous():
     torch.testing.assert_close(flash_attn_func(qt, k, v), flash_attn_func(q, k, v))
 
 
-@pytest.mark.parametrize("backend", dispatch.BACKENDS)
-def test_custom_ops_pass_opcheck(backend):
+def _op_options(with_variants: bool, sq: int, sk: int, h: int):
+    """The custom operators' option arguments (custom_ops.VARIANT_ARGS): plain causal, or every option."""
+    if not with_variants:
+        return (True, -1, 0, 0.0, None, 0.0, None, None, None, None, None, None, None, 0, False)
+    bm = flashattn.BlockMask.from_dense(torch.rand(1, h, -(-sq // 16), -(-sk // 16)) < 0.7, block_size=16)
+    bm = bm.to(DEVICE)
+    bias = torch.randn(1, h, 1, sk, device=DEVICE, requires_grad=True)
+    return (True, 9, 0, 3.0, torch.rand(h, device=DEVICE), 0.25, philox.draw_seed(), bias, bm.mask, bm.kv_num_blocks,
+            bm.kv_indices, bm.q_num_blocks, bm.q_indices, bm.block_size, True)
+
+
+@pytest.mark.parametrize("backend, with_variants", [("triton", False), ("reference", False), ("reference", True)],
+                         ids=["triton", "reference", "reference-every-option"])
+def test_custom_ops_pass_opcheck(backend, with_variants):
     q, k, v = _qkv(sq=17, sk=23, h=2, hk=1, dtype=torch.float32)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(custom_ops.attention_forward, (q, k, v, 0.2, True, backend))
-    out, lse = custom_ops.attention_forward(q, k, v, 0.2, True, backend)
-    torch.library.opcheck(custom_ops.attention_backward,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
-                           lse.detach(), None, 0.2, True, backend))
+    options = _op_options(with_variants, 17, 23, 2)
+    torch.library.opcheck(custom_ops.attention_forward, (q, k, v, 0.2, *options, backend))
+    out, lse = custom_ops.attention_forward(q, k, v, 0.2, *options, backend)
+    detached = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in options)
+    for bias_grad in ((False, True) if with_variants else (False,)):
+        torch.library.opcheck(custom_ops.attention_backward,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
+                               lse.detach(), None, 0.2, *detached, bias_grad, backend))
 
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)
@@ -190,6 +284,28 @@ def test_torch_compile_fullgraph(backend, use_backend):
     torch.testing.assert_close(compiled(x), model(x))
     compiled(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_torch_compile_fullgraph_every_option(use_backend):
+    """Every option traces too, the dropout seed draw and the bias gradient included."""
+    use_backend("reference")
+    torch._dynamo.reset()
+    bias = torch.randn(2, 1, 19, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(2, device=DEVICE)
+    block_mask = flashattn.local_global_block_mask(19, 19, local_blocks=0, global_blocks=1, block_size=16,
+                                                   device=DEVICE)
+
+    def attend(x, dropout_p):
+        q, k, v = x.unflatten(-1, (3, 2, 16)).unbind(2)
+        return flash_attn_func(q, k, v, dropout_p, causal=True, window_size=(7, 0), softcap=4.0,
+                               alibi_slopes=slopes, attn_bias=bias, block_mask=block_mask).flatten(-2)
+
+    x = torch.randn(2, 19, 96, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(attend, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    torch.testing.assert_close(compiled(x, 0.0), attend(x, 0.0))
+    out = compiled(x, 0.3)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and bias.grad.shape == bias.shape and torch.isfinite(bias.grad).all()
 
 
 def test_version():

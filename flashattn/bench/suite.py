@@ -93,6 +93,16 @@ def run(config: Config, console: Console) -> Results:
 
     rows, memory_rows = [], []
     with _progress(console) as progress:
+        # One untimed pass of every implementation over the first case: compiles, autotuner and cuDNN
+        # plan caches, and GPU clocks settle before anything is timed (without it the first timed
+        # cell of a run read up to 10x slow).
+        if cases:
+            warm = progress.add_task("", section="warm-up", total=len(config.peers))
+            for peer in config.peers:
+                progress.update(warm, description=f"{peer.name}: {cases[0].label()}")
+                measure.time_case(peer, cases[0], config.device, timer)
+                progress.advance(warm)
+            progress.update(warm, description="done")
         timing = progress.add_task("", section="timing", total=len(cases) * len(config.peers))
         for case in cases:
             row = Row(case)

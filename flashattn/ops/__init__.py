@@ -1,2 +1,3 @@
 """Kernels and their declarations: the PyTorch reference (reference.py), the Triton kernels (triton/),
-the custom-operator registration (custom_ops.py) and the backend boundary (dispatch.py)."""
+the options and their semantics (variant.py, philox.py for dropout), the custom-operator
+registration (custom_ops.py) and the backend boundary (dispatch.py)."""

@@ -1,8 +1,8 @@
 """What each attention kernel supports, declared in one place.
 
-The public functions ask :func:`unsupported_reasons` before dispatching, and an unsupported call
-raises one exception that lists every reason at once (the xformers habit), instead of failing on
-the first check or, worse, silently ignoring an option.
+The public functions ask :func:`input_problems` and :func:`missing_features` before dispatching,
+and an unsupported call raises one exception that lists every reason at once (the xformers habit),
+instead of failing on the first check or, worse, silently ignoring an option.
 Tests build their parameter grids from these declarations too, so a capability added here is a
 capability tested.
 """
@@ -20,29 +20,43 @@ class KernelSpec:
     name: str
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int
-    # Options from flash-attn's signature that this kernel implements. Anything else must be at
-    # its neutral value (dropout_p=0, window_size=(-1, -1), softcap=0, alibi_slopes=None).
+    # Options (ALL_FEATURES) that this kernel implements. Anything else must be at its neutral
+    # value (dropout_p=0, window_size=(-1, -1), softcap=0, alibi_slopes=None, attn_bias=None,
+    # block_mask=None, deterministic=False).
     features: frozenset[str]
     min_head_dim: int = 1
 
 
-# Option names as they appear in the public signature.
-ALL_FEATURES = ("causal", "gqa", "dropout", "window", "softcap", "alibi")
+# The options of the public functions, one name each:
+#   causal        causal=True (or window_size=(-1, 0), the same thing)
+#   gqa           nheads_k < nheads (MQA/GQA)
+#   dropout       dropout_p > 0
+#   window        window_size other than (-1, -1) and (-1, 0)
+#   softcap       softcap > 0
+#   alibi         alibi_slopes given
+#   bias          attn_bias given as a float tensor
+#   mask          attn_bias given as a bool tensor
+#   block_sparse  block_mask given
+#   deterministic deterministic=True (a kernel whose backward is always deterministic declares it)
+ALL_FEATURES = ("causal", "gqa", "dropout", "window", "softcap", "alibi", "bias", "mask", "block_sparse",
+                "deterministic")
 
 TRITON = KernelSpec(
     name="triton",
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
-    features=frozenset({"causal", "gqa"}),
+    # The backward has no atomics: it is deterministic already.
+    features=frozenset({"causal", "gqa", "deterministic"}),
 )
 
 # The PyTorch implementation of the same tiled algorithm; it also takes float64, which makes it
-# usable as a high-precision check of the algorithm itself.
+# usable as a high-precision check of the algorithm itself. It implements every option, in every
+# combination, and is always deterministic.
 REFERENCE = KernelSpec(
     name="reference",
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     max_head_dim=256,
-    features=frozenset({"causal", "gqa"}),
+    features=frozenset(ALL_FEATURES),
 )
 
 KERNELS = {spec.name: spec for spec in (TRITON, REFERENCE)}
@@ -50,22 +64,29 @@ KERNELS = {spec.name: spec for spec in (TRITON, REFERENCE)}
 
 def requested_features(
     *, causal: bool, gqa: bool, dropout_p: float, window_size: tuple[int, int],
-    softcap: float, alibi_slopes: torch.Tensor | None,
+    softcap: float, alibi_slopes: torch.Tensor | None, attn_bias: torch.Tensor | None = None,
+    block_mask=None, deterministic: bool = False,
 ) -> set[str]:
-    """The set of non-neutral options in a call."""
+    """The set of non-neutral options in a call (window_size already combined with causal)."""
     used = set()
-    if causal:
+    if causal or tuple(window_size) == (-1, 0):
         used.add("causal")
     if gqa:
         used.add("gqa")
     if dropout_p > 0.0:
         used.add("dropout")
-    if tuple(window_size) != (-1, -1):
+    if tuple(window_size) not in ((-1, -1), (-1, 0)):
         used.add("window")
     if softcap != 0.0:
         used.add("softcap")
     if alibi_slopes is not None:
         used.add("alibi")
+    if attn_bias is not None:
+        used.add("mask" if attn_bias.dtype == torch.bool else "bias")
+    if block_mask is not None:
+        used.add("block_sparse")
+    if deterministic:
+        used.add("deterministic")
     return used
 
 

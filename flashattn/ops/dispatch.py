@@ -1,7 +1,8 @@
 """Backend choice and the launch boundary shared by every backend.
 
-Everything that is not specific to one kernel lives here once: which backend runs, the empty-tensor
-cases (no kernel launches on zero-size grids), and making the last dim contiguous.
+Everything that is not specific to one kernel lives here once: which backend runs, packing the
+options into one :class:`~flashattn.ops.variant.Variant`, the empty-tensor cases (no kernel launches
+on zero-size grids), and making the last dim contiguous.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import torch
 
 from flashattn.ops import capabilities, reference
+from flashattn.ops.variant import Variant
+from flashattn.sparse import BlockMask
 
 Tensor = torch.Tensor
 BACKENDS = ("triton", "reference")
@@ -49,7 +52,36 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, backend: str,
+def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window_right: int,
+                 softcap: float, alibi_slopes: Tensor | None, dropout_p: float, seed: Tensor | None,
+                 attn_bias: Tensor | None, block_mask: Tensor | None, kv_num_blocks: Tensor | None,
+                 kv_indices: Tensor | None, q_num_blocks: Tensor | None, q_indices: Tensor | None,
+                 block_size: int, deterministic: bool) -> Variant:
+    """Pack the custom operators' explicit arguments (already validated) into one Variant."""
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(torch.float32).expand(batch, nheads)  # (H,) -> stride-0 view
+    is_mask = attn_bias is not None and attn_bias.dtype == torch.bool
+    return Variant(
+        causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
+        alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        seed=int(seed.item()) if seed is not None and dropout_p > 0.0 else 0,
+        bias=None if is_mask else attn_bias, mask=attn_bias if is_mask else None,
+        block_mask=None if block_mask is None else BlockMask(
+            block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size),
+        deterministic=deterministic,
+    )
+
+
+def _check_plain(variant: Variant) -> None:
+    """The Triton kernels take causal only so far. flash_attn_func has refused anything else with
+    the list of what is missing; this guards direct calls of the custom operators."""
+    if not variant.is_plain:
+        raise NotImplementedError("the triton kernels take only causal so far: window, softcap, ALiBi, "
+                                  "dropout, bias, masks and block masks run on the PyTorch path "
+                                  "(FLASHATTN_BACKEND=reference)")
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Variant, backend: str,
             ) -> tuple[Tensor, Tensor]:
     """O (B, Sq, H, D) contiguous and lse (B, H, Sq)."""
     batch, seqlen_q, nheads, _ = q.shape
@@ -60,21 +92,28 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
         return out, lse
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     if backend == "triton":
+        _check_plain(variant)
         from flashattn.ops.triton import forward as triton_forward
-        return triton_forward.forward(q, k, v, softmax_scale, causal)
-    return reference.flash_attention_forward(q, k, v, softmax_scale, causal)
+        return triton_forward.forward(q, k, v, softmax_scale, variant.causal)
+    return reference.flash_attention_forward(q, k, v, softmax_scale, variant)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             dlse: Tensor | None, softmax_scale: float, causal: bool, backend: str,
-             ) -> tuple[Tensor, Tensor, Tensor]:
+             dlse: Tensor | None, softmax_scale: float, variant: Variant, bias_grad: bool, backend: str,
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv, and dbias (shaped like variant.bias; None unless bias_grad)."""
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dbias = torch.zeros_like(variant.bias) if bias_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
     lse = lse.contiguous()
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     if backend == "triton":
+        _check_plain(variant)
         from flashattn.ops.triton import backward as triton_backward
-        return triton_backward.backward(dout, q, k, v, out, lse, softmax_scale, causal, dlse)
-    return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, dlse)
+        dq, dk, dv = triton_backward.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal, dlse,
+                                              deterministic=variant.deterministic)
+        return dq, dk, dv, None
+    return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
+                                              bias_grad=bias_grad)

@@ -6,32 +6,17 @@ Triton kernels run under the interpreter at small sizes; with CUDA, the `gpu` ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from errors import assert_within_factor
+from shapes import Shape, random_inputs as _inputs
 from flashattn import flash_attn_func
 from flashattn.ops import capabilities
 from flashattn.ops.reference import attention_standard
 
 from conftest import DEVICE, HAS_CUDA
-
-
-@dataclass(frozen=True)
-class Shape:
-    batch: int
-    seqlen_q: int
-    seqlen_k: int
-    nheads: int
-    nheads_k: int
-    head_dim: int
-
-    @property
-    def id(self) -> str:
-        heads = f"h{self.nheads}" + (f"k{self.nheads_k}" if self.nheads_k != self.nheads else "")
-        return f"b{self.batch}-q{self.seqlen_q}-k{self.seqlen_k}-{heads}-d{self.head_dim}"
 
 
 # Odd sizes on purpose: seqlen 1, lengths that are not multiples of any block, seqlen_q != seqlen_k
@@ -89,14 +74,6 @@ def _cases():
                 for causal in (False, True):
                     name = f"{spec.name}-{str(dtype)[6:]}-{shape.id}-{'causal' if causal else 'full'}"
                     yield pytest.param(spec.name, dtype, shape, causal, id=name, marks=marks)
-
-
-def _inputs(shape: Shape, dtype: torch.dtype):
-    q = torch.randn(shape.batch, shape.seqlen_q, shape.nheads, shape.head_dim, device=DEVICE, dtype=dtype)
-    k = torch.randn(shape.batch, shape.seqlen_k, shape.nheads_k, shape.head_dim, device=DEVICE, dtype=dtype)
-    v = torch.randn_like(k)
-    do = torch.randn_like(q)
-    return q, k, v, do
 
 
 def _run_standard(q, k, v, do, scale, causal, dtype):

@@ -1,10 +1,15 @@
 """FlashAttention backward in Triton: recompute P from Q, K and lse, tile by tile, never storing it.
 
-Three launches, none with atomics, so the result is deterministic run to run:
+No atomics, so the gradients are bit-identical run to run:
     _bwd_preprocess   delta = rowsum(dO * O) - dlse                 one program per (query block, head, batch)
-    _bwd_dkdv         dK_j, dV_j for one key block, looping over the query blocks of every query head
+    _bwd              two kinds of program, in one grid or in two launches (TileConfig.one_launch):
+      _bwd_dkdv       dK_j, dV_j for one key block, looping over the query blocks of every query head
                       in its GQA group (so the group sum happens in registers)
-    _bwd_dq           dQ_i for one query block, looping over key blocks as the forward does
+      _bwd_dq         dQ_i for one query block, looping over key blocks as the forward does
+This costs 7 matrix products per tile against 5 for a one-pass backward that adds dS K into an fp32
+dQ with atomics; on the H100 with plain `tl` that one-pass kernel measured slower (342 against 384
+TFLOP/s at head dim 128, 4k; benchmarks/results/h100-sweep-onepass-bwd-2026-11-22.json), so the
+deterministic layout is also the fast one here.
 
 Glossary (flashattn/ops/reference.py has the same steps in PyTorch):
     qkT, pT      scores and probabilities transposed, keys on rows           [BLOCK_N, BLOCK_M]
@@ -21,7 +26,10 @@ import triton.language as tl
 from flashattn.ops.triton.common import (
     LOG2E, key_block_bounds, load_tile, query_block_bounds, store_tile, strides, tile_mask,
 )
-from flashattn.ops.triton.configs import backward_config, dot_precision
+from flashattn.ops.triton import configs
+from flashattn.ops.triton.configs import dot_precision
+
+PREPROCESS_ROWS = 64
 from flashattn.ops.triton.forward import block_d
 
 
@@ -77,7 +85,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
@@ -87,9 +95,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
               seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    off_hk = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
+    """dK_j, dV_j for the key block `pid` of key/value head off_hk of batch off_b (both int64)."""
+    start_n = pid * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
@@ -143,7 +150,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, off
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
             stride_qb, stride_qm, stride_qh,
             stride_kb, stride_kn, stride_kh,
             stride_vb, stride_vn, stride_vh,
@@ -152,14 +159,13 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
             seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
+    """dQ_i for the query block `pid` (of num_blocks) of query head off_h of batch off_b (int64)."""
+    pid_m = pid
     if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        # The last query blocks visit the most keys: start them first.
+        pid_m = num_blocks - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_hk = (off_h // group_size).to(tl.int64)
-    off_h = off_h.to(tl.int64)
+    off_hk = off_h // group_size
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -184,44 +190,92 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
 
 
+@triton.jit
+def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+         stride_qb, stride_qm, stride_qh,
+         stride_kb, stride_kn, stride_kh,
+         stride_vb, stride_vn, stride_vh,
+         stride_dob, stride_dom, stride_doh,
+         stride_dqb, stride_dqm, stride_dqh,
+         stride_dkb, stride_dkn, stride_dkh,
+         stride_dvb, stride_dvn, stride_dvh,
+         seqlen_q, seqlen_k, nheads, nheads_k, group_size, softmax_scale, qk_scale,
+         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+         PART: tl.constexpr):
+    """PART 0: one grid for both halves, programs [0, n_kv) compute dK/dV and the rest dQ; PART 1:
+    only dK/dV; PART 2: only dQ.
+
+    Sharing one grid lets the dQ programs fill the SMs while the longest dK/dV programs finish,
+    instead of two launches that each end on a partly idle GPU; two launches compile each half
+    alone, with fewer registers. Which wins depends on the shape (configs.py's tables choose). The dQ
+    half swaps the tile roles: it owns BLOCK_N query rows and steps over BLOCK_M keys, so both
+    halves keep the same tile areas.
+    """
+    # The GPU starts programs axis-0-fastest: every block of one head runs before the next head's,
+    # sharing that head's tensors in L2. (Orders that start the heaviest causal blocks of several
+    # heads first measured no faster on the H100 and slower at head dim 64.)
+    pid = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    n_kv = 0 if PART == 2 else tl.cdiv(seqlen_k, BLOCK_N)
+    is_kv = PART == 1 or (PART == 0 and pid < n_kv)
+    idx = pid if is_kv else pid - n_kv
+    if is_kv:
+        if off_h < nheads_k:
+            _bwd_dkdv(idx, off_h, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
+                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                      seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, DOT_PRECISION)
+    else:
+        _bwd_dq(idx, tl.cdiv(seqlen_q, BLOCK_N), off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
+                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                stride_dqb, stride_dqm, stride_dqh,
+                seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, IS_CAUSAL, DOT_PRECISION)
+
+
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, softmax_scale: float, causal: bool, dlse: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. Shapes as in forward(); lse (B, H, Sq) float32 contiguous.
 
-    Returns dq, dk, dv contiguous, in the inputs' dtypes.
+    Returns dq, dk, dv contiguous, in the inputs' dtypes. The kernels use no atomics, so the result
+    is bit-identical run to run whatever `deterministic` says (kept for the callers' signature).
     """
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group_size = nheads // nheads_k
     bd = block_d(head_dim)
     precision = dot_precision(q.dtype)
-    cfg = backward_config(head_dim, q.dtype, causal, q.device)
     qk_scale = softmax_scale * LOG2E.value
 
     delta = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+    _bwd_preprocess[(triton.cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch)](
         out, dout, dlse if dlse is not None else lse, delta,
         *strides(out), *strides(dout), seqlen_q, nheads,
-        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, HAS_DLSE=dlse is not None,
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None,
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=bd, IS_CAUSAL=causal, DOT_PRECISION=precision,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dkdv[(triton.cdiv(seqlen_k, cfg.block_n), nheads_k, batch)](
-        q, k, v, dout, lse, delta, dk, dv,
-        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
-        seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-    )
-    # The dQ kernel owns query rows: the config's roles swap, keeping the same tile areas.
-    _bwd_dq[(triton.cdiv(seqlen_q, cfg.block_n), nheads, batch)](
-        q, k, v, dout, lse, delta, dq,
-        *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq),
-        seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
-        BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m, **common,
-    )
+
+    def launch(cfg):
+        # One grid spans the query heads; with GQA its dK/dV programs of heads >= nheads_k have no work.
+        n_kv, n_q = triton.cdiv(seqlen_k, cfg.block_n), triton.cdiv(seqlen_q, cfg.block_n)
+        launches = [(0, n_kv + n_q, nheads)] if cfg.one_launch else [(1, n_kv, nheads_k), (2, n_q, nheads)]
+        for part, programs, heads in launches:
+            _bwd[(programs, heads, batch)](
+                q, k, v, dout, lse, delta, dq, dk, dv,
+                *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq), *strides(dk),
+                *strides(dv), seqlen_q, seqlen_k, nheads, nheads_k, group_size, softmax_scale, qk_scale,
+                HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
+                DOT_PRECISION=precision, PART=part, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+    configs.run("bwd", head_dim, q.dtype, causal, max(seqlen_q, seqlen_k), q.device, launch)
     return dq, dk, dv

@@ -1,14 +1,26 @@
 """Tile shapes per GPU architecture, head dim and dtype: a table, so a new shape never waits on autotuning.
 
-Shapes for the CPU interpreter are small, so that
-the tests at tiny sequence lengths still cross several tiles and the causal diagonal.
+How a launch gets its tile shape (`run`):
+1. The table for the GPU's architecture (measured on an H100 for sm_90; other architectures start from
+   the same shapes). Shapes for the CPU interpreter are small, so that the tests at tiny sequence
+   lengths still cross several tiles and the causal diagonal.
+2. If the shape does not fit the GPU (Triton raises OutOfResources: shared memory or registers), it
+   steps down (fewer pipeline stages, then smaller tiles) until one does, and remembers the result:
+   correct on any GPU Triton supports, tuned where a table was measured.
+3. Opt-in: FLASHATTN_AUTOTUNE=1 times a handful of candidates around the table's choice the first time
+   a (kernel, GPU, head dim, dtype, causal, sequence-length bucket) is seen, keeps the fastest, and
+   caches it on disk ($FLASHATTN_CACHE_DIR, default ~/.cache/flashattn), so it is paid once per machine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 
 import torch
-
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -16,6 +28,8 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # Backward only: both halves (dK/dV and dQ programs) in one grid, or one launch each.
+    one_launch: bool = False
 
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors; BLOCK_M != BLOCK_N exercises the diagonal.
@@ -34,8 +48,8 @@ _FWD = {
     (64, True, True): TileConfig(128, 64, 8, 3),
     (128, True, False): TileConfig(128, 64, 8, 3),
     (128, True, True): TileConfig(128, 64, 8, 3),
-    (256, True, False): TileConfig(64, 64, 4, 3),
-    (256, True, True): TileConfig(64, 64, 4, 3),
+    (256, True, False): TileConfig(128, 64, 8, 2),
+    (256, True, True): TileConfig(128, 64, 8, 2),
     # fp32 runs true fp32 products (no tensor cores): small tiles keep the spills down.
     (64, False, False): TileConfig(64, 32, 4, 2),
     (64, False, True): TileConfig(64, 32, 4, 2),
@@ -49,10 +63,10 @@ _FWD = {
 _BWD = {
     (64, True, False): TileConfig(64, 64, 4, 2),
     (64, True, True): TileConfig(32, 64, 4, 3),
-    (128, True, False): TileConfig(64, 64, 4, 2),
-    (128, True, True): TileConfig(64, 64, 4, 2),
-    (256, True, False): TileConfig(64, 32, 4, 2),
-    (256, True, True): TileConfig(64, 32, 4, 2),
+    (128, True, False): TileConfig(64, 64, 4, 2, one_launch=True),
+    (128, True, True): TileConfig(64, 64, 4, 2, one_launch=True),
+    (256, True, False): TileConfig(64, 32, 4, 2, one_launch=True),
+    (256, True, True): TileConfig(64, 32, 4, 2, one_launch=True),
     (64, False, False): TileConfig(32, 64, 4, 2),
     (64, False, True): TileConfig(32, 64, 4, 2),
     (128, False, False): TileConfig(32, 32, 4, 2),
@@ -62,22 +76,158 @@ _BWD = {
 }
 
 
-def _lookup(table: dict, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
-            ) -> TileConfig:
+# Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
+# step 2 above makes them fit.
+_TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD}}
+_DEFAULT_ARCH = (9, 0)
+
+
+def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
+                  ) -> TileConfig:
     if device.type != "cuda":
         return INTERPRETER
-    return table[(_bucket(head_dim), dtype != torch.float32, causal)]
+    arch = torch.cuda.get_device_capability(device)
+    tables = _TABLES.get(arch, _TABLES[_DEFAULT_ARCH])
+    return tables[kind][(_bucket(head_dim), dtype != torch.float32, causal)]
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device) -> TileConfig:
-    return _lookup(_FWD, head_dim, dtype, causal, device)
+    return _table_config("fwd", head_dim, dtype, causal, device)
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device) -> TileConfig:
-    return _lookup(_BWD, head_dim, dtype, causal, device)
+    return _table_config("bwd", head_dim, dtype, causal, device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get true fp32 products: a tf32 dot would be 1000x less precise than the
     fp32 math users compare against. 16-bit inputs ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def smaller(cfg: TileConfig) -> TileConfig | None:
+    """The next shape to try when `cfg` does not fit: fewer stages, then halve the larger tile side."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if max(cfg.block_m, cfg.block_n) <= 16:
+        return None
+    if cfg.block_n >= cfg.block_m:
+        return replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+    return replace(cfg, block_m=cfg.block_m // 2, num_stages=2)
+
+
+def candidates(kind: str, cfg: TileConfig) -> list[TileConfig]:
+    """The few shapes FLASHATTN_AUTOTUNE=1 times: the table's and its neighbours (at most 7)."""
+    out = [cfg]
+    others = [replace(cfg, num_stages=cfg.num_stages + 1), replace(cfg, num_stages=max(1, cfg.num_stages - 1)),
+              replace(cfg, block_n=cfg.block_n * 2), replace(cfg, block_n=max(16, cfg.block_n // 2)),
+              replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)]
+    if kind == "bwd":
+        others.append(replace(cfg, one_launch=not cfg.one_launch))
+    for other in others:
+        if other not in out:
+            out.append(other)
+    return out
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FLASHATTN_AUTOTUNE", "0") not in ("", "0")
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("FLASHATTN_CACHE_DIR") or Path.home() / ".cache" / "flashattn"
+    return Path(root) / "tiles.json"
+
+
+_lock = threading.Lock()
+_chosen: dict[str, TileConfig] = {}      # key -> the shape that ran (fitted or tuned)
+_disk_loaded = False
+
+
+def _load_disk() -> None:
+    global _disk_loaded
+    if _disk_loaded:
+        return
+    _disk_loaded = True
+    try:
+        stored = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return
+    for key, fields in stored.items():
+        _chosen.setdefault(key, TileConfig(**fields))
+
+
+def _save_disk(key: str, cfg: TileConfig) -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        stored[key] = vars(cfg)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except (OSError, ValueError):
+        pass  # a read-only home directory costs a re-tune next process, nothing else
+
+
+def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
+         extra: str) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    bucket = 1 << max(0, int(seqlen - 1).bit_length())
+    return f"{kind}|{name}|d{head_dim}|{str(dtype).removeprefix('torch.')}|causal={int(causal)}|n{bucket}|{extra}"
+
+
+def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
+        launch: Callable[[TileConfig], None], extra: str = "") -> TileConfig:
+    """Launch `kind` ("fwd" or "bwd") through `launch(cfg)` with the shape chosen as the module
+    docstring says; returns the shape used. `extra` separates kernels specialised differently
+    (e.g. by options) that may prefer other shapes."""
+    base = _table_config(kind, head_dim, dtype, causal, device)
+    if device.type != "cuda":
+        launch(base)
+        return base
+    key = _key(kind, head_dim, dtype, causal, seqlen, device, extra)
+    with _lock:
+        if autotune_enabled():
+            _load_disk()
+        cfg = _chosen.get(key)
+    if cfg is None and autotune_enabled():
+        cfg = _autotune(candidates(kind, base), launch)
+        with _lock:
+            _chosen[key] = cfg
+            _save_disk(key, cfg)
+    cfg = _launch_fitting(cfg or base, launch)
+    if cfg != base:
+        with _lock:
+            _chosen.setdefault(key, cfg)
+    return cfg
+
+
+def _launch_fitting(cfg: TileConfig, launch: Callable[[TileConfig], None]) -> TileConfig:
+    """launch(cfg), stepping down while the GPU cannot run the shape; returns the shape that ran."""
+    from triton.runtime.errors import OutOfResources
+    while True:
+        try:
+            launch(cfg)
+            return cfg
+        except OutOfResources:
+            cfg = smaller(cfg)
+            if cfg is None:
+                raise
+
+
+def _autotune(cands: list[TileConfig], launch: Callable[[TileConfig], None], timer=None) -> TileConfig:
+    """The fastest of `cands` that runs (timer(fn) -> ms; triton's do_bench by default)."""
+    from triton.runtime.errors import OutOfResources
+    if timer is None:
+        from triton.testing import do_bench
+        timer = lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median")  # noqa: E731
+    best, best_ms = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            ms = timer(lambda: launch(cfg))
+        except OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best

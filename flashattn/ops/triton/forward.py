@@ -18,7 +18,8 @@ import triton.language as tl
 from flashattn.ops.triton.common import (
     LN2, LOG2E, key_block_bounds, load_tile, store_tile, strides, tile_mask,
 )
-from flashattn.ops.triton.configs import forward_config, dot_precision
+from flashattn.ops.triton import configs
+from flashattn.ops.triton.configs import dot_precision
 
 
 @triton.jit
@@ -118,14 +119,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    cfg = forward_config(head_dim, q.dtype, causal, q.device)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)
-    _attn_fwd[grid](
-        q, k, v, o, lse,
-        *strides(q), *strides(k), *strides(v), *strides(o),
-        seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
-        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+
+    def launch(cfg):
+        _attn_fwd[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+            q, k, v, o, lse,
+            *strides(q), *strides(k), *strides(v), *strides(o),
+            seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
+            HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    configs.run("fwd", head_dim, q.dtype, causal, max(seqlen_q, seqlen_k), q.device, launch)
     return o, lse
