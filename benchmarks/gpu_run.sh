@@ -2,7 +2,7 @@
 # Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the benchmark.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [sweep] [ablation] [bench] [bench-quick]   (default: tests bench)
+#     bash benchmarks/gpu_run.sh [tests] [sweep] [ablation] [compare] [bench] [bench-quick]   (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,14 +26,20 @@ for step in "${steps[@]}"; do
         tests)
             # Compiling the kernels for every dtype x head dim x causal dominates: spread it over 8
             # processes when pytest-xdist is there.
-            par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 8)
-            timeout 420 python3 -m pytest -q -p no:cacheprovider "${par[@]}" tests/ops tests/test_interface.py \
+            par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 12)
+            timeout 540 python3 -m pytest -q -p no:cacheprovider "${par[@]}" tests/ops tests/test_interface.py \
                 >>"$LOG" 2>&1
             summary+=("tests: rc=$? $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOG" | tail -1)");;
         sweep)
             timeout 560 python3 benchmarks/sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
             summary+=("sweep: rc=$?")
             grep BEST "$LOG" | tail -40;;
+        compare)
+            # BASELINE: a directory holding an exported flashattn tree (see benchmarks/compare.py).
+            timeout 500 python3 benchmarks/compare.py --baseline "${BASELINE:?set BASELINE}" \
+                --out "$OUT/compare.json" >>"$LOG" 2>&1
+            summary+=("compare: rc=$?")
+            grep -A20 "^cell" "$LOG" | tail -14;;
         ablation)
             timeout 300 python3 benchmarks/ablation.py --out "$OUT/ablation.json" ${ABLATION_ARGS:-} >>"$LOG" 2>&1
             summary+=("ablation: rc=$?")

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import time
+from dataclasses import asdict
 
 import torch
 import triton
@@ -20,16 +21,20 @@ from flashattn.ops.triton import backward as triton_backward
 from flashattn.ops.triton import configs
 from flashattn.ops.triton import forward as triton_forward
 
+T, B = configs.TileConfig, configs.BackwardConfig
 CANDIDATES = {
     "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
             128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],
             256: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3)]},
-    # Backward: (query rows per step, keys per program) of the dK/dV half; the dQ half swaps them.
-    "bwd": {64: [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (32, 64, 4, 3, False), (32, 64, 4, 3, True),
-                 (64, 64, 4, 3, False)],
-            128: [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 128, 8, 2, False), (64, 128, 8, 2, True),
-                  (32, 64, 4, 2, False)],
-            256: [(64, 32, 4, 2, False), (64, 32, 4, 2, True), (32, 32, 4, 2, False), (32, 32, 4, 2, True)]},
+    # Backward: BackwardConfig(kv=dK/dV shape, q=dQ shape[, dk=separate dK shape][, one_launch]).
+    "bwd": {64: [B(kv=T(64, 64, 4, 2), q=T(128, 64, 8, 3)), B(kv=T(64, 64, 4, 3), q=T(128, 64, 8, 3)),
+                 B(kv=T(32, 64, 4, 3), q=T(64, 64, 4, 2)), B(kv=T(64, 64, 4, 2), q=T(64, 64, 4, 2), one_launch=True)],
+            128: [B(kv=T(64, 64, 4, 2), q=T(128, 64, 8, 3)), B(kv=T(64, 64, 4, 2), q=T(64, 64, 4, 2)),
+                  B(kv=T(64, 64, 4, 2), q=T(64, 64, 4, 2), one_launch=True), B(kv=T(64, 64, 4, 2), q=T(64, 32, 4, 3))],
+            256: [B(kv=T(32, 64, 4, 2), q=T(64, 32, 4, 3), dk=T(64, 64, 4, 2)),
+                  B(kv=T(64, 32, 4, 2), q=T(64, 32, 4, 3)),
+                  B(kv=T(32, 64, 4, 2), q=T(64, 32, 4, 3), dk=T(32, 64, 4, 2)),
+                  B(kv=T(64, 32, 4, 2), q=T(32, 64, 4, 2), one_launch=True)]},
 }
 TABLES = {"fwd": "_FWD", "bwd": "_BWD"}
 
@@ -65,7 +70,7 @@ def main() -> None:
                 break
             best = None
             for cand in CANDIDATES[pass_][configs._bucket(d)]:
-                table[key] = configs.TileConfig(*cand)
+                table[key] = configs.TileConfig(*cand) if isinstance(cand, tuple) else cand
                 configs._chosen.clear()  # forget shapes fitted or tuned for the previous candidate
                 try:
                     if pass_ == "fwd":
@@ -77,7 +82,8 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - out of shared memory and the like
                     ms, tf = None, None
                     print(f"{pass_} d{d} n{n} causal={causal} {cand}: {type(e).__name__} {str(e)[:80]}")
-                rows.append(dict(pass_=pass_, d=d, n=n, causal=causal, cfg=cand, ms=ms, tflops=tf))
+                rows.append(dict(pass_=pass_, d=d, n=n, causal=causal,
+                                 cfg=cand if isinstance(cand, tuple) else asdict(cand), ms=ms, tflops=tf))
                 if tf and (best is None or tf > best[1]):
                     best = (cand, tf)
             table[key] = original

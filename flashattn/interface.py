@@ -194,7 +194,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
         alibi_slopes: float32 (nheads,) or (batch, nheads): adds -slope * |i + seqlen_k - seqlen_q - j|
             to the scores (flash-attn's convention). Treated as constants (no gradient).
         deterministic: make the backward bitwise reproducible. Both backends' backwards are
-            deterministic already (no atomics); the flag is passed through.
+            deterministic already (no atomics), except the Triton gradient of an attn_bias that
+            broadcasts over batch or heads, which adds with atomics unless deterministic=True
+            (then it is reduced by torch, at the cost of a buffer with the batch and head dims).
         return_attn_probs: also return the log-sum-exp (batch, nheads, seqlen_q) float32 and the
             attention probabilities (batch, nheads, seqlen_q, seqlen_k) after every option, with
             the entries that dropout dropped negated (their sign bit set: torch.signbit gives the
@@ -210,8 +212,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
 
     Every option combines with every other (and with causal, GQA and packed inputs); a backend
     that lacks one raises NotImplementedError naming what is missing, nothing is ignored. The exact
-    semantics are in flashattn/ops/variant.py. Today the Triton kernels implement causal and GQA;
-    the PyTorch path implements everything.
+    semantics are in flashattn/ops/variant.py. Both the Triton kernels and the PyTorch path
+    implement every option.
 
     Dtypes: float16, bfloat16 and float32 (float32 products are exact fp32, not tf32); on the
     PyTorch path float64 too. Head dims 1 to 256. CUDA tensors run the Triton kernels, other

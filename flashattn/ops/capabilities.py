@@ -45,8 +45,10 @@ TRITON = KernelSpec(
     name="triton",
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
-    # The backward has no atomics: it is deterministic already.
-    features=frozenset({"causal", "gqa", "deterministic"}),
+    # Every option, in every combination (constexpr flags of the kernels, flashattn/ops/triton/common.py).
+    # The backward has no atomics except for a bias gradient that broadcasts over batch or heads, which
+    # deterministic=True computes without them.
+    features=frozenset(ALL_FEATURES),
 )
 
 # The PyTorch implementation of the same tiled algorithm; it also takes float64, which makes it

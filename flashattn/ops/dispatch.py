@@ -72,15 +72,6 @@ def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window
     )
 
 
-def _check_plain(variant: Variant) -> None:
-    """The Triton kernels take causal only so far. flash_attn_func has refused anything else with
-    the list of what is missing; this guards direct calls of the custom operators."""
-    if not variant.is_plain:
-        raise NotImplementedError("the triton kernels take only causal so far: window, softcap, ALiBi, "
-                                  "dropout, bias, masks and block masks run on the PyTorch path "
-                                  "(FLASHATTN_BACKEND=reference)")
-
-
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Variant, backend: str,
             ) -> tuple[Tensor, Tensor]:
     """O (B, Sq, H, D) contiguous and lse (B, H, Sq)."""
@@ -92,9 +83,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Vari
         return out, lse
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     if backend == "triton":
-        _check_plain(variant)
         from flashattn.ops.triton import forward as triton_forward
-        return triton_forward.forward(q, k, v, softmax_scale, variant.causal)
+        return triton_forward.forward(q, k, v, softmax_scale, variant)
     return reference.flash_attention_forward(q, k, v, softmax_scale, variant)
 
 
@@ -110,10 +100,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     if backend == "triton":
-        _check_plain(variant)
         from flashattn.ops.triton import backward as triton_backward
-        dq, dk, dv = triton_backward.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal, dlse,
-                                              deterministic=variant.deterministic)
-        return dq, dk, dv, None
+        return triton_backward.backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
+                                        bias_grad=bias_grad)
     return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
                                               bias_grad=bias_grad)

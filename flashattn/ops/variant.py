@@ -79,7 +79,7 @@ class Variant:
 
     @property
     def is_plain(self) -> bool:
-        """Only causal (or nothing): what the Triton kernels implement today."""
+        """Only causal (or nothing): the Triton kernels then run with every option flag off."""
         return (self.window_left == -1 and self.window_right == (0 if self.causal else -1)
                 and self.softcap == 0.0 and self.alibi_slopes is None and self.dropout_p == 0.0
                 and self.bias is None and self.mask is None and self.block_mask is None)

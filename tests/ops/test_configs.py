@@ -35,12 +35,27 @@ def test_launch_gives_up_below_the_smallest_shape():
         configs._launch_fitting(TileConfig(64, 64, 4, 2), launch)
 
 
-@pytest.mark.parametrize("kind", ["fwd", "bwd"])
-def test_autotune_candidates_are_few_and_start_with_the_table(kind):
-    base = TileConfig(64, 64, 4, 2, one_launch=True)
-    cands = configs.candidates(kind, base)
-    assert cands[0] == base and len(cands) == len(set(cands)) <= 7
-    assert all(c.one_launch for c in cands) == (kind == "fwd")
+def test_autotune_candidates_are_few_and_start_with_the_table():
+    fwd = TileConfig(128, 64, 8, 3)
+    bwd = configs.BackwardConfig(kv=TileConfig(64, 64, 4, 2), q=TileConfig(128, 64, 8, 3))
+    for kind, base in (("fwd", fwd), ("bwd", bwd)):
+        cands = configs.candidates(kind, base)
+        assert cands[0] == base and len(cands) == len(set(cands)) <= 7
+        assert all(type(c) is type(base) for c in cands)
+
+
+def test_backward_configs_step_down_part_by_part():
+    cfg = configs.BackwardConfig(kv=TileConfig(32, 64, 4, 2), q=TileConfig(64, 32, 4, 3), dk=TileConfig(64, 64, 4, 2))
+    steps = 0
+    while cfg is not None:
+        assert cfg.dk is not None and not cfg.one_launch
+        cfg, steps = configs.smaller(cfg), steps + 1
+    assert steps < 20
+
+
+def test_one_launch_needs_matching_launch_parameters():
+    with pytest.raises(ValueError, match="one_launch"):
+        configs.BackwardConfig(kv=TileConfig(64, 64, 4, 2), q=TileConfig(128, 64, 8, 3), one_launch=True)
 
 
 def test_autotune_keeps_the_fastest_that_runs():
@@ -63,7 +78,10 @@ def test_tuned_shapes_persist_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHATTN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(configs, "_chosen", {})
     monkeypatch.setattr(configs, "_disk_loaded", False)
-    cfg = TileConfig(128, 32, 8, 4, one_launch=True)
-    configs._save_disk("bwd|GPU|d128|bfloat16|causal=1|n8192|", cfg)
+    fwd = TileConfig(128, 32, 8, 4)
+    bwd = configs.BackwardConfig(kv=TileConfig(32, 64, 4, 2), q=TileConfig(64, 32, 4, 3), dk=TileConfig(64, 64, 4, 2))
+    configs._save_disk("fwd|GPU|d128|bfloat16|causal=1|n8192|", fwd)
+    configs._save_disk("bwd|GPU|d256|bfloat16|causal=0|n8192|", bwd)
     configs._load_disk()
-    assert configs._chosen["bwd|GPU|d128|bfloat16|causal=1|n8192|"] == cfg
+    assert configs._chosen["fwd|GPU|d128|bfloat16|causal=1|n8192|"] == fwd
+    assert configs._chosen["bwd|GPU|d256|bfloat16|causal=0|n8192|"] == bwd

@@ -582,12 +582,15 @@ BLOCK_SPARSE_BACKENDS = [s.name for s in capabilities.KERNELS.values() if "block
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_block_sparse_equals_dense_with_the_element_mask(backend, per_head, causal, use_backend):
-    """Identical (to float64 rounding) to attention with the equivalent element mask, given as a
-    bool attn_bias; gradients too. GQA, partial last blocks, empty block rows."""
+    """Identical (to float64 rounding; to fp32 rounding for the Triton kernels, which take no float64)
+    to attention with the equivalent element mask, given as a bool attn_bias; gradients too. GQA,
+    partial last blocks, empty block rows."""
     use_backend(backend)
     torch.manual_seed(9)
-    shape = Shape(2, 100, 140, 4, 2, 16)
-    q, k, v, do = _inputs(shape, torch.float64)
+    small = backend == "triton" and not HAS_CUDA            # the interpreter: a smaller problem
+    shape = Shape(1, 70, 90, 4, 2, 16) if small else Shape(2, 100, 140, 4, 2, 16)
+    dtype, tol = (torch.float64, 1e-12) if backend == "reference" else (torch.float32, 2e-5)
+    q, k, v, do = _inputs(shape, dtype)
     bm = _random_block_mask(shape, 16, per_head, density=0.4)
     bm.mask[..., 0, :] = False                                  # a query block that sees nothing
     bm = BlockMask.from_dense(bm.mask, 16)
@@ -598,9 +601,9 @@ def test_block_sparse_equals_dense_with_the_element_mask(backend, per_head, caus
         return (out, lse, *torch.autograd.grad(out, leaves, do))
 
     sparse = run(block_mask=bm)
-    dense = run(attn_bias=bm.element_mask(100, 140))
+    dense = run(attn_bias=bm.element_mask(shape.seqlen_q, shape.seqlen_k))
     for a, b in zip(sparse, dense):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     assert (sparse[0][:, :16] == 0).all()
 
 

@@ -1,15 +1,36 @@
-"""Pieces shared by the forward and backward kernels: which key blocks a query block visits, the mask
-of one tile, and the loads of one tile.
+"""Pieces shared by the forward and backward kernels: which tiles a block visits, the mask and the
+scores of one tile with every option, the dropout keep mask, and the loads of one tile.
 
-Glossary (see flashattn/ops/reference.py for the algorithm):
+Glossary (see flashattn/ops/reference.py for the algorithm, flashattn/ops/variant.py for the options):
     offset      seqlen_k - seqlen_q; query row i sees key j <= i + offset when causal
     full_hi     keys [0, full_hi) are in bounds and visible to every row of the query block: those
                 tiles run without any mask
     hi          one past the last key any row of the block may see; tiles in [full_hi, hi) are masked
+    lo, full_lo with a window (or a block mask), the band also has a left edge: tiles [lo, full_lo)
+                are masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked (key_tiles, query_tiles)
+    i, j        query and key indices of a tile, broadcast against it: [BLOCK_M, 1] and [1, BLOCK_N],
+                or [1, BLOCK_M] and [BLOCK_N, 1] for the backward's transposed tiles
     *_LOG2      log-sum-exp and scale in base 2, so that every exponential is one exp2
+
+The options are tl.constexpr flags that default to off; with every flag off the kernels compile to the
+plain code (the option branches below are never generated):
+    HAS_WINDOW   window_left / window_right bound the band (causal folded in: right = 0); an unbounded
+                 side is passed as seqlen_q + seqlen_k, so one formula serves every window
+    SOFTCAP      x = softcap * tanh(x / softcap), from softcap_scale = softmax_scale / softcap and
+                 softcap_log2 = softcap * log2(e)
+    HAS_ALIBI    x -= slope * |i + offset - j|, slope_log2 = slope * log2(e) of the program's (b, h)
+    BIAS_KIND    0: none, 1: float bias added to x, 2: bool mask (read as uint8; 0 = masked)
+    DROPOUT      keep P_ij iff uniform(Philox(seed, j, i, b * H + h)) >= dropout_p (philox.py)
+    BLOCK_SPARSE the tiles walked are those of the listed blocks (SPARSE_BLOCK rows/columns each,
+                 cut into tiles that divide it), found by sparse_tiles_before
 """
+from dataclasses import dataclass, replace
+
+import torch
 import triton
 import triton.language as tl
+
+from flashattn.ops.variant import Variant
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -18,6 +39,80 @@ LN2 = tl.constexpr(0.6931471805599453)
 def strides(t) -> tuple[int, int, int]:
     """Batch, sequence and head strides of a (B, S, H, D) tensor whose last dim is contiguous."""
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _broadcast_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a tensor whose size-1 dims broadcast: 0 there."""
+    return tuple(0 if n == 1 else s for n, s in zip(x.shape, x.stride()))
+
+
+@dataclass(frozen=True)
+class Options:
+    """A Variant in the kernels' terms: the keyword arguments of the option parameters and their
+    constexpr flags (only those that are on: the kernels' defaults are off), and a short name of the
+    enabled flags for configs.run's key."""
+
+    kwargs: dict
+    extra: str
+    block_size: int        # the block mask's block size (tiles must divide it); 0 without one
+
+    def tiles(self, cfg):
+        """The TileConfig `cfg` with tiles that divide the block mask's blocks."""
+        if not self.block_size:
+            return cfg
+        return replace(cfg, block_m=min(cfg.block_m, self.block_size),
+                       block_n=min(cfg.block_n, self.block_size))
+
+
+def _seed_halves(seed: int) -> tuple[int, int]:
+    """The low and high 32 bits of the seed, each as a signed int32 (a stable kernel signature)."""
+    halves = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    return tuple(h - (1 << 32) if h >= 1 << 31 else h for h in halves)
+
+
+def options(variant: Variant, q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> Options:
+    """The kernels' option arguments for `variant` (causal is the kernels' own IS_CAUSAL)."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    kw, names = {}, []
+    tensor = variant.bias if variant.bias is not None else variant.mask
+    if tensor is not None:
+        kind = 1 if variant.bias is not None else 2
+        if kind == 2:
+            tensor = tensor.view(torch.uint8)
+        kw.update(Bias=tensor, BIAS_KIND=kind, **dict(zip(
+            ("stride_biasb", "stride_biash", "stride_biasq", "stride_biask"), _broadcast_strides(tensor))))
+        names.append("bias" if kind == 1 else "mask")
+    if variant.alibi_slopes is not None:
+        slopes = variant.alibi_slopes
+        kw.update(Alibi=slopes, HAS_ALIBI=True,
+                  **dict(zip(("stride_alibib", "stride_alibih"), _broadcast_strides(slopes))))
+        names.append("alibi")
+    if variant.softcap > 0.0:
+        kw.update(softcap_scale=softmax_scale / variant.softcap, softcap_log2=variant.softcap * LOG2E.value,
+                  SOFTCAP=True)
+        names.append("softcap")
+    if not (variant.window_left == -1 and variant.window_right == (0 if variant.causal else -1)):
+        # Farther than any key: one formula for every window, and no int32 overflow in the kernels.
+        unbounded = seqlen_q + seqlen_k
+        left, right = (unbounded if w < 0 else min(w, unbounded) for w in (variant.window_left,
+                                                                             variant.window_right))
+        kw.update(window_left=left, window_right=right, HAS_WINDOW=True)
+        names.append("window")
+    if variant.dropout_p > 0.0:
+        seed_lo, seed_hi = _seed_halves(variant.seed)
+        kw.update(seed_lo=seed_lo, seed_hi=seed_hi, dropout_p=variant.dropout_p, DROPOUT=True)
+        names.append("dropout")
+    block_size = 0
+    bm = variant.block_mask
+    if bm is not None:
+        mb, mh = bm.shape[:2]
+        block_size = bm.block_size
+        kw.update(KV_NUM=bm.kv_num_blocks.contiguous(), KV_IDX=bm.kv_indices.contiguous(),
+                  Q_NUM=bm.q_num_blocks.contiguous(), Q_IDX=bm.q_indices.contiguous(),
+                  sparse_stride_b=mh if mb > 1 else 0, sparse_stride_h=1 if mh > 1 else 0,
+                  BLOCK_SPARSE=True, SPARSE_BLOCK=block_size)
+        names.append(f"sparse{block_size}")
+    return Options(kw, "+".join(names), block_size)
 
 
 @triton.jit
@@ -61,12 +156,168 @@ def query_block_bounds(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _band_tiles(first_lo, last_lo, first_hi, last_hi, n, TILE: tl.constexpr):
+    """(lo, full_lo, full_hi, hi) over one axis of length n for a block of the other axis whose first
+    element sees [first_lo, first_hi) and whose last element sees [last_lo, last_hi), both edges
+    growing along the block: tiles [lo, full_lo) and [full_hi, hi) are masked, [full_lo, full_hi)
+    are seen whole by every element and in bounds. lo, full_lo, full_hi are multiples of TILE (or hi)."""
+    lo = tl.maximum(first_lo, 0) // TILE * TILE
+    hi = tl.maximum(tl.minimum(last_hi, n), lo)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last_lo, 0), TILE) * TILE, lo), hi)
+    full_hi = tl.maximum(tl.minimum(first_hi, n), 0) // TILE * TILE
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, full_lo, full_hi, hi) over keys for the query rows [start_m, start_m + BLOCK_M): key tiles
+    [lo, full_lo) and [full_hi, hi) need the mask, [full_lo, full_hi) do not. Tiles outside [lo, hi)
+    hold no key of the window band (Variant.key_range), so they are never visited."""
+    if HAS_WINDOW:
+        offset = seqlen_k - seqlen_q
+        last_row = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+        # Row i sees keys [i + offset - window_left, i + offset + window_right].
+        lo, full_lo, full_hi, hi = _band_tiles(start_m + offset - window_left, last_row + offset - window_left,
+                                               start_m + offset + window_right + 1,
+                                               last_row + offset + window_right + 1, seqlen_k, BLOCK_N)
+    else:
+        full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        lo = 0
+        full_lo = 0
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def query_tiles(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, full_lo, full_hi, hi) over query rows for the keys [start_n, start_n + BLOCK_N), as
+    key_tiles does for keys (Variant.query_range)."""
+    if HAS_WINDOW:
+        offset = seqlen_k - seqlen_q
+        last_col = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+        # Key j is seen by rows [j - offset - window_right, j - offset + window_left].
+        lo, full_lo, full_hi, hi = _band_tiles(start_n - offset - window_right, last_col - offset - window_right,
+                                               start_n - offset + window_left + 1,
+                                               last_col - offset + window_left + 1, seqlen_q, BLOCK_M)
+    else:
+        lo, full_lo, full_hi = query_block_bounds(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        full_hi = tl.maximum(full_lo, full_hi)
+        hi = seqlen_q
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def sparse_tiles_before(IDX, count, x, SPARSE_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """Position of x (a multiple of TILE) in the walk over the listed blocks IDX[0:count] (ascending),
+    each cut into SPARSE_BLOCK // TILE tiles: how many of those tiles start before x. Binary search,
+    so a bound costs log2(count) scalar loads; the walk itself never visits an unlisted block."""
+    block = x // SPARSE_BLOCK
+    lo = count * 0
+    hi = count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(IDX + mid) < block:
+            lo = mid + 1
+        else:
+            hi = mid
+    pos = lo * (SPARSE_BLOCK // TILE)
+    if lo < count:
+        if tl.load(IDX + lo) == block:
+            pos += (x - block * SPARSE_BLOCK) // TILE
+    return pos
+
+
+@triton.jit
+def sparse_tile_start(IDX, it, SPARSE_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """The first index of tile `it` of the walk over the listed blocks IDX (see sparse_tiles_before)."""
+    return tl.load(IDX + it // (SPARSE_BLOCK // TILE)) * SPARSE_BLOCK + it % (SPARSE_BLOCK // TILE) * TILE
+
+
+@triton.jit
+def sparse_walk(IDX, count, lo, full_lo, full_hi, hi, SPARSE_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """The band's stage bounds (lo, full_lo, full_hi, hi: positions, see key_tiles) as positions in the
+    walk over the listed blocks: the same three stages, visiting only listed tiles."""
+    hi = tl.cdiv(hi, TILE) * TILE
+    return (sparse_tiles_before(IDX, count, lo, SPARSE_BLOCK, TILE),
+            sparse_tiles_before(IDX, count, full_lo, SPARSE_BLOCK, TILE),
+            sparse_tiles_before(IDX, count, full_hi, SPARSE_BLOCK, TILE),
+            sparse_tiles_before(IDX, count, hi, SPARSE_BLOCK, TILE))
+
+
+@triton.jit
 def tile_mask(offs_m, offs_n, seqlen_q, seqlen_k, IS_CAUSAL: tl.constexpr):
     """True where query offs_m[i] may see key offs_n[j] and both are in bounds. [BLOCK_M, BLOCK_N]"""
     valid = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
     if IS_CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q))
     return valid
+
+
+@triton.jit
+def tanh(x):
+    """tanh from one exp2, 1 - 2 / (e^2x + 1): exact at both saturated ends (no tanh in tl, and
+    libdevice's does not run in the interpreter)."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def scores(qk, i, j, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2, slope_log2,
+           window_left, window_right, Bias, stride_biasq, stride_biask,
+           MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+           HAS_ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr):
+    """(S, T) of one tile with every option, in the specification's order (variant.py): S in base-2
+    units with -inf where (i, j) is not allowed; T = tanh(scale q.k / softcap) for the softcap's
+    backward (qk itself without softcap). The one copy of the score options, used by the forward,
+    the dK/dV and the dQ loops, in either tile orientation (i, j broadcast against qk).
+
+    MASK: the tile may cross the window band, the causal diagonal or the end of either axis. Without
+    it only the program's own padding rows (columns in dK/dV) can be out of bounds: the bias and
+    mask loads are bounded by (i < seqlen_q) & (j < seqlen_k) either way. Bias points at the
+    program's (batch, head) of the bias or mask.
+    """
+    if SOFTCAP:
+        t = tanh(qk * softcap_scale)
+        s = t * softcap_log2
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        s = s - slope_log2 * tl.abs(i + (seqlen_k - seqlen_q) - j).to(tl.float32)
+    in_bounds = (i < seqlen_q) & (j < seqlen_k)
+    if MASK:
+        allowed = in_bounds
+        if HAS_WINDOW:
+            diagonal = i + (seqlen_k - seqlen_q)
+            allowed = allowed & (j >= diagonal - window_left) & (j <= diagonal + window_right)
+        elif IS_CAUSAL:
+            allowed = allowed & (j <= i + (seqlen_k - seqlen_q))
+        in_bounds = allowed
+    if BIAS_KIND != 0:
+        ptrs = Bias + i.to(tl.int64) * stride_biasq + j * stride_biask
+        if BIAS_KIND == 1:
+            s = s + tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+        else:
+            keep = tl.load(ptrs, mask=in_bounds, other=0) != 0
+            if MASK:
+                allowed = allowed & keep
+            else:
+                s = tl.where(keep, s, float("-inf"))
+    if MASK:
+        s = tl.where(allowed, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def dropout_keep(seed_lo, seed_hi, dropout_p, i, j, bh):
+    """Z of one tile: True where P_ij is kept. Philox(seed, c0=j, c1=i, c2=b * H + h, c3=0), first
+    output, uniform float >= dropout_p: bit for bit flashattn/ops/philox.py. The seed comes as two
+    int32 halves so that the kernel's signature never depends on its value."""
+    seed = ((seed_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+            | seed_lo.to(tl.uint32, bitcast=True).to(tl.uint64))
+    r, _, _, _ = tl.philox(seed, j, i, bh, 0)
+    return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,12 +28,33 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # Backward only: both halves (dK/dV and dQ programs) in one grid, or one launch each.
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """The backward's programs and their shapes.
+
+    kv          dK/dV programs: block_m query rows per step, block_n keys owned.
+    q           dQ programs: block_m query rows owned, block_n keys per step.
+    dk          if set, dK gets programs of its own with this shape (block_m rows per step, block_n
+                keys owned) and the kv programs compute only dV: one accumulator per program instead
+                of two, which lets head dim 256 use 64-key tiles and warpgroup MMA.
+    one_launch  kv and q programs in one grid (needs the same warps and stages, and no dk).
+    """
+    kv: TileConfig
+    q: TileConfig
+    dk: TileConfig | None = None
     one_launch: bool = False
+
+    def __post_init__(self):
+        if self.one_launch and (self.dk is not None or (self.kv.num_warps, self.kv.num_stages)
+                                != (self.q.num_warps, self.q.num_stages)):
+            raise ValueError(f"one_launch needs dk=None and equal warps/stages for kv and q: {self}")
 
 
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors; BLOCK_M != BLOCK_N exercises the diagonal.
 INTERPRETER = TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+INTERPRETER_BWD = BackwardConfig(kv=INTERPRETER, q=TileConfig(16, 32, 4, 1))
 
 
 def _bucket(head_dim: int) -> int:
@@ -58,21 +79,22 @@ _FWD = {
     (256, False, False): TileConfig(32, 16, 4, 2),
     (256, False, True): TileConfig(32, 16, 4, 2),
 }
-# Backward: block_m = query rows per inner step, block_n = keys owned by one program (dK/dV kernel);
-# the dQ kernel swaps the roles (block_m queries owned, block_n keys per step).
+# Backward, measured on an H100 with benchmarks/experiments/ (dkdv_tiles.py, dq_tiles.py,
+# dkdv_split.py) at 8k tokens per sequence; the dQ programs own twice the rows of the dK/dV ones.
+_T = TileConfig
 _BWD = {
-    (64, True, False): TileConfig(64, 64, 4, 2),
-    (64, True, True): TileConfig(32, 64, 4, 3),
-    (128, True, False): TileConfig(64, 64, 4, 2, one_launch=True),
-    (128, True, True): TileConfig(64, 64, 4, 2, one_launch=True),
-    (256, True, False): TileConfig(64, 32, 4, 2, one_launch=True),
-    (256, True, True): TileConfig(64, 32, 4, 2, one_launch=True),
-    (64, False, False): TileConfig(32, 64, 4, 2),
-    (64, False, True): TileConfig(32, 64, 4, 2),
-    (128, False, False): TileConfig(32, 32, 4, 2),
-    (128, False, True): TileConfig(32, 32, 4, 2),
-    (256, False, False): TileConfig(16, 32, 4, 1),
-    (256, False, True): TileConfig(16, 32, 4, 1),
+    (64, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
+    (64, True, True): BackwardConfig(kv=_T(64, 64, 4, 3), q=_T(128, 64, 8, 3)),
+    (128, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
+    (128, True, True): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
+    (256, True, False): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 3), dk=_T(64, 64, 4, 2)),
+    (256, True, True): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 3), dk=_T(64, 64, 4, 2)),
+    (64, False, False): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 2)),
+    (64, False, True): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 2)),
+    (128, False, False): BackwardConfig(kv=_T(32, 32, 4, 2), q=_T(32, 32, 4, 2)),
+    (128, False, True): BackwardConfig(kv=_T(32, 32, 4, 2), q=_T(32, 32, 4, 2)),
+    (256, False, False): BackwardConfig(kv=_T(16, 32, 4, 1), q=_T(32, 16, 4, 1)),
+    (256, False, True): BackwardConfig(kv=_T(16, 32, 4, 1), q=_T(32, 16, 4, 1)),
 }
 
 
@@ -82,10 +104,13 @@ _TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD}}
 _DEFAULT_ARCH = (9, 0)
 
 
+Config = TileConfig | BackwardConfig
+
+
 def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
-                  ) -> TileConfig:
+                  ) -> Config:
     if device.type != "cuda":
-        return INTERPRETER
+        return INTERPRETER if kind == "fwd" else INTERPRETER_BWD
     arch = torch.cuda.get_device_capability(device)
     tables = _TABLES.get(arch, _TABLES[_DEFAULT_ARCH])
     return tables[kind][(_bucket(head_dim), dtype != torch.float32, causal)]
@@ -95,7 +120,8 @@ def forward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torc
     return _table_config("fwd", head_dim, dtype, causal, device)
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device) -> TileConfig:
+def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
+                    ) -> BackwardConfig:
     return _table_config("bwd", head_dim, dtype, causal, device)
 
 
@@ -105,8 +131,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def smaller(cfg: TileConfig) -> TileConfig | None:
-    """The next shape to try when `cfg` does not fit: fewer stages, then halve the larger tile side."""
+def _smaller_tile(cfg: TileConfig) -> TileConfig | None:
     if cfg.num_stages > 1:
         return replace(cfg, num_stages=cfg.num_stages - 1)
     if max(cfg.block_m, cfg.block_n) <= 16:
@@ -116,18 +141,34 @@ def smaller(cfg: TileConfig) -> TileConfig | None:
     return replace(cfg, block_m=cfg.block_m // 2, num_stages=2)
 
 
-def candidates(kind: str, cfg: TileConfig) -> list[TileConfig]:
+def smaller(cfg: Config) -> Config | None:
+    """The next shape to try when `cfg` does not fit: fewer stages, then halve the larger tile side
+    (every part of a backward config at once, in separate launches)."""
+    if isinstance(cfg, TileConfig):
+        return _smaller_tile(cfg)
+    parts = [cfg.kv, cfg.q] + ([cfg.dk] if cfg.dk else [])
+    stepped = [_smaller_tile(p) for p in parts]
+    if all(p is None for p in stepped):
+        return None
+    kv, q, *dk = [new or old for new, old in zip(stepped, parts)]
+    return BackwardConfig(kv=kv, q=q, dk=dk[0] if dk else None)
+
+
+def candidates(kind: str, cfg: Config) -> list[Config]:
     """The few shapes FLASHATTN_AUTOTUNE=1 times: the table's and its neighbours (at most 7)."""
+    def around(t: TileConfig) -> list[TileConfig]:
+        return [replace(t, num_stages=t.num_stages + 1), replace(t, num_stages=max(1, t.num_stages - 1)),
+                replace(t, block_n=t.block_n * 2), replace(t, block_n=max(16, t.block_n // 2))]
+
+    if kind == "fwd":
+        others = around(cfg) + [replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)]
+    else:
+        others = [replace(cfg, kv=t) for t in around(cfg.kv)[:3]] + [replace(cfg, q=t) for t in around(cfg.q)[:3]]
     out = [cfg]
-    others = [replace(cfg, num_stages=cfg.num_stages + 1), replace(cfg, num_stages=max(1, cfg.num_stages - 1)),
-              replace(cfg, block_n=cfg.block_n * 2), replace(cfg, block_n=max(16, cfg.block_n // 2)),
-              replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)]
-    if kind == "bwd":
-        others.append(replace(cfg, one_launch=not cfg.one_launch))
     for other in others:
         if other not in out:
             out.append(other)
-    return out
+    return out[:7]
 
 
 def autotune_enabled() -> bool:
@@ -140,7 +181,7 @@ def _cache_path() -> Path:
 
 
 _lock = threading.Lock()
-_chosen: dict[str, TileConfig] = {}      # key -> the shape that ran (fitted or tuned)
+_chosen: dict[str, Config] = {}      # key -> the shape that ran (fitted or tuned)
 _disk_loaded = False
 
 
@@ -154,20 +195,28 @@ def _load_disk() -> None:
     except (OSError, ValueError):
         return
     for key, fields in stored.items():
-        _chosen.setdefault(key, TileConfig(**fields))
+        _chosen.setdefault(key, _from_json(fields))
 
 
-def _save_disk(key: str, cfg: TileConfig) -> None:
+def _save_disk(key: str, cfg: Config) -> None:
     path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         stored = json.loads(path.read_text()) if path.exists() else {}
-        stored[key] = vars(cfg)
+        stored[key] = asdict(cfg)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
         tmp.replace(path)
     except (OSError, ValueError):
         pass  # a read-only home directory costs a re-tune next process, nothing else
+
+
+def _from_json(fields: dict) -> Config:
+    if "kv" not in fields:
+        return TileConfig(**fields)
+    dk = fields.get("dk")
+    return BackwardConfig(kv=TileConfig(**fields["kv"]), q=TileConfig(**fields["q"]),
+                          dk=TileConfig(**dk) if dk else None, one_launch=fields.get("one_launch", False))
 
 
 def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
@@ -178,7 +227,7 @@ def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int
 
 
 def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
-        launch: Callable[[TileConfig], None], extra: str = "") -> TileConfig:
+        launch: Callable[[Config], None], extra: str = "") -> Config:
     """Launch `kind` ("fwd" or "bwd") through `launch(cfg)` with the shape chosen as the module
     docstring says; returns the shape used. `extra` separates kernels specialised differently
     (e.g. by options) that may prefer other shapes."""
@@ -203,7 +252,7 @@ def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
     return cfg
 
 
-def _launch_fitting(cfg: TileConfig, launch: Callable[[TileConfig], None]) -> TileConfig:
+def _launch_fitting(cfg: Config, launch: Callable[[Config], None]) -> Config:
     """launch(cfg), stepping down while the GPU cannot run the shape; returns the shape that ran."""
     from triton.runtime.errors import OutOfResources
     while True:
@@ -216,7 +265,7 @@ def _launch_fitting(cfg: TileConfig, launch: Callable[[TileConfig], None]) -> Ti
                 raise
 
 
-def _autotune(cands: list[TileConfig], launch: Callable[[TileConfig], None], timer=None) -> TileConfig:
+def _autotune(cands: list[Config], launch: Callable[[Config], None], timer=None) -> Config:
     """The fastest of `cands` that runs (timer(fn) -> ms; triton's do_bench by default)."""
     from triton.runtime.errors import OutOfResources
     if timer is None:

@@ -4,35 +4,59 @@ Glossary (same names as flashattn/ops/reference.py, which this kernel mirrors st
     q            the program's query tile Q_i                                  [BLOCK_M, BLOCK_D]
     k, v         one key/value tile K_j, V_j                                  [BLOCK_N, BLOCK_D]
     qk           scores S_ij in base-2 units: (q k^T) * softmax_scale * log2(e)  [BLOCK_M, BLOCK_N]
+                 (with softcap, ALiBi or a bias: common.scores, every option applied)
     p            P~_ij = exp2(qk - m_new)                                      [BLOCK_M, BLOCK_N]
-    m_i, l_i     running row max (base 2) and running row sum                 [BLOCK_M]
+    keep         Z_ij, the dropout keep mask of the tile, regenerated from the seed
+    m_i, l_i     running row max (base 2) and running row sum (of P before dropout)  [BLOCK_M]
     alpha        exp2(m_old - m_new), rescales acc and l_i                     [BLOCK_M]
     acc          running unnormalised output, fp32                             [BLOCK_M, BLOCK_D]
     lse          natural-log log-sum-exp per row; +inf for a row that sees no key
 BLOCK_D is HEAD_DIM rounded up to a power of two (>= 16); the extra columns are loaded as 0.
+The options (window, softcap, ALiBi, bias or mask, dropout, block mask) are constexpr flags, off by
+default, documented in common.py; with all of them off this is the plain kernel, unchanged.
 """
 import torch
 import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LN2, LOG2E, key_block_bounds, load_tile, store_tile, strides, tile_mask,
+    LN2, LOG2E, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options, scores,
+    sparse_tile_start, sparse_walk, store_tile, strides, tile_mask,
 )
 from flashattn.ops.triton import configs
 from flashattn.ops.triton.configs import dot_precision
+from flashattn.ops.variant import PLAIN, Variant, from_causal
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                lo, hi, seqlen_q, seqlen_k, qk_scale,
+               softcap_scale, softcap_log2, slope_log2, window_left, window_right,
+               Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, KV_IDX,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over the key tiles [lo, hi). MASK: tiles that straddle the diagonal or the end."""
-    for start_n in range(lo, hi, BLOCK_N):
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
+               SPARSE_BLOCK: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi). MASK: tiles that straddle the diagonal, the window's
+    edges or the end. BLOCK_SPARSE: [lo, hi) are positions in the walk over the listed blocks."""
+    for it in range(lo, hi, 1 if BLOCK_SPARSE else BLOCK_N):
+        if BLOCK_SPARSE:
+            start_n = sparse_tile_start(KV_IDX, it, SPARSE_BLOCK, BLOCK_N)
+        else:
+            start_n = it
         cols = start_n + offs_n
         k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)   # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)              # [BLOCK_M, BLOCK_N]
-        if MASK:
+        if SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or (MASK and HAS_WINDOW):
+            qk, _ = scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap_scale,
+                           softcap_log2, slope_log2, window_left, window_right, Bias, stride_biasq,
+                           stride_biask, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND)
+            # A bias of -inf or a bool mask can empty a row in any tile: the safe max always.
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            qk = qk - m_new_safe[:, None]
+        elif MASK:
             qk = tl.where(tile_mask(offs_m, cols, seqlen_q, seqlen_k, IS_CAUSAL), qk * qk_scale,
                           float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -45,16 +69,19 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, off
             qk = qk * qk_scale - m_new[:, None]
         p = tl.math.exp2(qk)                                                    # [BLOCK_M, BLOCK_N]
         alpha = tl.math.exp2(m_i - m_new_safe)                                  # [BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)                                        # P before dropout
         acc = acc * alpha[:, None]
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
                       BLOCK_D, MASK)                                            # [BLOCK_N, BLOCK_D]
+        if DROPOUT:
+            # P * Z; the 1 / (1 - p) is applied to O once, at the end.
+            p = tl.where(dropout_keep(seed_lo, seed_hi, dropout_p, offs_m[:, None], cols[None, :], bh), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window_left", "window_right", "seed_lo", "seed_hi"])
 def _attn_fwd(Q, K, V, O, LSE,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
@@ -62,7 +89,17 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_ob, stride_om, stride_oh,
               seqlen_q, seqlen_k, nheads, group_size, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              # The options (common.py): None or 0, and unused, while their flag is off.
+              Bias=None, stride_biasb=0, stride_biash=0, stride_biasq=0, stride_biask=0,
+              Alibi=None, stride_alibib=0, stride_alibih=0,
+              softcap_scale=0.0, softcap_log2=0.0, window_left=0, window_right=0,
+              seed_lo=0, seed_hi=0, dropout_p=0.0,
+              KV_NUM=None, KV_IDX=None, Q_NUM=None, Q_IDX=None, sparse_stride_b=0, sparse_stride_h=0,
+              HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+              HAS_ALIBI: tl.constexpr = False, BIAS_KIND: tl.constexpr = 0,
+              DROPOUT: tl.constexpr = False, BLOCK_SPARSE: tl.constexpr = False,
+              SPARSE_BLOCK: tl.constexpr = 0):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_D >= 16)
     pid_m = tl.program_id(0)
@@ -87,17 +124,65 @@ def _attn_fwd(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                               offs_d, 0, full_hi, seqlen_q, seqlen_k, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                               offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+    if HAS_WINDOW or BLOCK_SPARSE or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or DROPOUT:
+        # This program's (batch, head) of each option.
+        slope_log2 = 0.0
+        if HAS_ALIBI:
+            slope_log2 = tl.load(Alibi + off_b * stride_alibib + off_h * stride_alibih) * LOG2E
+        if BIAS_KIND != 0:
+            Bias += off_b * stride_biasb + off_h * stride_biash
+        bh = (off_b * nheads + off_h).to(tl.int32)
+        lo, full_lo, full_hi, hi = key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+        if BLOCK_SPARSE:
+            # The key blocks listed for this query block; the stages become positions in their walk.
+            row = (off_b * sparse_stride_b + off_h * sparse_stride_h) * tl.cdiv(seqlen_q, SPARSE_BLOCK) \
+                + start_m // SPARSE_BLOCK
+            count = tl.load(KV_NUM + row)
+            KV_IDX += row * tl.cdiv(seqlen_k, SPARSE_BLOCK)
+            lo, full_lo, full_hi, hi = sparse_walk(KV_IDX, count, lo, full_lo, full_hi, hi, SPARSE_BLOCK,
+                                                   BLOCK_N)
+        if HAS_WINDOW:
+            # The band's left edge (without a window every stage starts at key 0).
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
+                                       offs_d, lo, full_lo, seqlen_q, seqlen_k, qk_scale,
+                                       softcap_scale, softcap_log2, slope_log2, window_left, window_right,
+                                       Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh,
+                                       KV_IDX, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
+                                       HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE,
+                                       SPARSE_BLOCK)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
+                                   offs_d, full_lo, full_hi, seqlen_q, seqlen_k, qk_scale,
+                                   softcap_scale, softcap_log2, slope_log2, window_left, window_right,
+                                   Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, KV_IDX,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION,
+                                   HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE,
+                                   SPARSE_BLOCK)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
+                                   offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                                   softcap_scale, softcap_log2, slope_log2, window_left, window_right,
+                                   Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, KV_IDX,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
+                                   HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE,
+                                   SPARSE_BLOCK)
+    else:
+        full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
+                                   offs_d, 0, full_hi, seqlen_q, seqlen_k, qk_scale,
+                                   0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0, 0.0, 0, KV_IDX,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION,
+                                   False, False, False, 0, False, False, 0)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
+                                   offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
+                                   0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0, 0.0, 0, KV_IDX,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
+                                   False, False, False, 0, False, False, 0)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
@@ -109,26 +194,32 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous.
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+            variant: Variant | bool = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous; `variant` holds
+    the options (flashattn/ops/variant.py; a bool means plain causal or not).
 
     Returns O (B, Sq, H, D) contiguous in q's dtype and lse (B, H, Sq) float32.
     """
+    if isinstance(variant, bool):
+        variant = from_causal(variant)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    opts = common_options(variant, q, k, softmax_scale)
 
     def launch(cfg):
+        cfg = opts.tiles(cfg)
         _attn_fwd[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
             q, k, v, o, lse,
             *strides(q), *strides(k), *strides(v), *strides(o),
             seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
+            IS_CAUSAL=variant.causal, DOT_PRECISION=dot_precision(q.dtype), **opts.kwargs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    configs.run("fwd", head_dim, q.dtype, causal, max(seqlen_q, seqlen_k), q.device, launch)
+    configs.run("fwd", head_dim, q.dtype, variant.causal, max(seqlen_q, seqlen_k), q.device, launch,
+                extra=opts.extra)
     return o, lse

@@ -1,0 +1,382 @@
+"""The options' panels (python -m flashattn.bench --block-sparse --window): what skipping tiles buys.
+
+block-sparse  forward and backward time of flashattn with a block mask of density 1.0, 0.5, 0.25 and
+              0.1 beside dense attention on the same shape. GPU: bf16, head dim 128, seqlen 16k,
+              16k tokens per batch (B=1) and model dim 2048 (H=16), blocks of 128, non-causal. Each
+              query block attends to round(density * n_blocks) key blocks drawn at random (the same
+              count per row, so every program has the same work), or the local + global pattern of
+              flashattn.sparse with about that density. Time should fall in proportion to density.
+window        forward and backward time of a sliding window (default (256, 256); (1024, 0) is causal)
+              against dense attention over seqlen 2k to 32k at B=1, H=16, head dim 128, bf16. Dense
+              time grows like seqlen^2, the window's like seqlen: the table shows the time per 1k
+              tokens, flat for the window.
+
+CPU mode runs the same panels at tiny sizes on the PyTorch path (which skips the same tiles).
+Results go to the terminal, to bench.json (keys "block_sparse" and "window"), to summary.md and to
+block_sparse.png / window.png.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from flashattn import BlockMask, flash_attn_func, local_global_block_mask
+from flashattn.bench import measure
+from flashattn.bench.cases import DTYPES, format_seqlen
+from flashattn.bench.peers import describe_error
+from flashattn.sparse import num_blocks
+
+Tensor = torch.Tensor
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+PATTERNS = ("random", "local_global")
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    dtype: str
+    batch: int
+    nheads: int
+    headdim: int
+    seqlen: int
+    block_size: int
+    densities: tuple[float, ...] = DENSITIES
+    pattern: str = "random"
+    causal: bool = False
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    dtype: str
+    batch: int
+    nheads: int
+    headdim: int
+    seqlens: tuple[int, ...]
+    window: tuple[int, int] = (256, 256)
+
+
+GPU_SPARSE = SparseConfig("bf16", batch=1, nheads=16, headdim=128, seqlen=16384, block_size=128)
+CPU_SPARSE = SparseConfig("fp32", batch=1, nheads=2, headdim=32, seqlen=512, block_size=64)
+GPU_WINDOW = WindowConfig("bf16", batch=1, nheads=16, headdim=128, seqlens=(2048, 4096, 8192, 16384, 32768))
+CPU_WINDOW = WindowConfig("fp32", batch=1, nheads=2, headdim=32, seqlens=(256, 512, 1024), window=(32, 32))
+
+
+@dataclass
+class Timing:
+    """Median ms of one call, or why there is none."""
+
+    ms: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class SparseRow:
+    density: float               # the requested density (1.0 = every block listed)
+    actual_density: float        # the block mask's
+    pass_: str
+    sparse: Timing
+    dense: Timing
+
+    def speedup(self) -> float | None:
+        if self.sparse.ms and self.dense.ms:
+            return self.dense.ms / self.sparse.ms
+        return None
+
+    def as_dict(self) -> dict:
+        return {"density": self.density, "actual_density": self.actual_density, "pass": self.pass_,
+                "block_sparse": self.sparse.as_dict(), "dense": self.dense.as_dict(),
+                "dense_over_block_sparse": self.speedup()}
+
+
+@dataclass
+class WindowRow:
+    seqlen: int
+    pass_: str
+    window: Timing
+    dense: Timing
+
+    def as_dict(self) -> dict:
+        ratio = self.dense.ms / self.window.ms if self.dense.ms and self.window.ms else None
+        return {"seqlen": self.seqlen, "pass": self.pass_, "window": self.window.as_dict(),
+                "dense": self.dense.as_dict(), "dense_over_window": ratio}
+
+
+@dataclass
+class Panels:
+    mode: str
+    device: torch.device
+    sparse: SparseConfig | None = None
+    sparse_rows: list[SparseRow] = field(default_factory=list)
+    window: WindowConfig | None = None
+    window_rows: list[WindowRow] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def random_block_mask(nq: int, nk: int, density: float, block_size: int, device, seed: int = 0,
+                      ) -> BlockMask:
+    """Each query block attends to round(density * nk) key blocks (at least one), drawn at random."""
+    g = torch.Generator().manual_seed(seed)
+    per_row = max(1, min(nk, round(density * nk)))
+    order = torch.rand(nq, nk, generator=g).argsort(dim=1)[:, :per_row]
+    mask = torch.zeros(nq, nk, dtype=torch.bool).scatter_(1, order, True)
+    return BlockMask.from_dense(mask.to(device), block_size)
+
+
+def local_global_mask(seqlen: int, density: float, block_size: int, device) -> BlockMask:
+    """The local + global pattern (one global block) whose band width gives the density closest to
+    the one asked for."""
+    n = num_blocks(seqlen, block_size)
+    r = torch.arange(n)[:, None]
+    c = torch.arange(n)[None, :]
+
+    def density_of(local: int) -> float:
+        return (((r - c).abs() <= local) | (c < 1) | (r < 1)).float().mean().item()
+
+    local = min(range(n), key=lambda w: abs(density_of(w) - density))
+    return local_global_block_mask(seqlen, seqlen, local_blocks=local, global_blocks=1,
+                                   block_size=block_size, device=device)
+
+
+def _time(fn: Callable[[Tensor, Tensor, Tensor], Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+          pass_: str, device: torch.device, timer) -> Timing:
+    """Median ms of fn's forward (on inputs requiring grad) or of its backward."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            if pass_ == "fwd":
+                calls = [lambda: fn(q, k, v)]
+            else:
+                out = fn(q, k, v)
+                grad = torch.randn_like(out)
+                calls = [lambda: out.backward(grad, retain_graph=True)]
+            ms = timer(calls, [q, k, v])
+    except Exception as exc:  # out of memory, a kernel that cannot run here: one cell, not the run
+        result = Timing(error=describe_error(exc))
+    else:
+        result = Timing(ms=ms)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_sparse(cfg: SparseConfig, device: torch.device, timer, progress: Callable[[str], None]) -> list[SparseRow]:
+    dtype = DTYPES[cfg.dtype]
+    shape = (cfg.batch, cfg.seqlen, cfg.nheads, cfg.headdim)
+    n = num_blocks(cfg.seqlen, cfg.block_size)
+
+    def dense(q, k, v):
+        return flash_attn_func(q, k, v, causal=cfg.causal)
+
+    dense_ms = {}
+    for pass_ in ("fwd", "bwd"):
+        progress(f"dense {pass_}")
+        dense_ms[pass_] = _time(dense, shape, dtype, pass_, device, timer)
+    rows = []
+    for density in cfg.densities:
+        if cfg.pattern == "random":
+            bm = random_block_mask(n, n, density, cfg.block_size, device)
+        else:
+            bm = local_global_mask(cfg.seqlen, density, cfg.block_size, device)
+
+        def sparse(q, k, v, bm=bm):
+            return flash_attn_func(q, k, v, causal=cfg.causal, block_mask=bm)
+
+        for pass_ in ("fwd", "bwd"):
+            progress(f"density {density} {pass_}")
+            rows.append(SparseRow(density, bm.density(), pass_,
+                                  _time(sparse, shape, dtype, pass_, device, timer), dense_ms[pass_]))
+    return rows
+
+
+def run_window(cfg: WindowConfig, device: torch.device, timer, progress: Callable[[str], None]) -> list[WindowRow]:
+    dtype = DTYPES[cfg.dtype]
+    causal = cfg.window[1] == 0
+
+    def windowed(q, k, v):
+        return flash_attn_func(q, k, v, causal=causal, window_size=cfg.window)
+
+    def dense(q, k, v):
+        return flash_attn_func(q, k, v, causal=causal)
+
+    rows = []
+    for seqlen in cfg.seqlens:
+        shape = (cfg.batch, seqlen, cfg.nheads, cfg.headdim)
+        for pass_ in ("fwd", "bwd"):
+            progress(f"seqlen {format_seqlen(seqlen)} {pass_}")
+            rows.append(WindowRow(seqlen, pass_, _time(windowed, shape, dtype, pass_, device, timer),
+                                  _time(dense, shape, dtype, pass_, device, timer)))
+    return rows
+
+
+def run(panels: Panels, console: Console) -> Panels:
+    timer = measure.cuda_timer if panels.device.type == "cuda" else measure.cpu_timer
+    torch.manual_seed(0)
+    with console.status("") as status:
+        if panels.sparse is not None:
+            panels.sparse_rows = run_sparse(panels.sparse, panels.device, timer,
+                                            lambda text: status.update(f"block-sparse: {text}"))
+        if panels.window is not None:
+            panels.window_rows = run_window(panels.window, panels.device, timer,
+                                            lambda text: status.update(f"window: {text}"))
+    return panels
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _ms(t: Timing) -> str:
+    return f"{t.ms:.3f}" if t.ms is not None else "err"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _sparse_title(cfg: SparseConfig) -> str:
+    return (f"Block-sparse vs dense, ms (lower is better) - {cfg.dtype} B={cfg.batch} H={cfg.nheads} "
+            f"D={cfg.headdim} N={format_seqlen(cfg.seqlen)} blocks of {cfg.block_size}, {cfg.pattern} "
+            f"{'causal' if cfg.causal else 'non-causal'}")
+
+
+def _window_title(cfg: WindowConfig) -> str:
+    return (f"Sliding window {cfg.window} vs dense, ms (lower is better) - {cfg.dtype} B={cfg.batch} "
+            f"H={cfg.nheads} D={cfg.headdim}")
+
+
+def sparse_table(panels: Panels) -> Table:
+    table = Table(title=_sparse_title(panels.sparse), title_justify="left")
+    for header in ("density", "actual", "pass", "block-sparse", "dense", "dense / sparse", "ideal"):
+        table.add_column(header, justify="right")
+    for row in panels.sparse_rows:
+        table.add_row(f"{row.density:g}", f"{row.actual_density:.3f}", row.pass_, _ms(row.sparse),
+                      _ms(row.dense), _ratio(row.speedup()), _ratio(1 / row.actual_density))
+    return table
+
+
+def window_table(panels: Panels) -> Table:
+    table = Table(title=_window_title(panels.window), title_justify="left")
+    for header in ("seqlen", "pass", "window", "dense", "window ms / 1k tok", "dense ms / 1k tok",
+                   "dense / window"):
+        table.add_column(header, justify="right")
+    for row in panels.window_rows:
+        per_k = lambda t: f"{t.ms * 1024 / row.seqlen:.4f}" if t.ms is not None else "err"  # noqa: E731
+        d = row.as_dict()
+        table.add_row(format_seqlen(row.seqlen), row.pass_, _ms(row.window), _ms(row.dense), per_k(row.window),
+                      per_k(row.dense), _ratio(d["dense_over_window"]))
+    return table
+
+
+def print_panels(panels: Panels, console: Console) -> None:
+    for rows, make in ((panels.sparse_rows, sparse_table), (panels.window_rows, window_table)):
+        if rows:
+            console.print()
+            console.print(make(panels))
+    errors = {t.error for r in panels.sparse_rows for t in (r.sparse, r.dense) if t.error}
+    errors |= {t.error for r in panels.window_rows for t in (r.window, r.dense) if t.error}
+    for error in sorted(errors):
+        console.print(f"[red]err[/]: {error}")
+
+
+def to_json(panels: Panels) -> dict:
+    out = {}
+    if panels.sparse is not None:
+        out["block_sparse"] = {"config": asdict(panels.sparse),
+                               "rows": [row.as_dict() for row in panels.sparse_rows]}
+    if panels.window is not None:
+        out["window"] = {"config": asdict(panels.window),
+                         "rows": [row.as_dict() for row in panels.window_rows]}
+    return out
+
+
+def extend_json(panels: Panels, path: Path) -> None:
+    """Add the panels to bench.json (written by report.write_json) under their own keys."""
+    data = json.loads(path.read_text())
+    data.update(to_json(panels))
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def markdown(panels: Panels) -> str:
+    lines = []
+    if panels.sparse_rows:
+        lines += ["", _sparse_title(panels.sparse) + ":", "",
+                  "| density | actual | pass | block-sparse | dense | dense / sparse |",
+                  "| ---: | ---: | :--- | ---: | ---: | ---: |"]
+        lines += [f"| {r.density:g} | {r.actual_density:.3f} | {r.pass_} | {_ms(r.sparse)} | {_ms(r.dense)} | "
+                  f"{_ratio(r.speedup())} |" for r in panels.sparse_rows]
+    if panels.window_rows:
+        lines += ["", _window_title(panels.window) + ":", "",
+                  "| seqlen | pass | window | dense | dense / window |", "| ---: | :--- | ---: | ---: | ---: |"]
+        lines += [f"| {format_seqlen(r.seqlen)} | {r.pass_} | {_ms(r.window)} | {_ms(r.dense)} | "
+                  f"{_ratio(r.as_dict()['dense_over_window'])} |" for r in panels.window_rows]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def write_plots(panels: Panels, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    written = []
+    styles = {"fwd": "o-", "bwd": "s--"}
+    if panels.sparse_rows:
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        for pass_ in ("fwd", "bwd"):
+            rows = [r for r in panels.sparse_rows if r.pass_ == pass_ and r.sparse.ms is not None]
+            if not rows:
+                continue
+            ax.plot([r.actual_density for r in rows], [r.sparse.ms for r in rows], styles[pass_], color="black",
+                    label=f"block-sparse {pass_}")
+            if rows[0].dense.ms is not None:
+                dense = rows[0].dense.ms
+                ax.axhline(dense, color="tab:red", linestyle=":" if pass_ == "fwd" else "-.",
+                           label=f"dense {pass_}")
+                xs = [0.0, 1.0]
+                ax.plot(xs, [0.0, dense], color="tab:gray", linewidth=0.8, alpha=0.6,
+                        label="proportional to density" if pass_ == "fwd" else None)
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("block density")
+        ax.set_ylabel("ms")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(_sparse_title(panels.sparse).replace(" - ", "\n"), fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "block_sparse.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "block_sparse.png")
+    if panels.window_rows:
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        seqlens = sorted({r.seqlen for r in panels.window_rows})
+        for pass_ in ("fwd", "bwd"):
+            rows = [r for r in panels.window_rows if r.pass_ == pass_]
+            for label, get, color in (("window", lambda r: r.window, "black"), ("dense", lambda r: r.dense, "tab:red")):
+                points = [(r.seqlen, get(r).ms) for r in rows if get(r).ms is not None]
+                if points:
+                    ax.plot(*zip(*points), styles[pass_], color=color, label=f"{label} {pass_}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(seqlens)
+        ax.set_xticklabels([format_seqlen(n) for n in seqlens])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("sequence length (log)")
+        ax.set_ylabel("ms (log): slope 1 = linear, 2 = quadratic")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(_window_title(panels.window).replace(" - ", "\n"), fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "window.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "window.png")
+    return written
