@@ -24,12 +24,15 @@ for step in "${steps[@]}"; do
     start=$SECONDS
     case "$step" in
         tests)
-            # Compiling the kernels for every dtype x head dim x causal dominates: spread it over 8
+            # Compiling the kernels for every dtype x head dim x causal x option dominates: spread it over 15
             # processes when pytest-xdist is there.
-            par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 12)
-            timeout 540 python3 -m pytest -q -p no:cacheprovider "${par[@]}" tests/ops tests/test_interface.py \
-                >>"$LOG" 2>&1
-            summary+=("tests: rc=$? $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$LOG" | tail -1)");;
+            par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 15)
+            # -v names every result as it lands, so a run cut short still says which tests failed.
+            timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider "${par[@]}" --tb=short \
+                tests/ops tests/test_interface.py >>"$LOG" 2>&1
+            rc=$?
+            summary+=("tests: rc=$rc $(grep -cE ' PASSED ' "$LOG") passed, $(grep -cE ' FAILED ' "$LOG") failed")
+            grep -E ' FAILED ' "$LOG" | sed 's/.*FAILED //' | sort -u | head -30;;
         sweep)
             timeout 560 python3 benchmarks/sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
             summary+=("sweep: rc=$?")
