@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from errors import assert_within_factor  # noqa: E402
+from errors import assert_within_factor, summation_rounding  # noqa: E402
 from shapes import Shape, random_inputs as _inputs  # noqa: E402
 from flashattn import BlockMask, flash_attn_func, local_global_block_mask  # noqa: E402
 from flashattn.ops import philox, reference  # noqa: E402
@@ -72,10 +72,18 @@ def _check_against_reference(shape, dtype, bias=None, seed=0, **kwargs):
                                         shape.seqlen_q, shape.seqlen_k, DEVICE)
     ref64 = _standard(q, k, v, do, torch.float64, bias, keep, **kwargs)
     same = _standard(q, k, v, do, dtype, bias, keep, **kwargs)
+    reduction = 0.0
+    full = (shape.batch, shape.nheads, shape.seqlen_q, shape.seqlen_k)
+    if bias is not None and bias.numel() < math.prod(full):
+        # A broadcast bias's gradient sums dS over many entries, whose exact sum is often ~0 (a row
+        # of dS sums to 0): what is left is the rounding of the fp32 sum, which grows like sqrt(n)
+        # and depends on the order of the additions (atomics, tiles), not on the dtype's rounding.
+        ds64 = _standard(q, k, v, do, torch.float64, bias.expand(full).clone(), keep, **kwargs)[-1]
+        reduction = summation_rounding(ds64, math.prod(full) // bias.numel())
     names = ("out", "lse", "dq", "dk", "dv", "dbias")
     for name, a, s, r in zip(names, ours, same, ref64):
         assert a.shape == r.shape
-        assert_within_factor(name, a, s, r, dtype, shape.head_dim)
+        assert_within_factor(name, a, s, r, dtype, shape.head_dim, extra_floor=reduction if name == "dbias" else 0.0)
     return ours
 
 
@@ -163,9 +171,9 @@ def test_block_walk_positions(block_size, tile):
     idx = torch.zeros(n_blocks, dtype=torch.int32)
     idx[:len(listed)] = listed.to(torch.int32)
     n = n_blocks * block_size
-    out = torch.full((n // tile + 1 + len(listed) * (block_size // tile),), -1, dtype=torch.int32)
-    _walk_kernel[(1,)](idx.to(DEVICE), out.to(DEVICE) if HAS_CUDA else out, len(listed), n,
-                       SPARSE_BLOCK=block_size, TILE=tile)
+    out = torch.full((n // tile + 1 + len(listed) * (block_size // tile),), -1, dtype=torch.int32,
+                     device=DEVICE)
+    _walk_kernel[(1,)](idx.to(DEVICE), out, len(listed), n, SPARSE_BLOCK=block_size, TILE=tile)
     out = out.cpu()
     starts = [int(b) * block_size + s for b in listed for s in range(0, block_size, tile)]
     assert out[n // tile + 1:].tolist() == starts
