@@ -41,8 +41,10 @@ def _git(*args: str) -> str:
 
 
 def git_info() -> dict:
-    """The checkout's commit; FLASHATTN_COMMIT names it where the tree was copied without .git
-    (benchmarks/gpu_run.sh on the device machine)."""
+    """The checkout's commit. FLASHATTN_COMMIT, when set, wins: a tree copied to another machine
+    (benchmarks/gpu_run.sh on the device machine) may carry no .git, or a stale one."""
+    if os.environ.get("FLASHATTN_COMMIT"):
+        return {"commit": os.environ["FLASHATTN_COMMIT"], "dirty": None}
     try:
         return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
