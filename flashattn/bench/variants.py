@@ -328,6 +328,16 @@ def write_plots(panels: Panels, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
 
+    def save(fig, ax, title: str, path: Path) -> Path:
+        """The panels' common finish: grid, two-line title, legend, PNG."""
+        ax.grid(True, alpha=0.3)
+        ax.set_title(title.replace(" - ", "\n"), fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     written = []
     styles = {"fwd": "o-", "bwd": "s--"}
     if panels.sparse_rows:
@@ -349,13 +359,7 @@ def write_plots(panels: Panels, out: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.set_xlabel("block density")
         ax.set_ylabel("ms")
-        ax.grid(True, alpha=0.3)
-        ax.set_title(_sparse_title(panels.sparse).replace(" - ", "\n"), fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "block_sparse.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "block_sparse.png")
+        written.append(save(fig, ax, _sparse_title(panels.sparse), out / "block_sparse.png"))
     if panels.window_rows:
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
         seqlens = sorted({r.seqlen for r in panels.window_rows})
@@ -372,11 +376,5 @@ def write_plots(panels: Panels, out: Path) -> list[Path]:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("sequence length (log)")
         ax.set_ylabel("ms (log): slope 1 = linear, 2 = quadratic")
-        ax.grid(True, alpha=0.3)
-        ax.set_title(_window_title(panels.window).replace(" - ", "\n"), fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "window.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "window.png")
+        written.append(save(fig, ax, _window_title(panels.window), out / "window.png"))
     return written

@@ -116,10 +116,6 @@ def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, de
     return tables[kind][(_bucket(head_dim), dtype != torch.float32, causal)]
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device) -> TileConfig:
-    return _table_config("fwd", head_dim, dtype, causal, device)
-
-
 def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
                     ) -> BackwardConfig:
     return _table_config("bwd", head_dim, dtype, causal, device)
@@ -235,12 +231,15 @@ def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
     if device.type != "cuda":
         launch(base)
         return base
-    key = _key(kind, head_dim, dtype, causal, seqlen, device, extra)
-    with _lock:
-        if autotune_enabled():
+    tune = autotune_enabled()
+    if tune:
+        with _lock:
             _load_disk()
-        cfg = _chosen.get(key)
-    if cfg is None and autotune_enabled():
+    # The common case (no tuning, every table shape has fitted so far) launches without building
+    # the cache key: this runs on every attention call.
+    key = _key(kind, head_dim, dtype, causal, seqlen, device, extra) if tune or _chosen else None
+    cfg = _chosen.get(key) if key is not None else None
+    if cfg is None and tune:
         cfg = _autotune(candidates(kind, base), launch)
         with _lock:
             _chosen[key] = cfg
@@ -248,7 +247,7 @@ def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
     cfg = _launch_fitting(cfg or base, launch)
     if cfg != base:
         with _lock:
-            _chosen.setdefault(key, cfg)
+            _chosen.setdefault(key or _key(kind, head_dim, dtype, causal, seqlen, device, extra), cfg)
     return cfg
 
 
