@@ -2,7 +2,7 @@
 # Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the benchmark.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [sweep] [ablation] [compare] [bench] [bench-quick]   (default: tests bench)
+#     bash benchmarks/gpu_run.sh [tests] [sweep] [ablation] [profile] [compare] [bench] [bench-quick]   (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,10 @@ for step in "${steps[@]}"; do
             timeout 300 python3 benchmarks/ablation.py --out "$OUT/ablation.json" ${ABLATION_ARGS:-} >>"$LOG" 2>&1
             summary+=("ablation: rc=$?")
             grep -E "^d[0-9]+ n" "$LOG" | tail -12;;
+        profile)
+            timeout 400 python3 benchmarks/host_profile.py --out "$OUT/host_profile.json" ${PROFILE_ARGS:-} >>"$LOG" 2>&1
+            summary+=("profile: rc=$?")
+            grep -E "^(d[0-9]+ (full|causal)|layer )" "$LOG" | tail -60;;
         bench)
             timeout 540 python3 -m flashattn.bench --out "$OUT" ${BENCH_ARGS:-} >>"$LOG" 2>&1
             summary+=("bench: rc=$?");;

@@ -2,6 +2,7 @@
 custom-operator registration and torch.compile."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -261,20 +262,56 @@ def _op_options(with_variants: bool, sq: int, sk: int, h: int):
             bm.kv_indices, bm.q_num_blocks, bm.q_indices, bm.block_size, True)
 
 
-@pytest.mark.parametrize("backend, with_variants", [("triton", False), ("triton", True), ("reference", False),
-                                                    ("reference", True)],
-                         ids=["triton", "triton-every-option", "reference", "reference-every-option"])
+_OPCHECK_CASES = pytest.mark.parametrize(
+    "backend, with_variants", [("triton", False), ("triton", True), ("reference", False), ("reference", True)],
+    ids=["triton", "triton-every-option", "reference", "reference-every-option"])
+
+
+@_OPCHECK_CASES
 def test_custom_ops_pass_opcheck(backend, with_variants):
+    """The operators themselves (schema, fake implementations, no aliasing); they carry no autograd:
+    custom_ops.attention's autograd.Function wraps them."""
     q, k, v = _qkv(sq=17, sk=23, h=2, hk=1, dtype=torch.float32)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    options = _op_options(with_variants, 17, 23, 2)
+    options = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in _op_options(with_variants, 17, 23, 2))
     torch.library.opcheck(custom_ops.attention_forward, (q, k, v, 0.2, *options, backend))
     out, lse = custom_ops.attention_forward(q, k, v, 0.2, *options, backend)
-    detached = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in options)
     for bias_grad in ((False, True) if with_variants else (False,)):
         torch.library.opcheck(custom_ops.attention_backward,
-                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
-                               lse.detach(), None, 0.2, *detached, bias_grad, backend))
+                              (torch.randn_like(out), q, k, v, out, lse, None, 0.2, *options, bias_grad, backend))
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Passes every operator through and records the names of the flashattn ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "flashattn":
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@_OPCHECK_CASES
+def test_eager_path_equals_operator_path(backend, with_variants):
+    """Eager calls skip the custom operators (their dispatch costs more than a short kernel); under a
+    dispatch mode (as under tracing) the operators run: same outputs and gradients, bit for bit."""
+    q, k, v = _qkv(sq=17, sk=23, h=2, hk=1, dtype=torch.float32)
+    options = _op_options(with_variants, 17, 23, 2)
+    bias = options[custom_ops.VARIANT_ARGS.index("attn_bias")]
+    grad_of = [x for x in (q, k, v, bias) if x is not None]
+    results = []
+    for mode in (contextlib.nullcontext(), _RecordOps()):
+        for x in grad_of:
+            x.requires_grad_().grad = None
+        with mode:
+            out, lse = custom_ops.attention(q, k, v, 0.2, *options, backend)
+            (out.square().sum() + lse.sum()).backward()
+        results.append((out, lse, *(x.grad for x in grad_of)))
+    assert mode.seen == ["attention_forward.default", "attention_backward.default"]
+    for eager, operator in zip(*results):
+        torch.testing.assert_close(eager, operator, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS)

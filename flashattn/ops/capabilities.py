@@ -40,6 +40,7 @@ class KernelSpec:
 #   deterministic deterministic=True (a kernel whose backward is always deterministic declares it)
 ALL_FEATURES = ("causal", "gqa", "dropout", "window", "softcap", "alibi", "bias", "mask", "block_sparse",
                 "deterministic")
+EVERY_FEATURE = frozenset(ALL_FEATURES)   # a kernel declaring all of them needs no per-call feature check
 
 TRITON = KernelSpec(
     name="triton",
@@ -48,7 +49,7 @@ TRITON = KernelSpec(
     # Every option, in every combination (constexpr flags of the kernels, flashattn/ops/triton/common.py).
     # The backward has no atomics except for a bias gradient that broadcasts over batch or heads, which
     # deterministic=True computes without them.
-    features=frozenset(ALL_FEATURES),
+    features=EVERY_FEATURE,
 )
 
 # The PyTorch implementation of the same tiled algorithm; it also takes float64, which makes it
@@ -58,7 +59,7 @@ REFERENCE = KernelSpec(
     name="reference",
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     max_head_dim=256,
-    features=frozenset(ALL_FEATURES),
+    features=EVERY_FEATURE,
 )
 
 KERNELS = {spec.name: spec for spec in (TRITON, REFERENCE)}

@@ -1,11 +1,18 @@
-"""The attention kernels as PyTorch custom operators, with fake (meta) implementations and autograd.
+"""Autograd for attention, and the kernels as PyTorch custom operators for graph capture.
 
-Registering them with torch.library lets torch.compile(fullgraph=True) trace through a model that
-calls flashattn without graph breaks, and keeps autograd in one place: the forward saves what the
+`attention` is the one entry point: a thin torch.autograd.Function whose forward saves what the
 backward needs (Q, K, V, O, lse, and the option tensors: ALiBi slopes, the dropout seed, the bias or
 mask, the block mask) and nothing more; with dropout the backward regenerates the mask from the
 seed. Validation happens before this layer (flashattn/interface.py); the options are packed into
 one Variant after it (flashattn/ops/dispatch.py).
+
+Under torch.compile, or any tracing or dispatch mode (make_fx, FakeTensorMode, FlopCounterMode), or
+with tensor subclasses, the function calls the registered custom operators `flashattn::attention_
+forward` / `attention_backward`, which have fake (meta) implementations, so torch.compile(fullgraph=
+True) traces a model that calls flashattn without graph breaks. In plain eager mode it calls the
+backend directly: the custom-operator dispatch costs about 40 us per call on the H100 host, and
+torch.library's own autograd layer about 300 us more (it rebuilds the schema's argument list for
+every argument), both more than a short forward kernel (benchmarks/host_profile.py).
 
 Both operators take the options as the same explicit arguments, in this order (VARIANT_ARGS):
 causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, attn_bias, block_mask,
@@ -25,7 +32,22 @@ Tensor = torch.Tensor
 VARIANT_ARGS = ("causal", "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "seed",
                 "attn_bias", "block_mask", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices",
                 "block_size", "deterministic")
-_ATTN_BIAS = 4 + VARIANT_ARGS.index("attn_bias")   # its position among the forward's inputs
+_ATTN_BIAS = VARIANT_ARGS.index("attn_bias")
+
+
+def _run_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_and_backend,
+                 ) -> tuple[Tensor, Tensor]:
+    *options, backend = options_and_backend
+    variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
+    return dispatch.forward(q, k, v, softmax_scale, variant, backend)
+
+
+def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  dlse: Tensor | None, softmax_scale: float, *options_bias_grad_backend,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    *options, bias_grad, backend = options_bias_grad_backend
+    variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
+    return dispatch.backward(dout, q, k, v, out, lse, dlse, softmax_scale, variant, bias_grad, backend)
 
 
 @torch.library.custom_op("flashattn::attention_forward", mutates_args=())
@@ -35,11 +57,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, cau
                       block_mask: Tensor | None, kv_num_blocks: Tensor | None, kv_indices: Tensor | None,
                       q_num_blocks: Tensor | None, q_indices: Tensor | None, block_size: int,
                       deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
-    variant = dispatch.make_variant(
-        q.shape[0], q.shape[2], causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-        seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size,
-        deterministic)
-    return dispatch.forward(q, k, v, softmax_scale, variant, backend)
+    return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                        dropout_p, seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks,
+                        q_indices, block_size, deterministic, backend)
 
 
 @attention_forward.register_fake
@@ -60,12 +80,10 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        deterministic: bool, bias_grad: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and dbias (attn_bias's shape; an empty tensor unless bias_grad)."""
-    variant = dispatch.make_variant(
-        q.shape[0], q.shape[2], causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-        seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size,
-        deterministic)
-    dq, dk, dv, dbias = dispatch.backward(dout, q, k, v, out, lse, dlse, softmax_scale, variant,
-                                          bias_grad, backend)
+    dq, dk, dv, dbias = _run_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left,
+                                      window_right, softcap, alibi_slopes, dropout_p, seed, attn_bias,
+                                      block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+                                      block_size, deterministic, bias_grad, backend)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
@@ -77,31 +95,57 @@ def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, *options, backend = inputs
-    out, lse = output
-    options = dict(zip(VARIANT_ARGS, options))
-    ctx.tensor_names = [name for name, value in options.items() if isinstance(value, torch.Tensor)]
-    ctx.save_for_backward(q, k, v, out, lse, *(options[name] for name in ctx.tensor_names))
-    ctx.options = {name: None if name in ctx.tensor_names else value for name, value in options.items()}
-    ctx.softmax_scale, ctx.backend = softmax_scale, backend
-    ctx.set_materialize_grads(False)
+def _traced(q: Tensor) -> bool:
+    """Whether the call must appear as the custom operators (see the module docstring)."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or type(q) is not torch.Tensor)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *saved = ctx.saved_tensors
-    options = dict(ctx.options, **dict(zip(ctx.tensor_names, saved)))
-    if dout is None:
-        dout = torch.zeros_like(out)
-    bias_grad = bool(ctx.needs_input_grad[_ATTN_BIAS])
-    dq, dk, dv, dbias = attention_backward(dout, q, k, v, out, lse, dlse, ctx.softmax_scale,
-                                           *(options[name] for name in VARIANT_ARGS), bias_grad,
-                                           ctx.backend)
-    grads = [None] * (4 + len(VARIANT_ARGS) + 1)
-    grads[:3] = dq, dk, dv
-    if bias_grad:
-        grads[_ATTN_BIAS] = dbias
-    return tuple(grads)
+def _forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_and_backend):
+    op = attention_forward if _traced(q) else _run_forward
+    return op(q, k, v, softmax_scale, *options_and_backend)
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+              softmax_scale: float, *options_bias_grad_backend):
+    op = attention_backward if _traced(q) else _run_backward
+    return op(dout, q, k, v, out, lse, dlse, softmax_scale, *options_bias_grad_backend)
+
+
+class _Attention(torch.autograd.Function):
+    """Saves and restores; the work is in dispatch (eager) or the custom operators (traced). Only the
+    differentiable tensors are arguments of their own; everything else travels in one tuple `call`
+    (softmax_scale, VARIANT_ARGS..., backend), since apply's cost grows with its argument count."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_bias, call):
+        softmax_scale, *options, backend = call
+        out, lse = _forward(q, k, v, *call)
+        tensors = [i for i, value in enumerate(options) if value is not None and isinstance(value, Tensor)]
+        ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensors))
+        ctx.tensor_positions = tensors
+        ctx.options = [None if i in tensors else value for i, value in enumerate(options)]
+        ctx.softmax_scale, ctx.backend = softmax_scale, backend
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        options = list(ctx.options)
+        for i, value in zip(ctx.tensor_positions, saved):
+            options[i] = value
+        if dout is None:
+            dout = torch.zeros_like(out)
+        bias_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dbias = _backward(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, *options, bias_grad,
+                                      ctx.backend)
+        return dq, dk, dv, dbias if bias_grad else None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_and_backend,
+              ) -> tuple[Tensor, Tensor]:
+    """O (B, Sq, H, D) and lse (B, H, Sq), differentiable in q, k, v and a float attn_bias; the
+    arguments are the custom operators' (VARIANT_ARGS, then the backend name)."""
+    attn_bias = options_and_backend[_ATTN_BIAS]
+    return _Attention.apply(q, k, v, attn_bias, (softmax_scale, *options_and_backend))

@@ -11,7 +11,7 @@ import os
 import torch
 
 from flashattn.ops import capabilities, reference
-from flashattn.ops.variant import Variant
+from flashattn.ops.variant import Variant, from_causal
 from flashattn.sparse import BlockMask
 
 Tensor = torch.Tensor
@@ -58,6 +58,10 @@ def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window
                  kv_indices: Tensor | None, q_num_blocks: Tensor | None, q_indices: Tensor | None,
                  block_size: int, deterministic: bool) -> Variant:
     """Pack the custom operators' explicit arguments (already validated) into one Variant."""
+    if (alibi_slopes is None and dropout_p == 0.0 and attn_bias is None and block_mask is None
+            and softcap == 0.0 and not deterministic and window_left == -1
+            and window_right == (0 if causal else -1)):
+        return from_causal(causal)   # the common call: no new Variant
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32).expand(batch, nheads)  # (H,) -> stride-0 view
     is_mask = attn_bias is not None and attn_bias.dtype == torch.bool

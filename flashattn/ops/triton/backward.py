@@ -38,11 +38,12 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LOG2E, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options,
+    LOG2E, cdiv, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options,
     query_block_bounds, query_tiles, scores, sparse_tile_start, sparse_walk, store_tile, strides,
     tile_mask,
 )
 from flashattn.ops.triton import configs
+from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
 
@@ -499,6 +500,10 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                 DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
 
 
+_launch_preprocess = Launcher(_bwd_preprocess)
+_launch_bwd = Launcher(_bwd)
+
+
 def _bias_grad_buffer(bias: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int,
                       n_key_blocks: int, deterministic: bool, device) -> tuple[torch.Tensor, dict]:
     """The fp32 buffer the dK/dV programs write dS into, and the kernel arguments for it.
@@ -551,28 +556,32 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     extra = opts.extra + ("+dbias" if bias_grad else "")
 
     delta = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch)](
+    _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),
         out, dout, dlse if dlse is not None else lse, delta,
         *strides(out), *strides(dout), seqlen_q, nheads,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None,
+        num_warps=4, num_stages=3,
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dbias = []
+    args = (q, k, v, dout, lse, delta, dq, dk, dv,
+            *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq), *strides(dk), *strides(dv),
+            seqlen_q, seqlen_k, nheads, nheads_k, group_size, softmax_scale, qk_scale)
 
     def launch(cfg: configs.BackwardConfig):
         kv, qc = opts.tiles(cfg.kv), opts.tiles(cfg.q)
         dkc = opts.tiles(cfg.dk) if cfg.dk is not None else None
-        n_kv, n_q = triton.cdiv(seqlen_k, kv.block_n), triton.cdiv(seqlen_q, qc.block_m)
+        n_kv, n_q = cdiv(seqlen_k, kv.block_n), cdiv(seqlen_q, qc.block_m)
         kwargs = dict(opts.kwargs, DQ_ROWS=qc.block_m, DQ_STEP=qc.block_n)
         # The programs that compute dS (the dK ones) also give the bias gradient.
         ds_tiles = dkc or kv
         ds_kwargs = {}
         if bias_grad:
             buf, ds_kwargs = _bias_grad_buffer(variant.bias, batch, nheads, seqlen_q, seqlen_k,
-                                               triton.cdiv(seqlen_k, ds_tiles.block_n), variant.deterministic,
+                                               cdiv(seqlen_k, ds_tiles.block_n), variant.deterministic,
                                                q.device)
             dbias[:] = [buf]
         # (part, programs, heads, tiles, extra kwargs); one grid spans the query heads, and with GQA its
@@ -582,13 +591,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         else:
             launches = [(1, n_kv, nheads_k, kv, dict(DKDV=1) if dkc else ds_kwargs)]
             if dkc is not None:
-                launches.append((1, triton.cdiv(seqlen_k, dkc.block_n), nheads_k, dkc, dict(DKDV=2, **ds_kwargs)))
+                launches.append((1, cdiv(seqlen_k, dkc.block_n), nheads_k, dkc, dict(DKDV=2, **ds_kwargs)))
             launches.append((2, n_q, nheads, qc, {}))
         for part, programs, heads, tiles, more in launches:
-            _bwd[(programs, heads, batch)](
-                q, k, v, dout, lse, delta, dq, dk, dv,
-                *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq), *strides(dk),
-                *strides(dv), seqlen_q, seqlen_k, nheads, nheads_k, group_size, softmax_scale, qk_scale,
+            _launch_bwd((programs, heads, batch), *args,
                 HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=kv.block_m if part == 2 else tiles.block_m,
                 BLOCK_N=kv.block_n if part == 2 else tiles.block_n, IS_CAUSAL=variant.causal,
                 DOT_PRECISION=precision, PART=part, **kwargs, **more,

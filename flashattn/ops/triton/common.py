@@ -38,7 +38,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 def strides(t) -> tuple[int, int, int]:
     """Batch, sequence and head strides of a (B, S, H, D) tensor whose last dim is contiguous."""
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b); triton.cdiv is a jit function, ten times slower to call from the host."""
+    return -(-a // b)
 
 
 def _broadcast_strides(x: torch.Tensor) -> tuple[int, ...]:
@@ -64,6 +69,9 @@ class Options:
                        block_n=min(cfg.block_n, self.block_size))
 
 
+_PLAIN = Options({}, "", 0)
+
+
 def _seed_halves(seed: int) -> tuple[int, int]:
     """The low and high 32 bits of the seed, each as a signed int32 (a stable kernel signature)."""
     halves = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
@@ -72,6 +80,8 @@ def _seed_halves(seed: int) -> tuple[int, int]:
 
 def options(variant: Variant, q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> Options:
     """The kernels' option arguments for `variant` (causal is the kernels' own IS_CAUSAL)."""
+    if variant.is_plain:
+        return _PLAIN
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     kw, names = {}, []
     tensor = variant.bias if variant.bias is not None else variant.mask

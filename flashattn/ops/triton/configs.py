@@ -13,6 +13,7 @@ How a launch gets its tile shape (`run`):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from triton.runtime.errors import OutOfResources
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -79,14 +82,16 @@ _FWD = {
     (256, False, False): TileConfig(32, 16, 4, 2),
     (256, False, True): TileConfig(32, 16, 4, 2),
 }
-# Backward, measured on an H100 with benchmarks/experiments/ (dkdv_tiles.py, dq_tiles.py,
-# dkdv_split.py) at 8k tokens per sequence; the dQ programs own twice the rows of the dK/dV ones.
+# Backward, measured on an H100 at 8k tokens per sequence (benchmarks/results/h100-backward-experiments-
+# 2026-11-22.md); the dQ programs own twice the rows of the dK/dV ones.
 _T = TileConfig
 _BWD = {
     (64, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
     (64, True, True): BackwardConfig(kv=_T(64, 64, 4, 3), q=_T(128, 64, 8, 3)),
-    (128, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
-    (128, True, True): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
+    # Head dim 128: dK/dV and dQ programs in one grid (no launch gap, and the dQ programs fill the
+    # SMs as the dK/dV ones drain): +2-11% over two launches (results/h100-sweep-bwd-d128-2026-11-22).
+    (128, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(64, 64, 4, 2), one_launch=True),
+    (128, True, True): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(64, 64, 4, 2), one_launch=True),
     (256, True, False): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 3), dk=_T(64, 64, 4, 2)),
     (256, True, True): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 3), dk=_T(64, 64, 4, 2)),
     (64, False, False): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 2)),
@@ -107,12 +112,17 @@ _DEFAULT_ARCH = (9, 0)
 Config = TileConfig | BackwardConfig
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    # Cached: the table lookup runs on every attention call.
+    return torch.cuda.get_device_capability(index)
+
+
 def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
                   ) -> Config:
     if device.type != "cuda":
         return INTERPRETER if kind == "fwd" else INTERPRETER_BWD
-    arch = torch.cuda.get_device_capability(device)
-    tables = _TABLES.get(arch, _TABLES[_DEFAULT_ARCH])
+    tables = _TABLES.get(_capability(device.index if device.index is not None else torch.cuda.current_device()), _TABLES[_DEFAULT_ARCH])
     return tables[kind][(_bucket(head_dim), dtype != torch.float32, causal)]
 
 
@@ -253,7 +263,6 @@ def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
 
 def _launch_fitting(cfg: Config, launch: Callable[[Config], None]) -> Config:
     """launch(cfg), stepping down while the GPU cannot run the shape; returns the shape that ran."""
-    from triton.runtime.errors import OutOfResources
     while True:
         try:
             launch(cfg)
@@ -266,7 +275,6 @@ def _launch_fitting(cfg: Config, launch: Callable[[Config], None]) -> Config:
 
 def _autotune(cands: list[Config], launch: Callable[[Config], None], timer=None) -> Config:
     """The fastest of `cands` that runs (timer(fn) -> ms; triton's do_bench by default)."""
-    from triton.runtime.errors import OutOfResources
     if timer is None:
         from triton.testing import do_bench
         timer = lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median")  # noqa: E731

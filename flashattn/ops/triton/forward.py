@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LN2, LOG2E, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options, scores,
+    LN2, LOG2E, cdiv, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options, scores,
     sparse_tile_start, sparse_walk, store_tile, strides, tile_mask,
 )
 from flashattn.ops.triton import configs
+from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
 
@@ -190,8 +191,11 @@ def _attn_fwd(Q, K, V, O, LSE,
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
+_launch_fwd = Launcher(_attn_fwd)
+
+
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -211,7 +215,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
 
     def launch(cfg):
         cfg = opts.tiles(cfg)
-        _attn_fwd[(triton.cdiv(seqlen_q, cfg.block_m), nheads, batch)](
+        _launch_fwd((cdiv(seqlen_q, cfg.block_m), nheads, batch),
             q, k, v, o, lse,
             *strides(q), *strides(k), *strides(v), *strides(o),
             seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,

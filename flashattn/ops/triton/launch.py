@@ -1,0 +1,103 @@
+"""Launching a @triton.jit kernel with less host work than `kernel[grid](...)`.
+
+Triton's JITFunction.run binds every argument, asks its specialiser about each one, hashes the
+result and builds launch metadata on every call. For our kernels (about 50 parameters, most of them
+option parameters left at their defaults) that costs about 100 us of CPU per launch on the H100
+machine's host, more than the forward kernel itself at short sequences (benchmarks/host_profile.py).
+
+`Launcher` keeps the compiled kernels of one jit function under a key that determines Triton's
+specialisation (see `_spec`), and launches a kept kernel directly through its compiled launcher. The first call of each key goes through Triton's own path, which compiles (or
+loads from Triton's cache), launches, and returns the kernel that is then kept. Triton's path is
+also taken under the interpreter and whenever a launch hook is installed (profilers such as proton
+read the launch metadata that only that path builds).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+from triton import knobs
+from triton.runtime import driver
+
+
+_TENSOR = torch.Tensor
+_I32 = (-2 ** 31, 2 ** 31)
+MAX_KEPT = 4096  # kept kernels per jit function; exact ints in the key: bound what many shapes leave
+
+
+def _other(value):
+    """Key of a value of a rarer type: a tensor subclass is a tensor; a jit function or dtype given
+    as a constexpr is itself."""
+    return (value.dtype, not value.data_ptr() & 15) if isinstance(value, _TENSOR) else value
+
+
+class Launcher:
+    """`Launcher(kernel)(grid, *args, num_warps=, num_stages=, **kwargs)` launches like
+    `kernel[grid](*args, num_warps=, num_stages=, **kwargs)`, with the host work of a call whose key
+    was seen before cut to building the key. Arguments must be given as the kernel's parameters
+    (positional first, then keywords; omitted ones take the kernel's defaults)."""
+
+    def __init__(self, fn: triton.JITFunction):
+        self.fn = fn
+        # Under TRITON_INTERPRET=1 (set before import) @triton.jit gives an InterpretedFunction,
+        # which always takes its own path.
+        self.direct = isinstance(fn, triton.runtime.jit.JITFunction)
+        params = fn.params if self.direct else []
+        self.names = [p.name for p in params]
+        self.name_set = frozenset(self.names)
+        # Ints that Triton does not specialise on (their value may change every call).
+        self.loose = [p.do_not_specialize and not p.is_constexpr for p in params]
+        self.defaults = [p.default for p in params]
+        self.compiled: dict[tuple, object] = {}
+
+    def _values(self, args: tuple, kwargs: dict) -> list | None:
+        """Every parameter's value in order, or None when the call does not bind (Triton's path then
+        raises the proper error)."""
+        values = list(args)
+        missing = inspect.Parameter.empty
+        for name, default in zip(self.names[len(args):], self.defaults[len(args):]):
+            value = kwargs.get(name, default)
+            if value is missing:
+                return None
+            values.append(value)
+        bound = len(values) == len(self.names) and self.name_set.issuperset(kwargs)
+        return values if bound else None
+
+    def key(self, values: list) -> list:
+        """What of each argument Triton's choice of kernel depends on, or more: a tensor's dtype and
+        16-byte alignment (what Triton specialises a pointer on); a float is fp32 whatever its
+        value; a bool is tagged (True == 1 in a dict key); an int, a constexpr or None is kept as it
+        is, which is finer than Triton's specialisation (an int's width, divisibility by 16, == 1)
+        and costs nothing to compute, except an int Triton does not specialise on
+        (do_not_specialize: the dropout seed, which changes every call), of which only the width
+        counts. One comprehension: this runs for every argument of every launch."""
+        lo, hi = _I32
+        return [v if (kind := type(v)) is int and not loose
+                else (v.dtype, not v.data_ptr() & 15) if kind is _TENSOR
+                else float if kind is float
+                else (bool, v) if kind is bool
+                else (lo <= v < hi) if kind is int
+                else v if kind is str or v is None
+                else _other(v)
+                for v, loose in zip(values, self.loose)]
+
+    def __call__(self, grid: tuple[int, int, int], *args, num_warps: int, num_stages: int, **kwargs) -> None:
+        if not self.direct or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+            self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+            return
+        values = self._values(args, kwargs)
+        device = driver.active.get_current_device()
+        key = None
+        if values is not None:
+            key = (device, num_warps, num_stages, *self.key(values))
+            kernel = self.compiled.get(key)
+            if kernel is not None:
+                kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
+                           kernel.function, kernel.packed_metadata, None, None, None, *values)
+                return
+        kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+        if key is not None:
+            if len(self.compiled) >= MAX_KEPT:
+                self.compiled.clear()
+            self.compiled[key] = kernel

@@ -1,0 +1,75 @@
+"""The direct launcher (flashattn/ops/triton/launch.py): argument binding and the specialisation key
+on any machine; on a GPU, that a kept kernel is reused only where Triton itself would reuse it."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from flashattn.ops.triton.launch import Launcher
+
+from conftest import HAS_CUDA
+
+
+def _scale_copy(X, Y, n, factor, STRIDE: tl.constexpr = 1, BLOCK: tl.constexpr = 128):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs * STRIDE, mask=offs < n)
+    tl.store(Y + offs, x * factor, mask=offs < n)
+
+
+# JITFunction directly: the interpreter's conftest setting must not turn it into an InterpretedFunction.
+_JIT = JITFunction(_scale_copy)
+
+
+def test_binding_fills_defaults_in_parameter_order():
+    launcher = Launcher(_JIT)
+    x, y = torch.zeros(4), torch.zeros(4)
+    assert launcher._values((x, y), dict(n=4, factor=2.0, BLOCK=64)) == [x, y, 4, 2.0, 1, 64]
+    assert launcher._values((x, y, 4), dict(factor=2.0)) == [x, y, 4, 2.0, 1, 128]
+
+
+@pytest.mark.parametrize("args, kwargs", [((torch.zeros(1),), dict(n=1, factor=1.0)),
+                                          ((torch.zeros(1), torch.zeros(1), 1, 1.0), dict(typo=3))],
+                         ids=["missing-required", "unknown-keyword"])
+def test_calls_that_do_not_bind_take_tritons_path(args, kwargs):
+    assert Launcher(_JIT)._values(args, kwargs) is None
+
+
+def _key(*values, loose=False):
+    launcher = Launcher(_JIT)
+    launcher.loose = [loose] * len(values)
+    return launcher.key(list(values))
+
+
+def test_key_separates_what_triton_specialises_on():
+    base = torch.zeros(64)
+    assert _key(base) != _key(base[1:])                         # 16-byte alignment
+    assert _key(base) != _key(base[4:].half())                  # dtype
+    assert _key(base) == _key(base[4:]) == _key(base.clone())   # the same kernel
+    assert _key(32) != _key(33) and _key(1) != _key(3)          # ints: exact (finer than Triton)
+    assert _key(True) != _key(1) and _key(None) != _key(0)
+    assert _key(0.5) == _key(3.0)                               # every float is fp32
+
+
+def test_key_of_unspecialised_ints_keeps_only_their_width():
+    """do_not_specialize ints (the dropout seed) must not make a new key every call."""
+    assert _key(5, loose=True) == _key(7, loose=True) == _key(16, loose=True)
+    assert _key(5, loose=True) != _key(2 ** 40, loose=True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="launches need a GPU")
+def test_kept_kernels_match_tritons_own_choice():
+    """Aligned and misaligned pointers, lengths that are and are not multiples of 16, strides as
+    constexprs: every launch gives the right answer, and the launcher keeps one kernel per key."""
+    launcher = Launcher(triton.jit(_scale_copy))
+    base = torch.randn(4096, device="cuda")
+    seen = set()
+    for offset in (0, 1, 0, 4, 1):
+        for n in (256, 250, 256, 1):
+            for stride in (1, 2):
+                x = base[offset:]
+                y = torch.empty(n, device="cuda")
+                launcher((triton.cdiv(n, 128), 1, 1), x, y, n, 3.0, STRIDE=stride, num_warps=4, num_stages=1)
+                torch.testing.assert_close(y, x[: n * stride: stride] * 3.0)
+                seen.add((x.data_ptr() % 16 == 0, n % 16 == 0, n == 1, stride))
+    assert len(launcher.compiled) == len(seen)
