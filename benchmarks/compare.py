@@ -5,6 +5,7 @@ an exported commit (`git archive <commit> flashattn | tar -x -C <dir>`), the can
 Each (tree, cell) is timed in its own subprocess, the trees alternating round by round so that clock
 and temperature drift hit both alike; the median over rounds is compared.
     python benchmarks/compare.py --baseline /path/to/exported/tree --out compare.json [--rounds 3]
+Passing the baseline as --candidate too measures the noise of the comparison itself (an A/A run).
 """
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def main() -> None:
     ap.add_argument("--out", default="compare.json")
     args = ap.parse_args()
     runs = {"baseline": [], "candidate": []}
-    for _ in range(args.rounds):
-        for name in runs:
+    for i in range(args.rounds):
+        # Alternate which tree goes first, so that an order effect (clocks, temperature) is not read
+        # as a difference between the trees.
+        for name in (("baseline", "candidate") if i % 2 == 0 else ("candidate", "baseline")):
             runs[name].append(_time(getattr(args, name), CELLS))
     rows = []
     print(f"{'cell':<22}{'fwd base':>10}{'fwd new':>10}{'ratio':>7}{'bwd base':>10}{'bwd new':>10}{'ratio':>7}")
@@ -60,8 +63,9 @@ def main() -> None:
         med = {name: {p: statistics.median(r[i][f"{p}_ms"] for r in runs[name]) for p in ("fwd", "bwd")}
                for name in runs}
         ratio = {p: med["baseline"][p] / med["candidate"][p] for p in ("fwd", "bwd")}  # > 1: faster now
+        rounds = {name: {p: [r[i][f"{p}_ms"] for r in runs[name]] for p in ("fwd", "bwd")} for name in runs}
         rows.append(dict(d=d, n=n, causal=causal, baseline_ms=med["baseline"], candidate_ms=med["candidate"],
-                         speed_ratio=ratio))
+                         speed_ratio=ratio, rounds_ms=rounds))
         print(f"d{d} n{n} {'causal' if causal else 'full':<8}{med['baseline']['fwd']:>10.3f}"
               f"{med['candidate']['fwd']:>10.3f}{ratio['fwd']:>7.3f}{med['baseline']['bwd']:>10.3f}"
               f"{med['candidate']['bwd']:>10.3f}{ratio['bwd']:>7.3f}", flush=True)

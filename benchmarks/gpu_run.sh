@@ -39,7 +39,7 @@ for step in "${steps[@]}"; do
             grep BEST "$LOG" | tail -40;;
         compare)
             # BASELINE: a directory holding an exported flashattn tree (see benchmarks/compare.py).
-            timeout 500 python3 benchmarks/compare.py --baseline "${BASELINE:?set BASELINE}" \
+            timeout 500 python3 benchmarks/compare.py --baseline "${BASELINE:?set BASELINE}" ${COMPARE_ARGS:-} \
                 --out "$OUT/compare.json" >>"$LOG" 2>&1
             summary+=("compare: rc=$?")
             grep -A20 "^cell" "$LOG" | tail -14;;

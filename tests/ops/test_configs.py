@@ -85,3 +85,20 @@ def test_tuned_shapes_persist_on_disk(tmp_path, monkeypatch):
     configs._load_disk()
     assert configs._chosen["fwd|GPU|d128|bfloat16|causal=1|n8192|"] == fwd
     assert configs._chosen["bwd|GPU|d256|bfloat16|causal=0|n8192|"] == bwd
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_short_sequences_take_their_own_forward_shape(head_dim, monkeypatch):
+    """Up to the short table's length the forward takes its shape, beyond it the main table's; the
+    backward and head dims without a short entry always take the main table's."""
+    import torch
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
+    gpu = torch.device("cuda", 0)
+    key = (configs._bucket(head_dim), True, True)
+    main = configs._FWD[key]
+    short = configs._FWD_SHORT.get(key)
+    pick = lambda kind, n: configs._table_config(kind, head_dim, torch.bfloat16, True, gpu, n)  # noqa: E731
+    if short is not None:
+        assert pick("fwd", short[0]) == short[1] and pick("fwd", short[0] + 1) == main
+    assert pick("fwd", 1 << 20) == main and pick("fwd", None) == main
+    assert pick("bwd", 256) == configs._BWD[key]

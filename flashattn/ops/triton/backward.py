@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LOG2E, cdiv, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options,
-    query_block_bounds, query_tiles, scores, sparse_tile_start, sparse_walk, store_tile, strides,
-    tile_mask,
+    LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_block_bounds, key_tiles, listed_walk, load_tile,
+    options as common_options, query_block_bounds, query_tiles, scores, sparse_tile_start, store_tile,
+    strides, tile_mask,
 )
 from flashattn.ops.triton import configs
 from flashattn.ops.triton.launch import Launcher
@@ -191,9 +191,7 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
             do_base = DO + off_b * stride_dob + off_h * stride_doh
             row = (off_b * nheads + off_h) * seqlen_q
             # This head's slice of each option.
-            slope_log2 = 0.0
-            if HAS_ALIBI:
-                slope_log2 = tl.load(Alibi + off_b * stride_alibib + off_h * stride_alibih) * LOG2E
+            slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
             bias_h = Bias
             if BIAS_KIND != 0:
                 bias_h = Bias + off_b * stride_biasb + off_h * stride_biash
@@ -202,12 +200,9 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
             q_idx = Q_IDX
             if BLOCK_SPARSE:
                 # The query blocks listed for this key block; the stages become positions in their walk.
-                sparse_row = (off_b * sparse_stride_b + off_h * sparse_stride_h) * tl.cdiv(seqlen_k, SPARSE_BLOCK) \
-                    + start_n // SPARSE_BLOCK
-                count = tl.load(Q_NUM + sparse_row)
-                q_idx = Q_IDX + sparse_row * tl.cdiv(seqlen_q, SPARSE_BLOCK)
-                q_lo, q_full_lo, q_full_hi, q_hi = sparse_walk(q_idx, count, lo, full_lo, full_hi, hi,
-                                                               SPARSE_BLOCK, BLOCK_M)
+                q_idx, q_lo, q_full_lo, q_full_hi, q_hi = listed_walk(Q_NUM, Q_IDX, off_b, off_h, sparse_stride_b,
+                                                                      sparse_stride_h, start_n, seqlen_k, seqlen_q,
+                                                                      lo, full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_M)
             db_h = DBias
             db = 0.0
             if DBIAS != 0:
@@ -372,21 +367,16 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW or BLOCK_SPARSE or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or DROPOUT:
         # This program's (batch, head) of each option, as in the forward.
-        slope_log2 = 0.0
-        if HAS_ALIBI:
-            slope_log2 = tl.load(Alibi + off_b * stride_alibib + off_h * stride_alibih) * LOG2E
+        slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
         if BIAS_KIND != 0:
             Bias += off_b * stride_biasb + off_h * stride_biash
         bh = (off_b * nheads + off_h).to(tl.int32)
         lo, full_lo, full_hi, hi = key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
         if BLOCK_SPARSE:
-            sparse_row = (off_b * sparse_stride_b + off_h * sparse_stride_h) * tl.cdiv(seqlen_q, SPARSE_BLOCK) \
-                + start_m // SPARSE_BLOCK
-            count = tl.load(KV_NUM + sparse_row)
-            KV_IDX += sparse_row * tl.cdiv(seqlen_k, SPARSE_BLOCK)
-            lo, full_lo, full_hi, hi = sparse_walk(KV_IDX, count, lo, full_lo, full_hi, hi, SPARSE_BLOCK,
-                                                   BLOCK_N)
+            KV_IDX, lo, full_lo, full_hi, hi = listed_walk(KV_NUM, KV_IDX, off_b, off_h, sparse_stride_b,
+                                                           sparse_stride_h, start_m, seqlen_q, seqlen_k, lo,
+                                                           full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_N)
         if HAS_WINDOW:
             # The band's left edge (without a window every stage starts at key 0).
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_n, offs_d,

@@ -257,6 +257,28 @@ def sparse_walk(IDX, count, lo, full_lo, full_hi, hi, SPARSE_BLOCK: tl.constexpr
 
 
 @triton.jit
+def listed_walk(NUM, IDX, off_b, off_h, stride_b, stride_h, start, seqlen_own, seqlen_other, lo, full_lo,
+                full_hi, hi, SPARSE_BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """The blocks a block mask lists for the block holding index `start` of one side (queries for
+    the forward and dQ, keys for dK/dV; seqlen_own its length, seqlen_other the other side's):
+    IDX moved to that list, and the stage bounds as positions in the walk over it (sparse_walk)."""
+    row = (off_b * stride_b + off_h * stride_h) * tl.cdiv(seqlen_own, SPARSE_BLOCK) + start // SPARSE_BLOCK
+    count = tl.load(NUM + row)
+    IDX += row * tl.cdiv(seqlen_other, SPARSE_BLOCK)
+    lo, full_lo, full_hi, hi = sparse_walk(IDX, count, lo, full_lo, full_hi, hi, SPARSE_BLOCK, TILE)
+    return IDX, lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of one (batch, head) in base-2 units (0 without ALiBi)."""
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(Alibi + off_b * stride_alibib + off_h * stride_alibih) * LOG2E
+    return slope_log2
+
+
+@triton.jit
 def tile_mask(offs_m, offs_n, seqlen_q, seqlen_k, IS_CAUSAL: tl.constexpr):
     """True where query offs_m[i] may see key offs_n[j] and both are in bounds. [BLOCK_M, BLOCK_N]"""
     valid = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LN2, LOG2E, cdiv, dropout_keep, key_block_bounds, key_tiles, load_tile, options as common_options, scores,
-    sparse_tile_start, sparse_walk, store_tile, strides, tile_mask,
+    LN2, LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_block_bounds, key_tiles, listed_walk, load_tile,
+    options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask,
 )
 from flashattn.ops.triton import configs
 from flashattn.ops.triton.launch import Launcher
@@ -127,22 +127,16 @@ def _attn_fwd(Q, K, V, O, LSE,
 
     if HAS_WINDOW or BLOCK_SPARSE or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or DROPOUT:
         # This program's (batch, head) of each option.
-        slope_log2 = 0.0
-        if HAS_ALIBI:
-            slope_log2 = tl.load(Alibi + off_b * stride_alibib + off_h * stride_alibih) * LOG2E
+        slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
         if BIAS_KIND != 0:
             Bias += off_b * stride_biasb + off_h * stride_biash
         bh = (off_b * nheads + off_h).to(tl.int32)
         lo, full_lo, full_hi, hi = key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
         if BLOCK_SPARSE:
-            # The key blocks listed for this query block; the stages become positions in their walk.
-            row = (off_b * sparse_stride_b + off_h * sparse_stride_h) * tl.cdiv(seqlen_q, SPARSE_BLOCK) \
-                + start_m // SPARSE_BLOCK
-            count = tl.load(KV_NUM + row)
-            KV_IDX += row * tl.cdiv(seqlen_k, SPARSE_BLOCK)
-            lo, full_lo, full_hi, hi = sparse_walk(KV_IDX, count, lo, full_lo, full_hi, hi, SPARSE_BLOCK,
-                                                   BLOCK_N)
+            KV_IDX, lo, full_lo, full_hi, hi = listed_walk(KV_NUM, KV_IDX, off_b, off_h, sparse_stride_b,
+                                                           sparse_stride_h, start_m, seqlen_q, seqlen_k, lo,
+                                                           full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_N)
         if HAS_WINDOW:
             # The band's left edge (without a window every stage starts at key 0).
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
