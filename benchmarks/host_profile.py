@@ -82,6 +82,7 @@ def layers(d: int = 128, n: int = 512, causal: bool = True) -> dict[str, float]:
     calls = {
         "triton forward launcher": lambda: triton_forward.forward(q, k, v, scale, variant),
         "dispatch.forward": lambda: dispatch.forward(q, k, v, scale, variant, "triton"),
+        "custom operator (no grad)": lambda: custom_ops.attention_forward(q, k, v, scale, *options, "triton"),
         "autograd function (grad)": lambda: custom_ops.attention(qg, kg, vg, scale, *options, "triton"),
         "flash_attn_func (no grad)": lambda: flash_attn_func(q, k, v, causal=causal),
         "flash_attn_func (grad)": lambda: flash_attn_func(qg, kg, vg, causal=causal),
