@@ -1,15 +1,18 @@
 """Launching a @triton.jit kernel with less host work than `kernel[grid](...)`.
 
 Triton's JITFunction.run binds every argument, asks its specialiser about each one, hashes the
-result and builds launch metadata on every call. For our kernels (about 50 parameters, most of them
-option parameters left at their defaults) that costs about 100 us of CPU per launch on the H100
-machine's host, more than the forward kernel itself at short sequences (benchmarks/host_profile.py).
+result and builds launch metadata on every call: work proportional to the parameter count, and our
+kernels have about 50 (most of them option parameters left at their defaults). On the H100 machine's
+host the forward launcher (this package's Python, then the launch) took 133 us of CPU per call
+through Triton's path and 66 us with this one and the other host-side trims of the same change, for a
+kernel of 0.17 ms at 512 tokens (benchmarks/host_profile.py --layers).
 
 `Launcher` keeps the compiled kernels of one jit function under a key that determines Triton's
-specialisation (see `_spec`), and launches a kept kernel directly through its compiled launcher. The first call of each key goes through Triton's own path, which compiles (or
-loads from Triton's cache), launches, and returns the kernel that is then kept. Triton's path is
-also taken under the interpreter and whenever a launch hook is installed (profilers such as proton
-read the launch metadata that only that path builds).
+specialisation (see `Launcher.key`), and launches a kept kernel directly through its compiled
+launcher. The first call of each key goes through Triton's own path, which compiles (or loads from
+Triton's cache), launches, and returns the kernel that is then kept. Triton's path is also taken
+under the interpreter and whenever a launch hook is installed (profilers such as proton read the
+launch metadata that only that path builds).
 """
 from __future__ import annotations
 
