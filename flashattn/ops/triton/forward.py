@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LN2, LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_block_bounds, key_tiles, listed_walk, load_tile,
+    LN2, LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
     options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask,
 )
 from flashattn.ops.triton import configs
@@ -125,53 +125,28 @@ def _attn_fwd(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if HAS_WINDOW or BLOCK_SPARSE or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or DROPOUT:
-        # This program's (batch, head) of each option.
-        slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
-        if BIAS_KIND != 0:
-            Bias += off_b * stride_biasb + off_h * stride_biash
-        bh = (off_b * nheads + off_h).to(tl.int32)
-        lo, full_lo, full_hi, hi = key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                             BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-        if BLOCK_SPARSE:
-            KV_IDX, lo, full_lo, full_hi, hi = listed_walk(KV_NUM, KV_IDX, off_b, off_h, sparse_stride_b,
-                                                           sparse_stride_h, start_m, seqlen_q, seqlen_k, lo,
-                                                           full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_N)
-        if HAS_WINDOW:
-            # The band's left edge (without a window every stage starts at key 0).
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                                       offs_d, lo, full_lo, seqlen_q, seqlen_k, qk_scale,
-                                       softcap_scale, softcap_log2, slope_log2, window_left, window_right,
-                                       Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh,
-                                       KV_IDX, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
-                                       HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE,
-                                       SPARSE_BLOCK)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                                   offs_d, full_lo, full_hi, seqlen_q, seqlen_k, qk_scale,
-                                   softcap_scale, softcap_log2, slope_log2, window_left, window_right,
-                                   Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, KV_IDX,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION,
-                                   HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE,
-                                   SPARSE_BLOCK)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                                   offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
-                                   softcap_scale, softcap_log2, slope_log2, window_left, window_right,
-                                   Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, KV_IDX,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
-                                   HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE,
-                                   SPARSE_BLOCK)
-    else:
-        full_hi, hi = key_block_bounds(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                                   offs_d, 0, full_hi, seqlen_q, seqlen_k, qk_scale,
-                                   0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0, 0.0, 0, KV_IDX,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION,
-                                   False, False, False, 0, False, False, 0)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n,
-                                   offs_d, full_hi, hi, seqlen_q, seqlen_k, qk_scale,
-                                   0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0, 0.0, 0, KV_IDX,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
-                                   False, False, False, 0, False, False, 0)
+    # This program's (batch, head) of each option (with every flag off this is the plain kernel: the
+    # option arguments are unused and the band's stages reduce to key_block_bounds').
+    slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
+    if BIAS_KIND != 0:
+        Bias += off_b * stride_biasb + off_h * stride_biash
+    bh = (off_b * nheads + off_h).to(tl.int32)
+    lo, full_lo, full_hi, hi = key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                         BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    if BLOCK_SPARSE:
+        KV_IDX, lo, full_lo, full_hi, hi = listed_walk(KV_NUM, KV_IDX, off_b, off_h, sparse_stride_b,
+                                                       sparse_stride_h, start_m, seqlen_q, seqlen_k, lo,
+                                                       full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_N)
+    # The band's left edge (without a window every stage starts at key 0), the unmasked middle, the
+    # diagonal / right edge / end.
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                   (lo, full_lo, full_hi)[stage], (full_lo, full_hi, hi)[stage],
+                                   seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2, slope_log2,
+                                   window_left, window_right, Bias, stride_biasq, stride_biask, seed_lo,
+                                   seed_hi, dropout_p, bh, KV_IDX, HEAD_DIM, BLOCK_D, BLOCK_N, stage != 1,
+                                   IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND,
+                                   DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
