@@ -133,6 +133,67 @@ def test_nan_padding_is_never_read(backend, causal, shape, use_backend):
         assert not torch.isnan(padded).any()
 
 
+# The warp-specialized forward (in production: Hopper, plain calls, head dims 64 and 128 from 1k-8k
+# tokens, configs._FWD_WS) forced on for every shape: under the interpreter (which runs its TMA loads
+# and ignores the specialization) at odd head dims too; on the GPU at head dims 128 and 64 with ragged
+# ends, seqlen_q != seqlen_k both ways and GQA.
+WS_SHAPES = ([Shape(2, 50, 50, 2, 1, 32), Shape(1, 33, 70, 2, 2, 40), Shape(1, 70, 33, 2, 2, 64),
+              Shape(1, 1, 17, 1, 1, 16)] if not HAS_CUDA else
+             [Shape(2, 2048, 2048, 8, 2, 128), Shape(1, 1025, 3000, 4, 4, 128), Shape(1, 3001, 1000, 2, 1, 128),
+              Shape(1, 1, 2048, 2, 2, 128), Shape(1, 4100, 4200, 4, 2, 64)])
+WS_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+@pytest.fixture
+def warp_specialized(monkeypatch, use_backend):
+    """Every plain forward takes the warp-specialized kernel; the other forward kernel may not run."""
+    from flashattn.ops.triton import configs, forward
+
+    def other_kernel(*args, **kwargs):
+        raise AssertionError("the forward left the warp-specialized kernel")
+
+    use_backend("triton")
+    monkeypatch.setattr(configs, "warp_specialized", lambda *args: True)
+    monkeypatch.setattr(forward, "_launch_fwd", other_kernel)
+    # Shapes for the GPU table's head dims without an entry of their own (head dim 64 causal).
+    table = configs._TABLES[(9, 0)]["fwd_ws"]
+    for key in [(64, True, True)]:
+        if key not in table:
+            monkeypatch.setitem(table, key, configs.TileConfig(128, 64, 4, 2))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", WS_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", WS_SHAPES, ids=lambda s: s.id)
+def test_warp_specialized_forward(shape, dtype, causal, warp_specialized):
+    """Output and LSE against float64, and NaN padding around strided inputs never read."""
+    from flashattn.ops import dispatch
+    from flashattn.ops.variant import from_causal
+
+    torch.manual_seed(0)
+    q, k, v, _ = _inputs(shape, dtype)
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    ref64 = _run_standard(q, k, v, torch.zeros_like(q), scale, causal, torch.float64)
+    same = _run_standard(q, k, v, torch.zeros_like(q), scale, causal, dtype)
+    out, lse = dispatch.forward(q, k, v, scale, from_causal(causal), "triton")
+    for name, ours, s, r in zip(("out", "lse"), (out, lse), same, ref64):
+        assert_within_factor(name, ours, s, r, dtype, shape.head_dim)
+    padded = dispatch.forward(*map(_nan_padded, (q, k, v)), scale, from_causal(causal), "triton")
+    assert torch.equal(padded[0], out) and torch.equal(padded[1], lse)
+
+
+def test_warp_specialized_forward_needs_tma_alignment():
+    """A base or a stride that is not whole 16 bytes cannot be a TMA descriptor: those calls take the
+    other kernel (tma_ready says no)."""
+    from flashattn.ops.triton.forward import tma_ready
+
+    x = torch.zeros(2, 64, 4, 128, dtype=torch.float16, device=DEVICE)
+    assert tma_ready(x, x[:, 1:], x[:, :, 1:])
+    flat = torch.zeros(2 * 64 * 4 * 128 + 1, dtype=torch.float16, device=DEVICE)
+    assert not tma_ready(flat[1:].view(2, 64, 4, 128))                     # base 2 bytes off
+    assert not tma_ready(torch.zeros(2, 64, 4, 132, dtype=torch.float16, device=DEVICE)[..., :128])
+
+
 @pytest.mark.parametrize("backend", list(capabilities.KERNELS))
 def test_backward_is_deterministic(backend, use_backend):
     use_backend(backend)

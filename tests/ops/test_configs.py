@@ -102,3 +102,26 @@ def test_short_sequences_take_their_own_forward_shape(head_dim, monkeypatch):
         assert pick("fwd", short[0]) == short[1] and pick("fwd", short[0] + 1) == main
     assert pick("fwd", 1 << 20) == main and pick("fwd", None) == main
     assert pick("bwd", 256) == configs._BWD[key]
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0), (10, 0)])
+def test_warp_specialized_forward_only_where_the_table_has_it(capability, monkeypatch):
+    """The warp-specialized forward runs on sm_90 alone, for the head dims, dtypes, causality and
+    lengths of _FWD_WS; its autotune candidates keep 4 warps and 2 stages (3 stages gave NaN)."""
+    import torch
+    monkeypatch.setattr(configs, "_capability", lambda index: capability)
+    gpu = torch.device("cuda", 0)
+    for head_dim in (40, 64, 96, 128, 256):
+        for causal in (False, True):
+            ws = lambda d, dtype, n: configs.warp_specialized(d, dtype, causal, n, gpu)  # noqa: E731
+            entry = configs._FWD_WS.get((head_dim, True, causal))
+            if entry is None or capability != (9, 0):
+                assert not any(ws(head_dim, dtype, n) for dtype in (torch.bfloat16, torch.float16)
+                               for n in (1, 1 << 12, 1 << 17))
+                continue
+            start, cfg = entry
+            assert ws(head_dim, torch.bfloat16, start) and ws(head_dim, torch.float16, 1 << 17)
+            assert not ws(head_dim, torch.bfloat16, start - 1) and not ws(head_dim, torch.float32, 1 << 17)
+            assert configs._table_config("fwd_ws", head_dim, torch.bfloat16, causal, gpu, start) == cfg
+            assert all((c.num_warps, c.num_stages) == (4, 2) for c in configs.candidates("fwd_ws", cfg))
+    assert not configs.warp_specialized(128, torch.bfloat16, False, 1 << 14, torch.device("cpu"))

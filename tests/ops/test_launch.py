@@ -73,3 +73,24 @@ def test_kept_kernels_match_tritons_own_choice():
                 torch.testing.assert_close(y, x[: n * stride: stride] * 3.0)
                 seen.add((x.data_ptr() % 16 == 0, n % 16 == 0, n == 1, stride))
     assert len(launcher.compiled) == len(seen)
+
+
+def test_scratch_allocator_stays_inside_the_launch(monkeypatch):
+    """A kernel that makes TMA descriptors on the device gets the Launcher's scratch allocator for its
+    launch only: the caller's allocator (here a user's) is the one in place before and after."""
+    from triton.runtime import _allocation
+    from flashattn.ops.triton import launch
+
+    def users_allocator(size, alignment, stream):
+        raise AssertionError("the user's allocator was used by a flashattn kernel")
+
+    seen = []
+    monkeypatch.setattr(Launcher, "_launch", lambda self, *args: seen.append(_allocation._allocator.get()))
+    before = _allocation._allocator.get()
+    triton.set_allocator(users_allocator)
+    try:
+        Launcher(_JIT, scratch=True)((1, 1, 1), num_warps=4, num_stages=1)
+        assert seen == [launch._scratch]
+        assert _allocation._allocator.get() is users_allocator
+    finally:
+        triton.set_allocator(before)

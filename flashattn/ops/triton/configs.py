@@ -113,9 +113,27 @@ _FWD_SHORT = {
     (128, True, True): (1024, TileConfig(64, 64, 4, 3)),
 }
 
+# The warp-specialized forward (forward._attn_fwd_ws: TMA loads, a producer warp group and two
+# consumer warp groups), plain calls only, Hopper only, from the length where it measured faster than
+# _FWD's shapes on the H100 (bf16, 16k tokens; benchmarks/probe/fwd_threshold.py and fwd_ws_tiles.py ->
+# results/h100-fwd-ws-2026-11-22.json). TMA-fed tiles of the head dim's exact width: head dims 64 and
+# 128 only. TFLOP/s, warp-specialized / other kernel:
+#   D128 non-causal 512 328 / 346, 1k 431 / 411, 2k 505 / 456, 4k 537 / 474, 8k 555 / 496, 16k 573 / 451
+#   D128 causal (every tile masked: the loop may not branch) 1k 285 / 321, 2k 374 / 371, 4k 441 / 419,
+#   8k 468 / 449, 16k 508 / 466
+#   D64 non-causal, 256-row tiles: 1k 348 / 408, 2k 399 / 428, 8k 473 / 442, 16k 448 / 429; D64 causal
+#   (358 / 425 at 16k) and D256 (480 / 506 at 16k) were slower at every length.
+# (key) -> (from this sequence length, shape); num_warps=4 is what the warp specialization needs.
+_FWD_WS = {
+    (64, True, False): (8192, TileConfig(256, 128, 4, 2)),
+    (128, True, False): (1024, TileConfig(128, 128, 4, 2)),
+    (128, True, True): (2048, TileConfig(128, 128, 4, 2)),
+}
+
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
-# step 2 above makes them fit.
-_TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT}}
+# step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
+_TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT,
+                    "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()}}}
 _DEFAULT_ARCH = (9, 0)
 
 
@@ -131,7 +149,7 @@ def _capability(index: int) -> tuple[int, int]:
 def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
                   seqlen: int | None = None) -> Config:
     if device.type != "cuda":
-        return INTERPRETER if kind == "fwd" else INTERPRETER_BWD
+        return INTERPRETER_BWD if kind == "bwd" else INTERPRETER
     index = device.index if device.index is not None else torch.cuda.current_device()
     tables = _TABLES.get(_capability(index), _TABLES[_DEFAULT_ARCH])
     key = (_bucket(head_dim), dtype != torch.float32, causal)
@@ -139,6 +157,17 @@ def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, de
     if short is not None and seqlen is not None and seqlen <= short[0]:
         return short[1]
     return tables[kind][key]
+
+
+def warp_specialized(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
+                     device: torch.device) -> bool:
+    """Whether a plain forward of this shape runs the warp-specialized kernel ("fwd_ws"): on sm_90,
+    where the table has it for this head dim and sequence length."""
+    if device.type != "cuda" or head_dim != _bucket(head_dim):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    entry = _FWD_WS.get((_bucket(head_dim), dtype != torch.float32, causal))
+    return _capability(index) == (9, 0) and entry is not None and seqlen >= entry[0]
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
@@ -181,7 +210,10 @@ def candidates(kind: str, cfg: Config) -> list[Config]:
         return [replace(t, num_stages=t.num_stages + 1), replace(t, num_stages=max(1, t.num_stages - 1)),
                 replace(t, block_n=t.block_n * 2), replace(t, block_n=max(16, t.block_n // 2))]
 
-    if kind == "fwd":
+    if kind == "fwd_ws":
+        # Triton 3.6's warp specialization gave NaN with 3 stages and needs 4 warps: tiles only.
+        others = [replace(cfg, block_n=cfg.block_n // 2)]
+    elif kind == "fwd":
         others = around(cfg) + [replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)]
     else:
         others = [replace(cfg, kv=t) for t in around(cfg.kv)[:3]] + [replace(cfg, q=t) for t in around(cfg.q)[:3]]
@@ -249,7 +281,7 @@ def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int
 
 def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
         launch: Callable[[Config], None], extra: str = "") -> Config:
-    """Launch `kind` ("fwd" or "bwd") through `launch(cfg)` with the shape chosen as the module
+    """Launch `kind` ("fwd", "fwd_ws" or "bwd") through `launch(cfg)` with the shape chosen as the module
     docstring says; returns the shape used. `extra` separates kernels specialised differently
     (e.g. by options) that may prefer other shapes."""
     base = _table_config(kind, head_dim, dtype, causal, device, seqlen)

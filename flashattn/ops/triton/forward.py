@@ -14,6 +14,10 @@ Glossary (same names as flashattn/ops/reference.py, which this kernel mirrors st
 BLOCK_D is HEAD_DIM rounded up to a power of two (>= 16); the extra columns are loaded as 0.
 The options (window, softcap, ALiBi, bias or mask, dropout, block mask) are constexpr flags, off by
 default, documented in common.py; with all of them off this is the plain kernel, unchanged.
+
+Two kernels: `_attn_fwd`, every option, any GPU; and `_attn_fwd_ws`, the plain forward on Hopper (TMA
+loads and Triton's automatic warp specialization: a producer warp group, two consumer warp groups),
+which configs._FWD_WS picks for the head dims and lengths where it measured faster.
 """
 import torch
 import triton
@@ -27,6 +31,26 @@ from flashattn.ops.triton import configs
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
+
+
+@triton.jit
+def _online_softmax(qk, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    """The online-softmax step of one tile: qk is q k^T, or when MASKED already scaled with -inf at
+    the keys a row may not see. Returns p, the new running max, l_i and acc rescaled to it."""
+    if MASKED:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has only seen masked keys keeps m = -inf: subtract 0 so that no NaN appears.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        qk = qk - m_new_safe[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_new_safe = m_new
+        qk = qk * qk_scale - m_new[:, None]
+    p = tl.math.exp2(qk)                                                        # [BLOCK_M, BLOCK_N]
+    alpha = tl.math.exp2(m_i - m_new_safe)                                      # [BLOCK_M]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc
 
 
 @triton.jit
@@ -50,28 +74,15 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, off
         k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)   # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)              # [BLOCK_M, BLOCK_N]
         if SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or (MASK and HAS_WINDOW):
+            # A bias of -inf or a bool mask can empty a row in any tile: masked handling always.
             qk, _ = scores(qk, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k, qk_scale, softcap_scale,
                            softcap_log2, slope_log2, window_left, window_right, Bias, stride_biasq,
                            stride_biask, MASK, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND)
-            # A bias of -inf or a bool mask can empty a row in any tile: the safe max always.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            qk = qk - m_new_safe[:, None]
         elif MASK:
             qk = tl.where(tile_mask(offs_m, cols, seqlen_q, seqlen_k, IS_CAUSAL), qk * qk_scale,
                           float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has only seen masked keys keeps m = -inf: subtract 0 so that no NaN appears.
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            qk = qk - m_new_safe[:, None]
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_new_safe = m_new
-            qk = qk * qk_scale - m_new[:, None]
-        p = tl.math.exp2(qk)                                                    # [BLOCK_M, BLOCK_N]
-        alpha = tl.math.exp2(m_i - m_new_safe)                                  # [BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, 1)                                        # P before dropout
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = _online_softmax(qk, m_i, l_i, acc, qk_scale,           # P before dropout in l_i
+                                             MASK or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0)
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
                       BLOCK_D, MASK)                                            # [BLOCK_N, BLOCK_D]
         if DROPOUT:
@@ -160,11 +171,98 @@ def _attn_fwd(Q, K, V, O, LSE,
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
+@triton.jit
+def _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seqlen_k, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 MASK_TAIL: tl.constexpr):
+    """One key tile of the warp-specialized forward: _fwd_inner's plain step. The loop cannot branch
+    (warp specialization needs a straight body), so with causal or a ragged end every tile is masked."""
+    k = k_desc.load([start_n, 0])                                               # [BLOCK_N, BLOCK_D]
+    qk = tl.dot(q, k.T)                                                         # [BLOCK_M, BLOCK_N]
+    if IS_CAUSAL or MASK_TAIL:
+        # Only tile-local aranges against scalars: Triton 3.6's split of the rows between the two
+        # consumer warp groups offsets the second group's `start_m + tl.arange(...)` twice (the same
+        # fault as at the LSE store below; a mask on those indices gave wrong results on the H100).
+        if IS_CAUSAL:
+            diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]   # i - j, tile-local
+            qk = qk * qk_scale + tl.where(diag >= start_n - start_m - offset, 0.0, float("-inf"))
+        else:
+            qk = qk * qk_scale + tl.where(start_n + tl.arange(0, BLOCK_N) < seqlen_k, 0.0, float("-inf"))[None, :]
+    p, m_new, l_i, acc = _online_softmax(qk, m_i, l_i, acc, qk_scale, IS_CAUSAL or MASK_TAIL)
+    v = v_desc.load([start_n, 0])                                               # [BLOCK_N, BLOCK_D]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_ws(Q, K, V, O, LSE,
+                 stride_qb, stride_qm, stride_qh,
+                 stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh,
+                 stride_ob, stride_om, stride_oh,
+                 seqlen_q, seqlen_k, nheads, group_size, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr):
+    """The plain forward for Hopper: tiles come by TMA (one descriptor per (batch, head) bounds every
+    load and store, so no tile reads past its head), and Triton's automatic warp specialization splits
+    the program into a producer warp group that issues the loads and two consumer warp groups of
+    BLOCK_M / 2 rows each (num_warps=4 is what it needs). Same inputs and results as _attn_fwd."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    off_hk = (off_h // group_size).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    o_desc = tl.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh, shape=[seqlen_q, HEAD_DIM],
+                                       strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
+
+    q = q_desc.load([start_m, 0])                                               # [BLOCK_M, BLOCK_D]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offset = seqlen_k - seqlen_q
+    hi = tl.minimum(start_m + BLOCK_M + offset, seqlen_k) if IS_CAUSAL else seqlen_k
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        acc, l_i, m_i = _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seqlen_k,
+                                     qk_scale, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_TAIL)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    o_desc.store([start_m, 0], acc.to(O.dtype.element_ty))
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    # start_m goes into the scalar base, not into the rows' indices: Triton 3.6's split of the rows
+    # between the two consumer warp groups adds the second group's row offset to both start_m and the
+    # arange of `start_m + tl.arange(...)`, which stored its rows 64 too far (seen in the TTGIR).
+    rows = tl.arange(0, BLOCK_M)
+    tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + start_m + rows, lse, mask=rows < seqlen_q - start_m)
+
+
 _launch_fwd = Launcher(_attn_fwd)
+_launch_fwd_ws = Launcher(_attn_fwd_ws, scratch=True)
 
 
 def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address every (batch, head) of these (B, S, H, D) tensors: a
+    16-byte aligned base and batch, sequence and head strides of whole 16 bytes."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]):
+            return False
+    return True
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -178,21 +276,33 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         variant = from_causal(variant)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    seqlen = max(seqlen_q, seqlen_k)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    args = (q, k, v, o, lse, *strides(q), *strides(k), *strides(v), *strides(o),
+            seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value)
+
+    if (variant is PLAIN or variant.is_plain) and configs.warp_specialized(
+            head_dim, q.dtype, variant.causal, seqlen, q.device) and tma_ready(q, k, v):
+        def launch_ws(cfg):
+            _launch_fwd_ws((cdiv(seqlen_q, cfg.block_m), nheads, batch), *args,
+                           HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
+                           BLOCK_N=cfg.block_n, IS_CAUSAL=variant.causal,
+                           MASK_TAIL=not variant.causal and seqlen_k % cfg.block_n != 0,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        configs.run("fwd_ws", head_dim, q.dtype, variant.causal, seqlen, q.device, launch_ws)
+        return o, lse
+
     opts = common_options(variant, q, k, softmax_scale)
 
     def launch(cfg):
         cfg = opts.tiles(cfg)
-        _launch_fwd((cdiv(seqlen_q, cfg.block_m), nheads, batch),
-            q, k, v, o, lse,
-            *strides(q), *strides(k), *strides(v), *strides(o),
-            seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
+        _launch_fwd((cdiv(seqlen_q, cfg.block_m), nheads, batch), *args,
             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             IS_CAUSAL=variant.causal, DOT_PRECISION=dot_precision(q.dtype), **opts.kwargs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    configs.run("fwd", head_dim, q.dtype, variant.causal, max(seqlen_q, seqlen_k), q.device, launch,
-                extra=opts.extra)
+    configs.run("fwd", head_dim, q.dtype, variant.causal, seqlen, q.device, launch, extra=opts.extra)
     return o, lse

@@ -13,9 +13,15 @@ launcher. The first call of each key goes through Triton's own path, which compi
 Triton's cache), launches, and returns the kernel that is then kept. Triton's path is also taken
 under the interpreter and whenever a launch hook is installed (profilers such as proton read the
 launch metadata that only that path builds).
+
+A kernel that makes TMA descriptors on the device (`scratch=True`) needs global scratch memory for
+them, which Triton asks of the allocator set by `triton.set_allocator`; the Launcher sets its own (a
+torch allocation on the current stream) in a copy of the caller's context, so a user's allocator is
+neither replaced nor used.
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 
 import torch
@@ -41,8 +47,9 @@ class Launcher:
     was seen before cut to building the key. Arguments must be given as the kernel's parameters
     (positional first, then keywords; omitted ones take the kernel's defaults)."""
 
-    def __init__(self, fn: triton.JITFunction):
+    def __init__(self, fn: triton.JITFunction, scratch: bool = False):
         self.fn = fn
+        self.scratch = scratch
         # Under TRITON_INTERPRET=1 (set before import) @triton.jit gives an InterpretedFunction,
         # which always takes its own path.
         self.direct = isinstance(fn, triton.runtime.jit.JITFunction)
@@ -86,6 +93,17 @@ class Launcher:
                 for v, loose in zip(values, self.loose)]
 
     def __call__(self, grid: tuple[int, int, int], *args, num_warps: int, num_stages: int, **kwargs) -> None:
+        if self.scratch:
+            contextvars.copy_context().run(self._with_scratch, grid, args, num_warps, num_stages, kwargs)
+        else:
+            self._launch(grid, args, num_warps, num_stages, kwargs)
+
+    def _with_scratch(self, grid, args, num_warps, num_stages, kwargs) -> None:
+        triton.set_allocator(_scratch)
+        self._launch(grid, args, num_warps, num_stages, kwargs)
+
+    def _launch(self, grid: tuple[int, int, int], args: tuple, num_warps: int, num_stages: int,
+                kwargs: dict) -> None:
         if not self.direct or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
             self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
             return
@@ -104,3 +122,9 @@ class Launcher:
             if len(self.compiled) >= MAX_KEPT:
                 self.compiled.clear()
             self.compiled[key] = kernel
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for a launch (Triton's allocator protocol). torch's caching allocator hands out
+    512-byte aligned blocks, ordered on the current stream, on which the kernel also runs."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
