@@ -133,14 +133,14 @@ def test_nan_padding_is_never_read(backend, causal, shape, use_backend):
         assert not torch.isnan(padded).any()
 
 
-# The warp-specialized forward (in production: Hopper, plain calls, head dims 64 and 128 from 1k-8k
-# tokens, configs._FWD_WS) forced on for every shape: under the interpreter (which runs its TMA loads
-# and ignores the specialization) at odd head dims too; on the GPU at head dims 128 and 64 with ragged
-# ends, seqlen_q != seqlen_k both ways and GQA.
+# The warp-specialized forward (in production: Hopper, plain calls, head dims 64, 128 and 256 from
+# 1k-8k tokens, configs._FWD_WS) forced on for every shape: under the interpreter (which runs its TMA
+# loads and ignores the specialization) at odd head dims too; on the GPU at head dims 64, 128 and 256
+# with ragged ends, seqlen_q != seqlen_k both ways and GQA.
 WS_SHAPES = ([Shape(2, 50, 50, 2, 1, 32), Shape(1, 33, 70, 2, 2, 40), Shape(1, 70, 33, 2, 2, 64),
               Shape(1, 1, 17, 1, 1, 16)] if not HAS_CUDA else
              [Shape(2, 2048, 2048, 8, 2, 128), Shape(1, 1025, 3000, 4, 4, 128), Shape(1, 3001, 1000, 2, 1, 128),
-              Shape(1, 1, 2048, 2, 2, 128), Shape(1, 4100, 4200, 4, 2, 64)])
+              Shape(1, 1, 2048, 2, 2, 128), Shape(1, 4100, 4200, 4, 2, 64), Shape(2, 1000, 1100, 4, 2, 256)])
 WS_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 

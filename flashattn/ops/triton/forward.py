@@ -204,7 +204,7 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr):
     """The plain forward for Hopper: tiles come by TMA (one descriptor per (batch, head) bounds every
-    load and store, so no tile reads past its head), and Triton's automatic warp specialization splits
+    load, so no tile reads past its head's rows), and Triton's automatic warp specialization splits
     the program into a producer warp group that issues the loads and two consumer warp groups of
     BLOCK_M / 2 rows each (num_warps=4 is what it needs). Same inputs and results as _attn_fwd."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
@@ -222,8 +222,6 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
     v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    o_desc = tl.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh, shape=[seqlen_q, HEAD_DIM],
-                                       strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
 
     q = q_desc.load([start_m, 0])                                               # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -238,12 +236,16 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    o_desc.store([start_m, 0], acc.to(O.dtype.element_ty))
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
-    # start_m goes into the scalar base, not into the rows' indices: Triton 3.6's split of the rows
-    # between the two consumer warp groups adds the second group's row offset to both start_m and the
-    # arange of `start_m + tl.arange(...)`, which stored its rows 64 too far (seen in the TTGIR).
+    # O and the LSE by pointers (a TMA store of O would stage it in shared memory: at head dim 256 the
+    # 128 x 64 tiles then no longer fit). start_m goes into the scalar bases, not into the rows'
+    # indices: Triton 3.6's split of the rows between the two consumer warp groups adds the second
+    # group's row offset to both start_m and the arange of `start_m + tl.arange(...)`, which stored its
+    # rows BLOCK_M / 2 too far (seen in the TTGIR).
     rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + start_m * stride_om + rows[:, None] * stride_om + cols[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(rows[:, None] < seqlen_q - start_m) & (cols[None, :] < HEAD_DIM))
     tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + start_m + rows, lse, mask=rows < seqlen_q - start_m)
 
 
