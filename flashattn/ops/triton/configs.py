@@ -115,24 +115,25 @@ _FWD_SHORT = {
 
 # The warp-specialized forward (forward._attn_fwd_ws: TMA loads, a producer warp group and two
 # consumer warp groups), plain calls only, Hopper only, from the length where it measured faster than
-# _FWD's shapes on the H100 (bf16, 16k tokens; benchmarks/probe/fwd_threshold.py, fwd_ws_tiles.py and
-# fwd_d256_probe.py -> results/h100-fwd-ws-2026-11-22.json). TMA-fed tiles of the head dim's exact
+# _FWD's shapes on the H100 (bf16, 16k tokens; benchmarks/probe/fwd_threshold.py, fwd_ws_tiles.py,
+# fwd_d256_probe.py and fwd_ws_short.py -> results/h100-fwd-ws-2026-11-22.json). TMA-fed tiles of the head dim's exact
 # width: head dims 64, 128 and 256. TFLOP/s, warp-specialized / other kernel:
 #   D128 non-causal 512 328 / 346, 1k 431 / 411, 2k 505 / 456, 4k 537 / 474, 8k 555 / 496, 16k 573 / 451
 #   D128 causal (every tile masked: the loop may not branch) 1k 285 / 321, 2k 374 / 371, 4k 441 / 419,
 #   8k 468 / 449, 16k 508 / 466
-#   D64 non-causal, 256-row tiles: 1k 348 / 408, 2k 399 / 428, 8k 473 / 442, 16k 448 / 429; D64 causal
-#   was slower at every length (358 / 425 at 16k)
-#   D256 (O stored by pointers, see the kernel) non-causal 1k 520 / 405, 2k 565 / 467, 4k 589 / 495,
-#   8k 579 / 511, 16k 598 / 508; causal 1k 366 / 292, 2k 450 / 369, 4k 514 / 433, 8k 542 / 477,
-#   16k 590 / 501
+#   D64 non-causal, 256-row tiles: 1k 348 / 408, 2k 399 / 428 (a tie in fwd_ws_short.py's three
+#   rounds), 4k 442-462 / 431-440, 8k 473 / 442, 16k 448 / 429; D64 causal was slower at every length
+#   (358 / 425 at 16k)
+#   D256 (O stored by pointers, see the kernel) non-causal 512 406-407 / 322-324, 1k 520 / 405,
+#   2k 565 / 467, 4k 589 / 495, 8k 579 / 511, 16k 598 / 508; causal 512 247-250 / 209-211,
+#   1k 366 / 292, 2k 450 / 369, 4k 514 / 433, 8k 542 / 477, 16k 590 / 501
 # (key) -> (from this sequence length, shape); num_warps=4 is what the warp specialization needs.
 _FWD_WS = {
-    (64, True, False): (8192, TileConfig(256, 128, 4, 2)),
+    (64, True, False): (4096, TileConfig(256, 128, 4, 2)),
     (128, True, False): (1024, TileConfig(128, 128, 4, 2)),
     (128, True, True): (2048, TileConfig(128, 128, 4, 2)),
-    (256, True, False): (1024, TileConfig(128, 64, 4, 2)),
-    (256, True, True): (1024, TileConfig(128, 64, 4, 2)),
+    (256, True, False): (512, TileConfig(128, 64, 4, 2)),
+    (256, True, True): (512, TileConfig(128, 64, 4, 2)),
 }
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
