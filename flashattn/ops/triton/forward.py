@@ -34,6 +34,28 @@ from flashattn.ops.variant import PLAIN, Variant, from_causal
 
 
 @triton.jit
+def _program_block(group_size, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """This program's query block start, query head, key/value head and batch (the last three int64)
+    from the grid (query blocks, heads, batch)."""
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    if IS_CAUSAL:
+        # The last query blocks have the most keys to visit: launch them first.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    return pid_m * BLOCK_M, off_h.to(tl.int64), (off_h // group_size).to(tl.int64), off_b
+
+
+@triton.jit
+def _normalize(acc, l_i, m_i):
+    """O = acc / l and the natural-log LSE; a row that saw no key gets O = 0 and LSE = +inf."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    return acc, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+
+
+@triton.jit
 def _online_softmax(qk, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
     """The online-softmax step of one tile: qk is q k^T, or when MASKED already scaled with -inf at
     the keys a row may not see. Returns p, the new running max, l_i and acc rescaled to it."""
@@ -114,15 +136,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               SPARSE_BLOCK: tl.constexpr = 0):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_D >= 16)
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    if IS_CAUSAL:
-        # The last query blocks have the most keys to visit: launch them first.
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_hk = (off_h // group_size).to(tl.int64)
-    off_h = off_h.to(tl.int64)
+    start_m, off_h, off_hk, off_b = _program_block(group_size, BLOCK_M, IS_CAUSAL)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -159,12 +173,9 @@ def _attn_fwd(Q, K, V, O, LSE,
                                    IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND,
                                    DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    acc = acc / l_safe[:, None]
+    acc, lse = _normalize(acc, l_i, m_i)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
     lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
@@ -208,14 +219,7 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
     the program into a producer warp group that issues the loads and two consumer warp groups of
     BLOCK_M / 2 rows each (num_warps=4 is what it needs). Same inputs and results as _attn_fwd."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    off_hk = (off_h // group_size).to(tl.int64)
-    off_h = off_h.to(tl.int64)
+    start_m, off_h, off_hk, off_b = _program_block(group_size, BLOCK_M, IS_CAUSAL)
     q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
     k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
@@ -233,10 +237,7 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
         acc, l_i, m_i = _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seqlen_k,
                                      qk_scale, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_TAIL)
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    acc, lse = _normalize(acc, l_i, m_i)
     # O and the LSE by pointers (a TMA store of O would stage it in shared memory: at head dim 256 the
     # 128 x 64 tiles then no longer fit). start_m goes into the scalar bases, not into the rows'
     # indices: Triton 3.6's split of the rows between the two consumer warp groups adds the second
