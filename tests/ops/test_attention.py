@@ -183,8 +183,8 @@ def test_warp_specialized_forward(shape, dtype, causal, warp_specialized):
 
 
 def test_warp_specialized_forward_needs_tma_alignment():
-    """A base or a stride that is not whole 16 bytes cannot be a TMA descriptor: those calls take the
-    other kernel (tma_ready says no)."""
+    """A base or a stride that is not whole 16 bytes, or a broadcast sequence dim, cannot be a TMA
+    descriptor: those calls take the other kernel (tma_ready says no)."""
     from flashattn.ops.triton.forward import tma_ready
 
     x = torch.zeros(2, 64, 4, 128, dtype=torch.float16, device=DEVICE)
@@ -192,6 +192,7 @@ def test_warp_specialized_forward_needs_tma_alignment():
     flat = torch.zeros(2 * 64 * 4 * 128 + 1, dtype=torch.float16, device=DEVICE)
     assert not tma_ready(flat[1:].view(2, 64, 4, 128))                     # base 2 bytes off
     assert not tma_ready(torch.zeros(2, 64, 4, 132, dtype=torch.float16, device=DEVICE)[..., :128])
+    assert not tma_ready(x[:, :1].expand(2, 64, 4, 128))                  # one row broadcast over the sequence
 
 
 @pytest.mark.parametrize("backend", list(capabilities.KERNELS))
