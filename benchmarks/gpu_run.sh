@@ -28,7 +28,7 @@ for step in "${steps[@]}"; do
             # processes when pytest-xdist is there.
             par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 15)
             # -v names every result as it lands, so a run cut short still says which tests failed.
-            timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider "${par[@]}" --tb=short \
+            timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider "${par[@]}" --tb=short --durations=25 \
                 tests/ops tests/test_interface.py >>"$LOG" 2>&1
             rc=$?
             summary+=("tests: rc=$rc $(grep -cE ' PASSED ' "$LOG") passed, $(grep -cE ' FAILED ' "$LOG") failed")
