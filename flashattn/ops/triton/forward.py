@@ -272,7 +272,9 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
             variant: Variant | bool = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous; `variant` holds
-    the options (flashattn/ops/variant.py; a bool means plain causal or not).
+    the options (flashattn/ops/variant.py; a bool means plain causal or not). A plain call on sm_90
+    whose head dim, causality and length are in configs._FWD_WS, with TMA-addressable inputs
+    (tma_ready), runs _attn_fwd_ws; every other call runs _attn_fwd.
 
     Returns O (B, Sq, H, D) contiguous in q's dtype and lse (B, H, Sq) float32.
     """
