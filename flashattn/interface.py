@@ -68,6 +68,20 @@ def _check_attn_bias(attn_bias, q: Tensor, seqlen_k: int) -> Tensor:
     return attn_bias[(None,) * (4 - len(shape))]
 
 
+def _check_row_offsets(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """The Triton kernels address the rows of a tile as 32-bit offsets from its (batch, head) base:
+    a sequence's extent in elements (rows x row stride, for each input and for the contiguous output
+    or gradient of its shape) must stay below 2^31."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        seqlen, nheads, head_dim = x.shape[1:]
+        row_stride = max(x.stride(1), nheads * head_dim)
+        if seqlen * row_stride >= 2 ** 31:
+            raise ValueError(
+                f"{name}: seqlen {seqlen} x row stride {row_stride} = {seqlen * row_stride} elements reaches "
+                "2^31, past the Triton kernels' 32-bit row offsets; call on groups of heads (contiguous "
+                "slices have row stride heads x head_dim), or use FLASHATTN_BACKEND=reference")
+
+
 def _check_block_mask(block_mask, q: Tensor, seqlen_k: int) -> None:
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a flashattn.BlockMask (see flashattn.sparse), got "
@@ -146,6 +160,8 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
     causal = window_right == 0
 
     backend = dispatch.select_backend(q.device)
+    if backend == "triton":
+        _check_row_offsets(q, k, v)
     spec = dispatch.spec(backend)
     problems = capabilities.input_problems(spec, q.dtype, head_dim)
     if problems:

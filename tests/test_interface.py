@@ -361,3 +361,19 @@ def test_torch_compile_fullgraph_every_option(use_backend):
 
 def test_version():
     assert flashattn.__version__
+
+
+def test_sequence_extent_past_32_bit_offsets_is_refused(use_backend):
+    """The Triton kernels' row offsets are 32-bit: a sequence of 2^31 elements or more (rows x row
+    stride, or the contiguous output's) is refused with the numbers, not computed wrong. (Expanded
+    views: no memory behind them.)"""
+    from flashattn.interface import _check_row_offsets
+
+    use_backend("triton")
+    small = torch.zeros(1, 4, 1, 8, dtype=torch.float16)
+    huge = torch.zeros(1, 1, 1, 8, dtype=torch.float16).expand(1, 2 ** 28, 1, 8)   # stride 0, output rows 8
+    with pytest.raises(ValueError, match=r"q: seqlen 268435456 x row stride 8 .* 32-bit row offsets"):
+        flash_attn_func(huge, small, small)
+    with pytest.raises(ValueError, match=r"k: seqlen 268435456"):
+        flash_attn_func(small, huge, huge)
+    _check_row_offsets(huge[:, : 2 ** 28 - 1], small, small)   # one row less: below the limit
