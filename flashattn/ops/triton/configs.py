@@ -116,8 +116,8 @@ _FWD_SHORT = {
 # The warp-specialized forward (forward._attn_fwd_ws: TMA loads, a producer warp group and two
 # consumer warp groups), plain calls only, Hopper only, from the length where it measured faster than
 # _FWD's shapes on the H100 (bf16, 16k tokens; benchmarks/probe/fwd_threshold.py, fwd_ws_tiles.py,
-# fwd_d256_probe.py and fwd_ws_short.py -> results/h100-fwd-ws-2026-11-22.json). TMA-fed tiles of the head dim's exact
-# width: head dims 64, 128 and 256. TFLOP/s, warp-specialized / other kernel:
+# fwd_d256_probe.py and fwd_ws_short.py -> results/h100-fwd-ws-2026-11-22.json). TMA-fed tiles of
+# the head dim's exact width: head dims 64, 128 and 256. TFLOP/s, warp-specialized / other kernel:
 #   D128 non-causal 512 328 / 346, 1k 431 / 411, 2k 505 / 456, 4k 537 / 474, 8k 555 / 496, 16k 573 / 451
 #   D128 causal (every tile masked: the loop may not branch) 1k 285 / 321, 2k 374 / 371, 4k 441 / 419,
 #   8k 468 / 449, 16k 508 / 466
@@ -152,12 +152,16 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _arch_tables(device: torch.device) -> dict | None:
+    """The tables measured for this CUDA device's architecture, or None when it has none."""
+    return _TABLES.get(_capability(device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
                   seqlen: int | None = None) -> Config:
     if device.type != "cuda":
         return INTERPRETER_BWD if kind == "bwd" else INTERPRETER
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    tables = _TABLES.get(_capability(index), _TABLES[_DEFAULT_ARCH])
+    tables = _arch_tables(device) or _TABLES[_DEFAULT_ARCH]
     key = (_bucket(head_dim), dtype != torch.float32, causal)
     short = tables.get(kind + "_short", {}).get(key)
     if short is not None and seqlen is not None and seqlen <= short[0]:
@@ -167,13 +171,15 @@ def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, de
 
 def warp_specialized(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
                      device: torch.device) -> bool:
-    """Whether a plain forward of this shape runs the warp-specialized kernel ("fwd_ws"): on sm_90,
-    where the table has it for this head dim and sequence length."""
+    """Whether a plain forward of this shape runs the warp-specialized kernel ("fwd_ws"): where the
+    GPU architecture's own tables have it (sm_90; other architectures do not borrow it), for this head
+    dim and sequence length."""
     if device.type != "cuda" or head_dim != _bucket(head_dim):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    entry = _FWD_WS.get((_bucket(head_dim), dtype != torch.float32, causal))
-    return _capability(index) == (9, 0) and entry is not None and seqlen >= entry[0]
+    if "fwd_ws" not in (_arch_tables(device) or {}):
+        return False
+    entry = _FWD_WS.get((head_dim, dtype != torch.float32, causal))
+    return entry is not None and seqlen >= entry[0]
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,

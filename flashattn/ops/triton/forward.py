@@ -198,7 +198,8 @@ def _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seq
             diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]   # i - j, tile-local
             qk = qk * qk_scale + tl.where(diag >= start_n - start_m - offset, 0.0, float("-inf"))
         else:
-            qk = qk * qk_scale + tl.where(start_n + tl.arange(0, BLOCK_N) < seqlen_k, 0.0, float("-inf"))[None, :]
+            in_bounds = start_n + tl.arange(0, BLOCK_N) < seqlen_k                      # [BLOCK_N]
+            qk = qk * qk_scale + tl.where(in_bounds, 0.0, float("-inf"))[None, :]
     p, m_new, l_i, acc = _online_softmax(qk, m_i, l_i, acc, qk_scale, IS_CAUSAL or MASK_TAIL)
     v = v_desc.load([start_n, 0])                                               # [BLOCK_N, BLOCK_D]
     acc = tl.dot(p.to(v.dtype), v, acc)
@@ -245,8 +246,10 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
     # rows BLOCK_M / 2 too far (seen in the TTGIR).
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + start_m * stride_om + rows[:, None] * stride_om + cols[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(rows[:, None] < seqlen_q - start_m) & (cols[None, :] < HEAD_DIM))
+    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + start_m * stride_om
+              + rows[:, None] * stride_om + cols[None, :])                          # [BLOCK_M, BLOCK_D]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty),
+             mask=(rows[:, None] < seqlen_q - start_m) & (cols[None, :] < HEAD_DIM))
     tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + start_m + rows, lse, mask=rows < seqlen_q - start_m)
 
 
