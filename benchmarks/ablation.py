@@ -65,7 +65,7 @@ def main() -> None:
                 forward=_time(lambda: F.forward(q, k, v, scale, causal)),
                 backward=_time(lambda: B.backward(do, q, k, v, o, lse, scale, causal)),
                 preprocess=_time(lambda: B._bwd_preprocess[(triton.cdiv(n, B.PREPROCESS_ROWS), h, b)](
-                    o, do, lse, delta, *strides(o), *strides(do), n, h, HEAD_DIM=d, BLOCK_D=d,
+                    o, do, lse, delta, None, *strides(o), *strides(do), n, h, HEAD_DIM=d, BLOCK_D=d,
                     BLOCK_M=B.PREPROCESS_ROWS, HAS_DLSE=False)),
                 dkdv_half=_time(kv_half),
                 dq_half=_time(lambda: launch(2, cfg.q, triton.cdiv(n, cfg.q.block_m))),

@@ -31,7 +31,7 @@ from flashattn.ops.triton import backward as triton_backward
 from flashattn.ops.triton import forward as triton_forward
 from flashattn.ops.variant import from_causal
 
-OUR_KERNELS = ("_attn_fwd", "_bwd", "_bwd_preprocess")
+OUR_KERNELS = ("_attn_fwd", "_bwd", "_bwd_preprocess", "_attn_bwd_sm90", "_dq_convert")
 
 
 def _host_us(fn, calls: int = 20) -> float:

@@ -210,10 +210,12 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
             and masks).
         alibi_slopes: float32 (nheads,) or (batch, nheads): adds -slope * |i + seqlen_k - seqlen_q - j|
             to the scores (flash-attn's convention). Treated as constants (no gradient).
-        deterministic: make the backward bitwise reproducible. Both backends' backwards are
-            deterministic already (no atomics), except the Triton gradient of an attn_bias that
-            broadcasts over batch or heads, which adds with atomics unless deterministic=True
-            (then it is reduced by torch, at the cost of a buffer with the batch and head dims).
+        deterministic: make the backward bitwise reproducible. Two Triton backwards add with
+            atomics unless deterministic=True: on Hopper (sm_90), the one-pass backward of plain
+            fp16/bf16 calls at head dims 64 and 128 adds dQ into an fp32 buffer (deterministic=True
+            orders those adds, at some speed); and the gradient of an attn_bias that broadcasts
+            over batch or heads (deterministic=True reduces it by torch, at the cost of a buffer
+            with the batch and head dims). Every other backward is deterministic already.
         return_attn_probs: also return the log-sum-exp (batch, nheads, seqlen_q) float32 and the
             attention probabilities (batch, nheads, seqlen_q, seqlen_k) after every option, with
             the entries that dropout dropped negated (their sign bit set: torch.signbit gives the

@@ -370,8 +370,8 @@ def test_sequence_extent_past_32_bit_offsets_is_refused(use_backend):
     from flashattn.interface import _check_row_offsets
 
     use_backend("triton")
-    small = torch.zeros(1, 4, 1, 8, dtype=torch.float16)
-    huge = torch.zeros(1, 1, 1, 8, dtype=torch.float16).expand(1, 2 ** 28, 1, 8)   # stride 0, output rows 8
+    small = torch.zeros(1, 4, 1, 8, dtype=torch.float16, device=DEVICE)
+    huge = torch.zeros(1, 1, 1, 8, dtype=torch.float16, device=DEVICE).expand(1, 2 ** 28, 1, 8)  # stride 0
     with pytest.raises(ValueError, match=r"q: seqlen 268435456 x row stride 8 .* 32-bit row offsets"):
         flash_attn_func(huge, small, small)
     with pytest.raises(ValueError, match=r"k: seqlen 268435456"):

@@ -24,6 +24,8 @@ Tensor = torch.Tensor
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 SUBJECT = "flashattn"  # the library under test; every other implementation is a peer
+DETERMINISTIC = "flashattn-deterministic"   # the same with deterministic=True (target: >= 0.8x SUBJECT)
+OURS = (SUBJECT, DETERMINISTIC)             # never counted as the best peer
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,22 @@ class Peer:
     max_seqlen: int | None = None        # O(N^2)-memory implementations stop here
     description: str = ""
     probe: Callable[[], str | None] | None = None  # why it can't run here (None: it can)
+    backward_only: bool = False          # its forward is another entry's (measured once)
 
     def skip_reason(self, case: Case) -> str | None:
         if self.max_seqlen is not None and case.seqlen > self.max_seqlen:
             return f"seqlen > {self.max_seqlen} (O(N^2) memory)"
+        if self.backward_only and case.pass_ != "bwd":
+            return "backward only"
         return None
 
 
 def _flashattn(case: Case, device: torch.device) -> AttentionFn:
     return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal)
+
+
+def _flashattn_deterministic(case: Case, device: torch.device) -> AttentionFn:
+    return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal, deterministic=True)
 
 
 def _standard(case: Case, device: torch.device) -> AttentionFn:
@@ -130,6 +139,8 @@ def _registry(mode: str) -> list[Peer]:
         ]
     return [
         Peer(SUBJECT, "bnhd", _flashattn, description="this library (Triton kernels)"),
+        Peer(DETERMINISTIC, "bnhd", _flashattn_deterministic, backward_only=True,
+             description="this library with deterministic=True (bitwise reproducible backward)"),
         Peer("sdpa-flash", "bhnd", _sdpa_forced("FLASH_ATTENTION"), probe=_SDPA_KERNEL,
              description="torch SDPA, FlashAttention-2 backend"),
         Peer("sdpa-cudnn", "bhnd", _sdpa_forced("CUDNN_ATTENTION"), probe=_SDPA_KERNEL,

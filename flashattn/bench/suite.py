@@ -11,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from flashattn.bench import measure
 from flashattn.bench.cases import Case, Grid, MemoryGrid
 from flashattn.bench.measure import Measurement
-from flashattn.bench.peers import MEMORY_PEERS, SUBJECT, Peer
+from flashattn.bench.peers import MEMORY_PEERS, OURS, SUBJECT, Peer
 
 
 @dataclass
@@ -33,8 +33,8 @@ class Row:
     results: dict[str, Measurement] = field(default_factory=dict)
 
     def best_peer(self) -> str | None:
-        """The fastest implementation other than flashattn (None if none ran)."""
-        ran = {name: m.tflops for name, m in self.results.items() if name != SUBJECT and m.ok}
+        """The fastest implementation other than this library's (None if none ran)."""
+        ran = {name: m.tflops for name, m in self.results.items() if name not in OURS and m.ok}
         return max(ran, key=ran.get) if ran else None
 
     def ratio(self) -> float | None:

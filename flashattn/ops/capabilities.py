@@ -47,8 +47,9 @@ TRITON = KernelSpec(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     max_head_dim=256,
     # Every option, in every combination (constexpr flags of the kernels, flashattn/ops/triton/common.py).
-    # The backward has no atomics except for a bias gradient that broadcasts over batch or heads, which
-    # deterministic=True computes without them.
+    # Two backwards add with atomics: Hopper's one-pass backward of plain calls (dQ; deterministic=True
+    # orders the adds) and a bias gradient that broadcasts over batch or heads (deterministic=True
+    # computes it without them).
     features=EVERY_FEATURE,
 )
 

@@ -195,6 +195,103 @@ def test_warp_specialized_forward_needs_tma_alignment():
     assert not tma_ready(x[:, :1].expand(2, 64, 4, 128))                  # one row broadcast over the sequence
 
 
+# The one-pass backward (Hopper, Gluon: flashattn/ops/triton/backward_sm90.py; in production plain
+# fp16/bf16 calls at head dims 64 and 128, configs._BWD_ONEPASS) forced on for every shape: odd
+# lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1, GQA and MQA.
+# Gluon has no interpreter: GPU only (sm_90).
+HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+ONE_PASS_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 128),
+                   Shape(1, 1, 129, 2, 2, 64), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 128),
+                   Shape(1, 777, 1500, 8, 1, 64)]
+
+
+@pytest.fixture
+def one_pass(monkeypatch, use_backend):
+    """Every plain fp16/bf16 backward takes the one-pass kernel; the portable kernels may not run."""
+    from flashattn.ops.triton import backward, configs
+
+    def other_kernel(*args, **kwargs):
+        raise AssertionError("the backward left the one-pass kernel")
+
+    use_backend("triton")
+    monkeypatch.setattr(configs, "one_pass_backward", lambda *args: True)
+    monkeypatch.setattr(backward, "_launch_bwd", other_kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="the one-pass backward is a Hopper (sm_90) kernel")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", ONE_PASS_SHAPES, ids=lambda s: s.id)
+def test_one_pass_backward(shape, dtype, causal, one_pass):
+    """dQ, dK, dV against float64, and NaN padding around strided inputs never read: dK and dV
+    bit-identical (no atomics in them), dQ within the same bound (its adds come in any order)."""
+    torch.manual_seed(0)
+    q, k, v, do = _inputs(shape, dtype)
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    ref64 = _run_standard(q, k, v, do, scale, causal, torch.float64)[2:]
+    same = _run_standard(q, k, v, do, scale, causal, dtype)[2:]
+    results = []
+    for wrap in (lambda x: x.clone(), _nan_padded):
+        leaves = [wrap(x).requires_grad_() for x in (q, k, v)]
+        out = flash_attn_func(*leaves, causal=causal)
+        results.append(torch.autograd.grad(out, leaves, wrap(do)))
+    for padded_run in (False, True):
+        for name, ours, s, r in zip(("dq", "dk", "dv"), results[padded_run], same, ref64):
+            assert_within_factor(name, ours, s, r, dtype, shape.head_dim)
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="the one-pass backward is a Hopper (sm_90) kernel")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [ONE_PASS_SHAPES[0], ONE_PASS_SHAPES[2], ONE_PASS_SHAPES[6]], ids=lambda s: s.id)
+def test_one_pass_backward_deterministic(shape, causal, one_pass):
+    """deterministic=True: the adds into dQ in a fixed order, so two runs give bit-identical
+    gradients, within the same bound against float64."""
+    torch.manual_seed(0)
+    q, k, v, do = _inputs(shape, torch.bfloat16)
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    runs = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = flash_attn_func(*leaves, causal=causal, deterministic=True)
+        runs.append(torch.autograd.grad(out, leaves, do))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    ref64 = _run_standard(q, k, v, do, scale, causal, torch.float64)[2:]
+    same = _run_standard(q, k, v, do, scale, causal, torch.bfloat16)[2:]
+    for name, ours, s, r in zip(("dq", "dk", "dv"), runs[0], same, ref64):
+        assert_within_factor(name, ours, s, r, torch.bfloat16, shape.head_dim)
+
+
+def test_one_pass_backward_takes_only_plain_16_bit_calls(monkeypatch):
+    """The one-pass backward never takes an option, fp32, a head dim other than 64 and 128, a bias
+    gradient or inputs TMA cannot address; only sm_90's tables list it."""
+    from flashattn.ops.triton import backward_sm90, configs
+    from flashattn.ops.variant import Variant, from_causal
+
+    monkeypatch.setattr(configs, "one_pass_backward", lambda *args: True)
+    x = torch.zeros(1, 64, 2, 128, dtype=torch.float16, device=DEVICE)
+    assert backward_sm90.applies(x, x, x, x, from_causal(True), False)
+    assert backward_sm90.applies(x, x, x, x, Variant(deterministic=True), False)
+    assert not backward_sm90.applies(x, x, x, x, Variant(softcap=5.0), False)
+    assert not backward_sm90.applies(x, x, x, x, from_causal(False), True)           # a bias gradient
+    assert not backward_sm90.applies(*[x.float()] * 4, from_causal(False), False)
+    y = torch.zeros(1, 64, 2, 96, dtype=torch.float16, device=DEVICE)
+    assert not backward_sm90.applies(y, y, y, y, from_causal(False), False)
+    assert not backward_sm90.applies(x, x, x, x[:, :1].expand_as(x), from_causal(False), False)
+    monkeypatch.undo()
+    assert configs.one_pass_backward(128, torch.float16, False, 4096, torch.device("cpu")) is False
+    monkeypatch.setattr(configs, "_capability", lambda index: (8, 0))
+    assert configs.one_pass_backward(128, torch.bfloat16, False, 4096, torch.device("cuda", 0)) is False
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
+    for (head_dim, causal), start in configs._BWD_ONEPASS.items():
+        assert configs.one_pass_backward(head_dim, torch.bfloat16, causal, start, torch.device("cuda", 0))
+        assert not configs.one_pass_backward(head_dim, torch.float32, causal, start, torch.device("cuda", 0))
+    assert not configs.one_pass_backward(96, torch.bfloat16, False, 1 << 14, torch.device("cuda", 0))
+
+
 @pytest.mark.parametrize("backend", list(capabilities.KERNELS))
 def test_backward_is_deterministic(backend, use_backend):
     use_backend(backend)

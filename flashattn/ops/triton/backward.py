@@ -1,7 +1,10 @@
 """FlashAttention backward in Triton: recompute P from Q, K and lse, tile by tile, never storing it.
 
-No atomics, so the gradients are bit-identical run to run:
+backward() sends plain fp16/bf16 calls at head dims 64 and 128 on Hopper to the one-pass Gluon kernel
+(backward_sm90.py, from the lengths in configs._BWD_ONEPASS); every other call runs the portable
+kernels here, which use no atomics, so their gradients are bit-identical run to run:
     _bwd_preprocess   delta = rowsum(dO * O) - dlse                 one program per (query block, head, batch)
+                      (and zeros for backward_sm90's dQ buffer when that kernel takes the call)
     _bwd              the programs below, in one grid or in separate launches (configs.BackwardConfig):
       _bwd_dkdv       dK_j, dV_j for one key block, looping over the query blocks of every query head
                       in its GQA group (so the group sum happens in registers); or only dV_j, or only
@@ -42,7 +45,7 @@ from flashattn.ops.triton.common import (
     options as common_options, query_block_bounds, query_tiles, scores, sparse_tile_start, store_tile,
     strides, tile_mask,
 )
-from flashattn.ops.triton import configs
+from flashattn.ops.triton import backward_sm90, configs
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
@@ -52,12 +55,12 @@ from flashattn.ops.triton.forward import block_d
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA,
+def _bwd_preprocess(O, DO, DLSE, DELTA, DQ_ACC,
                     stride_ob, stride_om, stride_oh,
                     stride_dob, stride_dom, stride_doh,
                     seqlen_q, nheads,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HAS_DLSE: tl.constexpr):
+                    HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr = False):
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,6 +74,10 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
     tl.store(DELTA + row, delta, mask=offs_m < seqlen_q)
+    if ZERO_DQ:
+        # The one-pass backward's fp32 dQ buffer, (B, H, Sq, HEAD_DIM): zeroed here, not by a launch of its own.
+        tl.store(DQ_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -520,13 +527,18 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     opts = common_options(variant, q, k, softmax_scale)
     extra = opts.extra + ("+dbias" if bias_grad else "")
 
+    one_pass = backward_sm90.applies(q, k, v, dout, variant, bias_grad)
+    dq_acc = backward_sm90.dq_buffer(q) if one_pass else None
     delta = torch.empty_like(lse)
     _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),
-        out, dout, dlse if dlse is not None else lse, delta,
+        out, dout, dlse if dlse is not None else lse, delta, dq_acc,
         *strides(out), *strides(dout), seqlen_q, nheads,
-        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None,
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None, ZERO_DQ=one_pass,
         num_warps=4, num_stages=3,
     )
+    if one_pass:
+        return (*backward_sm90.backward(dout, q, k, v, lse, delta, dq_acc, softmax_scale, variant.causal,
+                                        variant.deterministic), None)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)

@@ -136,10 +136,22 @@ _FWD_WS = {
     (256, True, True): (512, TileConfig(128, 64, 4, 2)),
 }
 
+# The one-pass backward for Hopper (backward_sm90: Gluon, 5 products, dQ added into fp32), plain
+# fp16/bf16 calls at head dims 64 and 128, from the length where it measured faster than the portable
+# backward on the H100 (bf16, 16k tokens, the whole backward call; benchmarks/probe/bwd_sm90.py ->
+# results/h100-bwd-sm90-2026-11-22.json). TFLOP/s, one-pass / portable:
+#   D128 non-causal 512 239 / 302, 1k 339 / 354, 2k 426 / 382, 4k 469 / 386, 8k 495 / 412, 16k 513 / 404
+#   D128 causal 512 140 / 188, 1k 222 / 262, 2k 319 / 321, 4k 406 / 356, 8k 445 / 366, 16k 495 / 397
+#   D64 non-causal 2k 280 / 281, 4k 323 / 353, 8k 354 / 370, 16k 364 / 345
+#   D64 causal 2k 240 / 284, 4k 295 / 323, 8k 348 / 344, 16k 373 / 352
+# (head dim, causal) -> from this sequence length.
+_BWD_ONEPASS = {(64, False): 16384, (64, True): 16384, (128, False): 2048, (128, True): 4096}
+
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
 _TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT,
-                    "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()}}}
+                    "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()},
+                    "bwd_onepass": _BWD_ONEPASS}}
 _DEFAULT_ARCH = (9, 0)
 
 
@@ -180,6 +192,16 @@ def warp_specialized(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: in
         return False
     entry = _FWD_WS.get((head_dim, dtype != torch.float32, causal))
     return entry is not None and seqlen >= entry[0]
+
+
+def one_pass_backward(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
+                      device: torch.device) -> bool:
+    """Whether a plain fp16/bf16 backward of this shape may run the one-pass kernel ("bwd_onepass"):
+    where the GPU architecture's own tables have it (sm_90), from the listed sequence length."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return False
+    start = (_arch_tables(device) or {}).get("bwd_onepass", {}).get((head_dim, causal))
+    return start is not None and seqlen >= start
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,

@@ -1,0 +1,338 @@
+"""FlashAttention backward for Hopper in Gluon (Triton's explicit-layout dialect): one pass, 5 products.
+
+The portable backward (backward.py) recomputes P twice, once for dK/dV and once for dQ: 7 matrix
+products per tile. This kernel computes P once per tile and adds dQ's share into an fp32 buffer, as
+FlashAttention-2/3 do, so it costs 5 products: by TMA reduce-adds, whose order varies run to run, or
+with DETERMINISTIC (deterministic=True) by plain read-add-writes in key-block order, handed on by a
+semaphore per (batch, head, query block), which is bit-reproducible. Gluon gives what automatic
+pipelining in `tl` does not: the products are issued asynchronously (warpgroup_mma) and waited on one
+at a time, so the exponentials of P run while dP's product is still in the tensor cores, and the loads
+of the next tiles come by TMA into a ring of STAGES buffers, each with its mbarrier.
+
+One program (8 warps: two warp groups, each owning BLOCK_N / 2 keys) per (key block, kv head, batch),
+looping over the query heads of its GQA group and over their query blocks:
+    qk  = Q_i K^T                     [BLOCK_M, BLOCK_N]   (each warp group: its BLOCK_N / 2 columns)
+    dp  = dO_i V^T                    [BLOCK_M, BLOCK_N]
+    p   = exp2(qk * qk_scale - lse_i * log2(e))   (0 at masked or padding queries)
+    dV += p^T dO_i                    [BLOCK_N, HEAD_DIM]  (p^T through shared memory)
+    ds  = p * (dp - delta_i)
+    dK += ds^T Q_i                    [BLOCK_N, HEAD_DIM]  (times softmax_scale at the end)
+    dQ_i  = dS K      -> added into DQ_ACC (fp32, (B, H, Sq, HEAD_DIM)), scaled and cast to dQ by
+                         _dq_convert afterwards
+Glossary: lse is the forward's natural-log log-sum-exp (+inf for rows that see no key, and loaded as
++inf past seqlen_q, which makes their pT exactly 0); delta = rowsum(dO * O) - dlse (backward.py's
+preprocess); offset = seqlen_k - seqlen_q (query i sees key j <= i + offset when causal); `it` counts
+the tiles of Q_i / dO_i a program has loaded, which gives each tile its ring slot and mbarrier phase.
+
+Only the plain attention (causal or not, GQA, any lengths) at head dim 64 and 128 in fp16/bf16 on
+sm_90; backward.backward() sends every other call to the portable kernels.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton._C.libtriton import ir
+from triton.experimental import gluon
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+
+from flashattn.ops.triton import configs
+from flashattn.ops.triton.common import LOG2E, cdiv, strides
+from flashattn.ops.triton.forward import tma_ready
+from flashattn.ops.triton.launch import Launcher
+from flashattn.ops.variant import Variant
+
+DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
+BLOCK_M = 64        # query rows per step
+BLOCK_N = 128       # keys per program (two warp groups of 64)
+STAGES = 2          # Q_i / dO_i tiles in flight
+NUM_WARPS = 8
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of the shared-memory tile `src` into the tensor at `coord` (cp.reduce.async.bulk;
+    complete it with tma.store_wait). Gluon in Triton 3.6 builds the op but exposes no function for it."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it, start_m, STAGES: gl.constexpr):
+    """Start the TMA loads of Q_i and dO_i (rows start_m...) into ring slot it % STAGES."""
+    s = it % STAGES
+    bar = bars.index(s)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
+    tma.async_copy_global_to_shared(do_desc, [start_m, 0], bar, do_smem.index(s))
+
+
+@gluon.jit
+def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc,
+              LSE, DELTA, dq_desc, dq_smem, DQ, SEM, pid_n, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q, qk_scale,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
+              num_warps: gl.constexpr):
+    """One query block (step j, rows lo + j * BLOCK_M ...) of one query head: the five products, with
+    dQ's share added into DQ (this head's fp32 rows). With IS_CAUSAL the steps before n_masked
+    apply the causal mask."""
+    dtype: gl.constexpr = q_desc.dtype
+    # Tiles with the queries on rows ([BLOCK_M, *]) split their columns between the two warp groups:
+    # each computes S and dP for its own half of the keys, so lse and delta are per-row values (two
+    # registers a thread), and its P and dS columns are the rows of dV and dK that it owns.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                       instr_shape=[16, BLOCK_N // (num_warps // 4), 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                        instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    start_m = lo + j * BLOCK_M
+    s = it % STAGES
+    q_tile = q_smem.index(s)                                                   # [BLOCK_M, HEAD_DIM]
+    do_tile = do_smem.index(s)                                                 # [BLOCK_M, HEAD_DIM]
+    ds_tile = ds_smem.index(it % 2)                                            # [BLOCK_M, BLOCK_N]
+    mbarrier.wait(bars.index(s), (it // STAGES) & 1)
+
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    qk = warpgroup_mma(q_tile, k_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp = warpgroup_mma(do_tile, v_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    rows = gl.arange(0, BLOCK_M, layout=row_layout)
+    in_q = rows < seqlen_q - start_m
+    lse_log2 = gl.load(LSE + start_m + rows, mask=in_q, other=float("inf")) * LOG2E    # [BLOCK_M]
+    delta = gl.load(DELTA + start_m + rows, mask=in_q, other=0.0)                       # [BLOCK_M]
+
+    qk = warpgroup_mma_wait(1, deps=(qk,))
+    p = gl.exp2(qk * qk_scale - gl.expand_dims(lse_log2, 1))                    # [BLOCK_M, BLOCK_N]
+    if IS_CAUSAL and j < n_masked:
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        seen = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + (start_m + offset - start_n), 1)
+        p = gl.where(seen, p, 0.0)
+    # P^T and dS^T are the A operands of dV's and dK's products: through shared memory (registers
+    # cannot be transposed), read back by the warp group that wrote them.
+    p_smem.store(p.to(dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    dv = warpgroup_mma(p_smem.permute((1, 0)), do_tile, dv, is_async=True)
+
+    dp = warpgroup_mma_wait(1, deps=(dp,))
+    ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)                       # [BLOCK_M, BLOCK_N]
+    # dQ_i needs dS over all BLOCK_N keys, half of which the other warp group computed; a ring of
+    # two, so that a warp group one step ahead never overwrites what the other still reads.
+    ds_tile.store(ds)
+    fence_async_shared()
+    tma.store_wait(0)            # the previous step's reduce has read dq_smem
+    gl.thread_barrier()
+    # Past the barrier both warp groups have finished step it - 1, so its slot may be refilled.
+    nxt = j + STAGES - 1
+    if nxt < n_steps:
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + STAGES - 1, lo + nxt * BLOCK_M, STAGES)
+    dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
+                       use_acc=False, is_async=True)
+    dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
+    dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
+    if DETERMINISTIC:
+        # The key blocks that reach query block i are always 0..N_i, and they add into it in that
+        # order: key block pid_n waits until the block's semaphore says pid_n, adds (a plain read,
+        # add and write: no other program writes these rows meanwhile) and hands on to pid_n + 1.
+        sem = SEM + start_m // BLOCK_M
+        turn = gl.atomic_add(sem, 0, sem="acquire")
+        while turn != pid_n:
+            turn = gl.atomic_add(sem, 0, sem="acquire")
+        gl.thread_barrier()
+        dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+        dq_ptrs = DQ + gl.expand_dims((start_m + dq_rows) * HEAD_DIM, 1) + gl.expand_dims(dq_cols, 0)
+        in_q = gl.expand_dims(dq_rows < seqlen_q - start_m, 1)
+        gl.store(dq_ptrs, gl.load(dq_ptrs, mask=in_q, other=0.0) + dq, mask=in_q)
+        gl.thread_barrier()
+        gl.atomic_xchg(sem, pid_n + 1, sem="release")
+    else:
+        # dQ_i goes into the fp32 buffer by a TMA reduce-add, while dK's product runs: the tensor
+        # memory accelerator does the adds in L2, asynchronously; the buffer is rewritten only after
+        # the next step's store_wait.
+        dq_smem.store(dq)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(dq_desc, [start_m, 0], dq_smem)
+    dk = warpgroup_mma_wait(0, deps=(dk,))
+    return dk, dv
+
+
+@gluon.jit
+def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
+                   stride_qb, stride_qm, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_dob, stride_dom, stride_doh,
+                   stride_dkb, stride_dkn, stride_dkh,
+                   stride_dvb, stride_dvn, stride_dvh,
+                   seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """dK, dV of one key block of one kv head (and dQ's share of every query head of its group). With
+    DETERMINISTIC the grid is (kv heads, key blocks, batch), so that the programs running at once are
+    spread over heads rather than queued on one head's semaphores; else (key blocks, kv heads, batch)."""
+    gl.static_assert(num_warps == 8, "two warp groups, one per half of the key block")
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
+    if DETERMINISTIC:
+        pid_n = gl.program_id(1)
+        off_hk = gl.program_id(0).to(gl.int64)
+    else:
+        pid_n = gl.program_id(0)
+        off_hk = gl.program_id(1).to(gl.int64)
+    off_b = gl.program_id(2).to(gl.int64)
+    start_n = pid_n * BLOCK_N
+
+    k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
+                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
+    v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
+                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
+
+    # Query rows [lo, full_lo) see part of the key block (causal diagonal), rows [full_lo, seqlen_q) all.
+    offset = seqlen_k - seqlen_q
+    if IS_CAUSAL:
+        lo = gl.minimum(gl.maximum(start_n - offset, 0), seqlen_q) // BLOCK_M * BLOCK_M
+        full_lo = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
+                             seqlen_q)
+        full_lo = gl.maximum(full_lo, lo)
+    else:
+        lo = 0
+        full_lo = 0
+    n_masked = gl.cdiv(full_lo - lo, BLOCK_M)
+    n_steps = gl.cdiv(seqlen_q - lo, BLOCK_M)
+
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
+    it = 0
+    mbarrier.wait(kv_bar, 0)
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
+                                            strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                            layout=q_layout)
+        do_desc = tma.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh,
+                                             shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
+                                             block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+        row = (off_b * nheads + off_h) * seqlen_q
+        lse_h = LSE + row
+        delta_h = DELTA + row
+        dq_h = DQ_ACC + row * HEAD_DIM
+        sem_h = SEM + (off_b * nheads + off_h) * gl.cdiv(seqlen_q, BLOCK_M)
+        dq_desc = tma.make_tensor_descriptor(dq_h, shape=[seqlen_q, HEAD_DIM],
+                                             strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                             layout=dq_layout)
+        # Every warp group is done with the previous head's tiles before their slots are refilled.
+        gl.thread_barrier()
+        for p in gl.static_range(STAGES - 1):
+            if p < n_steps:
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + p, lo + p * BLOCK_M, STAGES)
+        for j in range(0, n_steps):
+            dk, dv = _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc,
+                               lse_h, delta_h, dq_desc, dq_smem, dq_h, sem_h, pid_n, it, j, n_masked, n_steps, lo, start_n, offset,
+                               seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, DETERMINISTIC,
+                               num_warps)
+            it += 1
+
+    tma.store_wait(0)
+    mbarrier.invalidate(kv_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    in_k = gl.expand_dims(rows < seqlen_k - start_n, 1)
+    dk_ptrs = (DK + off_b * stride_dkb + off_hk * stride_dkh + start_n * stride_dkn
+               + gl.expand_dims(rows * stride_dkn, 1) + gl.expand_dims(cols, 0))
+    gl.store(dk_ptrs, (dk * softmax_scale).to(dtype), mask=in_k)
+    dv_ptrs = (DV + off_b * stride_dvb + off_hk * stride_dvh + start_n * stride_dvn
+               + gl.expand_dims(rows * stride_dvn, 1) + gl.expand_dims(cols, 0))
+    gl.store(dv_ptrs, dv.to(dtype), mask=in_k)
+
+
+_launch_bwd_sm90 = Launcher(_attn_bwd_sm90, scratch=True)
+
+
+@triton.jit
+def _dq_convert(DQ_ACC, DQ, stride_dqb, stride_dqm, stride_dqh, seqlen_q, nheads, softmax_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dQ = softmax_scale * DQ_ACC in dQ's dtype and layout, one program per (query block, head, batch)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    acc = tl.load(DQ_ACC + ((off_b * nheads + off_h) * seqlen_q + rows[:, None]) * HEAD_DIM + cols[None, :],
+                  mask=rows[:, None] < seqlen_q)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + cols[None, :]
+    tl.store(dq_ptrs, (acc * softmax_scale).to(DQ.dtype.element_ty), mask=rows[:, None] < seqlen_q)
+
+
+_launch_dq_convert = Launcher(_dq_convert)
+CONVERT_ROWS = 64
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variant: Variant,
+            bias_grad: bool) -> bool:
+    """Whether backward() takes this call: a plain fp16/bf16 backward at a head dim of HEAD_DIMS on a
+    GPU whose tables list the kernel (sm_90), with TMA-addressable inputs."""
+    return (variant.is_plain and not bias_grad and q.dtype in DTYPES
+            and q.shape[-1] in HEAD_DIMS
+            and configs.one_pass_backward(q.shape[-1], q.dtype, variant.causal,
+                                          max(q.shape[1], k.shape[1]), q.device)
+            and tma_ready(q, k, v, dout))
+
+
+def dq_buffer(q: torch.Tensor) -> torch.Tensor:
+    """The fp32 dQ accumulator, (B, H, Sq, head dim), uninitialised (backward.py's preprocess zeroes it)."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    return torch.empty((batch, nheads, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+             delta: torch.Tensor, dq_acc: torch.Tensor, softmax_scale: float, causal: bool,
+             deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of a call that `applies`, from lse and the preprocess's delta (both (B, H, Sq) fp32),
+    with dq_acc (dq_buffer) zeroed. `deterministic` orders the adds into dq_acc (bit-identical
+    results run to run) by a semaphore per (batch, head, query block)."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    n_kv = cdiv(seqlen_k, BLOCK_N)
+    sem = (torch.zeros((batch, nheads, cdiv(seqlen_q, BLOCK_M)), dtype=torch.int32, device=q.device)
+           if deterministic else dq_acc)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _launch_bwd_sm90((nheads_k, n_kv, batch) if deterministic else (n_kv, nheads_k, batch),
+                     q, k, v, dout, lse, delta, dq_acc, sem, dk, dv,
+                     *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
+                     seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
+                     HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=causal, STAGES=STAGES,
+                     DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),
+                       seqlen_q, nheads, softmax_scale, HEAD_DIM=head_dim, BLOCK_M=CONVERT_ROWS,
+                       num_warps=4, num_stages=1)
+    return dq, dk, dv
