@@ -4,12 +4,22 @@ whole backward call (preprocess, kernel, dQ conversion) on the bench grid (16k t
 import json, os, sys, time
 import torch
 from triton.testing import do_bench
-from flashattn.ops.triton import forward as F, backward as B, backward_sm90 as G
+from flashattn.ops.triton import configs, forward as F, backward as B, backward_sm90 as G
 from flashattn.ops.variant import Variant
 
 out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%F"), "command": " ".join(sys.argv),
        "errors": [], "timing": []}
 det = lambda causal: Variant(causal=causal, window_right=0 if causal else -1, deterministic=True)
+configs.one_pass_backward = lambda *args, **kwargs: True     # every length, to find where it wins
+
+
+def portable(fn):
+    """fn() with the portable backward (the one-pass kernel switched off)."""
+    configs.one_pass_backward = lambda *args, **kwargs: False
+    try:
+        return fn()
+    finally:
+        configs.one_pass_backward = lambda *args, **kwargs: True
 
 
 def ref64(q, k, v, do, causal, scale):
@@ -41,11 +51,15 @@ for dtype in (torch.bfloat16,) if QUICK else (torch.bfloat16, torch.float16):
             try:
                 got = B.backward(do, q, k, v, o, lse, scale, causal)[:3]
                 row["took_sm90"] = G.applies(q, k, v, do, Variant(causal=causal, window_right=0 if causal else -1), False)
-                same = B.backward(do, q, k, v, o, lse, scale, det(causal))[:3]
+                same = portable(lambda: B.backward(do, q, k, v, o, lse, scale, causal))[:3]
+                again = [B.backward(do, q, k, v, o, lse, scale, det(causal))[:3] for _ in range(2)]
+                row["det_bitwise"] = all(torch.equal(a, b) for a, b in zip(*again))
+                row["ddq_det"] = round((again[0][0].double() - ref64(q, k, v, do, causal, scale)[0]).abs().max().item(), 5)
                 exact = ref64(q, k, v, do, causal, scale)
                 for name, x, y, z in zip("qkv", got, same, exact):
                     row["d" + name] = [round((x.double() - z).abs().max().item(), 5), round((y.double() - z).abs().max().item(), 5)]
-                row["ok"] = all(row["d" + n][0] <= 2 * row["d" + n][1] + 1e-3 for n in "qkv")
+                row["ok"] = (all(row["d" + n][0] <= 2 * row["d" + n][1] + 1e-3 for n in "qkv") and row["det_bitwise"]
+                             and row["ddq_det"] <= 2 * row["dq"][1] + 1e-3)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 row["ok"] = False
@@ -64,15 +78,16 @@ for d in (128,) if QUICK else (128, 64):
             tf = lambda fn: round(flops / do_bench(fn, warmup=25, rep=100) / 1e9, 1)
             row = dict(d=d, causal=causal, n=n,
                        onepass=tf(lambda: B.backward(do, q, k, v, o, lse, scale, causal)),
-                       portable=tf(lambda: B.backward(do, q, k, v, o, lse, scale, det(causal))))
+                       deterministic=tf(lambda: B.backward(do, q, k, v, o, lse, scale, det(causal))),
+                       portable=portable(lambda: tf(lambda: B.backward(do, q, k, v, o, lse, scale, causal))))
             delta = torch.empty_like(lse)
             dq_acc = torch.zeros(b, h, n, d, device="cuda", dtype=torch.float32)
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             from flashattn.ops.triton.common import strides, LOG2E, cdiv
-            kern = lambda: G._launch_bwd_sm90((cdiv(n, G.BLOCK_N), h, b), q, k, v, do, lse, delta, dq_acc, dk, dv,
+            kern = lambda: G._launch_bwd_sm90((cdiv(n, G.BLOCK_N), h, b), q, k, v, do, lse, delta, dq_acc, dq_acc, dk, dv,
                 *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), n, n, h, 1, scale,
                 scale * LOG2E.value, HEAD_DIM=d, BLOCK_M=G.BLOCK_M, BLOCK_N=G.BLOCK_N, IS_CAUSAL=causal,
-                STAGES=G.STAGES, num_warps=G.NUM_WARPS, num_stages=1)
+                STAGES=G.STAGES, DQ_STAGES=G.DQ_STAGES, DETERMINISTIC=False, num_warps=G.NUM_WARPS, num_stages=1)
             row["kernel_only"] = tf(kern)
             out["timing"].append(row)
             print("TIME", row, flush=True)
@@ -81,4 +96,5 @@ path = os.path.join(os.environ.get("OUT", "."), "bwd_sm90.json")
 json.dump(out, open(path, "w"), indent=1)
 print("bad:", [r for r in out["errors"] if not r["ok"]])
 for r in out["timing"]:
-    print(f"d{r['d']} {'causal' if r['causal'] else 'full  '} {r['n']:>6}  onepass {r['onepass']:>6}  kernel {r['kernel_only']:>6}  portable {r['portable']:>6}")
+    print(f"d{r['d']} {'causal' if r['causal'] else 'full  '} {r['n']:>6}  onepass {r['onepass']:>6}  kernel {r['kernel_only']:>6}  "
+          f"deterministic {r['deterministic']:>6}  portable {r['portable']:>6}")

@@ -214,7 +214,7 @@ def one_pass(monkeypatch, use_backend):
         raise AssertionError("the backward left the one-pass kernel")
 
     use_backend("triton")
-    monkeypatch.setattr(configs, "one_pass_backward", lambda *args: True)
+    monkeypatch.setattr(configs, "one_pass_backward", lambda *args, **kwargs: True)
     monkeypatch.setattr(backward, "_launch_bwd", other_kernel)
 
 
@@ -271,7 +271,7 @@ def test_one_pass_backward_takes_only_plain_16_bit_calls(monkeypatch):
     from flashattn.ops.triton import backward_sm90, configs
     from flashattn.ops.variant import Variant, from_causal
 
-    monkeypatch.setattr(configs, "one_pass_backward", lambda *args: True)
+    monkeypatch.setattr(configs, "one_pass_backward", lambda *args, **kwargs: True)
     x = torch.zeros(1, 64, 2, 128, dtype=torch.float16, device=DEVICE)
     assert backward_sm90.applies(x, x, x, x, from_causal(True), False)
     assert backward_sm90.applies(x, x, x, x, Variant(deterministic=True), False)
@@ -286,9 +286,13 @@ def test_one_pass_backward_takes_only_plain_16_bit_calls(monkeypatch):
     monkeypatch.setattr(configs, "_capability", lambda index: (8, 0))
     assert configs.one_pass_backward(128, torch.bfloat16, False, 4096, torch.device("cuda", 0)) is False
     monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
-    for (head_dim, causal), start in configs._BWD_ONEPASS.items():
-        assert configs.one_pass_backward(head_dim, torch.bfloat16, causal, start, torch.device("cuda", 0))
-        assert not configs.one_pass_backward(head_dim, torch.float32, causal, start, torch.device("cuda", 0))
+    cuda = torch.device("cuda", 0)
+    for (head_dim, causal), (start, deterministic_start) in configs._BWD_ONEPASS.items():
+        assert configs.one_pass_backward(head_dim, torch.bfloat16, causal, start, cuda)
+        assert not configs.one_pass_backward(head_dim, torch.bfloat16, causal, start - 1, cuda)
+        assert not configs.one_pass_backward(head_dim, torch.float32, causal, start, cuda)
+        assert configs.one_pass_backward(head_dim, torch.float16, causal, 1 << 20, cuda,
+                                         deterministic=True) == (deterministic_start is not None)
     assert not configs.one_pass_backward(96, torch.bfloat16, False, 1 << 14, torch.device("cuda", 0))
 
 

@@ -2,15 +2,16 @@
 
 The portable backward (backward.py) recomputes P twice, once for dK/dV and once for dQ: 7 matrix
 products per tile. This kernel computes P once per tile and adds dQ's share into an fp32 buffer, as
-FlashAttention-2/3 do, so it costs 5 products: by TMA reduce-adds, whose order varies run to run, or
-with DETERMINISTIC (deterministic=True) by plain read-add-writes in key-block order, handed on by a
-semaphore per (batch, head, query block), which is bit-reproducible. Gluon gives what automatic
-pipelining in `tl` does not: the products are issued asynchronously (warpgroup_mma) and waited on one
+FlashAttention-2/3 do, so it costs 5 products: by TMA reduce-adds, whose order varies run to run; or,
+with DETERMINISTIC (deterministic=True), by a writer warp of its own (gl.warp_specialize) that makes
+the same adds in key-block order, handed on by a semaphore per (batch, head, query block), which is
+bit-reproducible. Gluon gives what automatic pipelining in `tl` does not: the products are issued asynchronously (warpgroup_mma) and waited on one
 at a time, so the exponentials of P run while dP's product is still in the tensor cores, and the loads
 of the next tiles come by TMA into a ring of STAGES buffers, each with its mbarrier.
 
-One program (8 warps: two warp groups, each owning BLOCK_N / 2 keys) per (key block, kv head, batch),
-looping over the query heads of its GQA group and over their query blocks:
+One program (8 compute warps: two warp groups, each owning BLOCK_N / 2 keys; with DETERMINISTIC, one
+more warp that writes dQ) per (key block, kv head, batch), looping over the query heads of its GQA
+group and over their query blocks:
     qk  = Q_i K^T                     [BLOCK_M, BLOCK_N]   (each warp group: its BLOCK_N / 2 columns)
     dp  = dO_i V^T                    [BLOCK_M, BLOCK_N]
     p   = exp2(qk * qk_scale - lse_i * log2(e))   (0 at masked or padding queries)
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 from triton._C.libtriton import ir
 from triton.experimental import gluon
-from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language._core import _unwrap_if_constexpr, builtin
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
@@ -49,7 +50,9 @@ HEAD_DIMS = (64, 128)
 BLOCK_M = 64        # query rows per step
 BLOCK_N = 128       # keys per program (two warp groups of 64)
 STAGES = 2          # Q_i / dO_i tiles in flight
-NUM_WARPS = 8
+DQ_STAGES = 1       # dQ_i tiles handed to the writer partition (one fits in shared memory at head dim 128)
+NUM_WARPS = 8       # the compute partition's; the writer partition adds one warp
+WRITER_REGS = gl.constexpr(24)
 
 
 @builtin
@@ -71,14 +74,25 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it, start_m, STAGES: gl.c
 
 
 @gluon.jit
-def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc,
-              LSE, DELTA, dq_desc, dq_smem, DQ, SEM, pid_n, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q, qk_scale,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
+def _query_block(lo, j, n_steps, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
+    """The first row of step j's query block. REVERSE walks them from the last: with the deterministic
+    order, key block k then reaches each query block one step after key block k - 1 does, instead of
+    waiting at its first (diagonal) block for key blocks 0..k-1 to get there."""
+    if REVERSE:
+        return lo + (n_steps - 1 - j) * BLOCK_M
+    else:
+        return lo + j * BLOCK_M
+
+
+@gluon.jit
+def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full, dq_empty,
+              q_desc, do_desc, dq_desc, LSE, DELTA, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q,
+              qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
               num_warps: gl.constexpr):
-    """One query block (step j, rows lo + j * BLOCK_M ...) of one query head: the five products, with
-    dQ's share added into DQ (this head's fp32 rows). With IS_CAUSAL the steps before n_masked
-    apply the causal mask."""
+    """One query block (step j: _query_block) of one query head: the five products; dQ_i is handed to
+    the writer partition (DQ_WRITER, which also walks the blocks in reverse), or added by a TMA
+    reduce-add at dq_desc. With IS_CAUSAL the first n_masked blocks get the causal mask."""
     dtype: gl.constexpr = q_desc.dtype
     # Tiles with the queries on rows ([BLOCK_M, *]) split their columns between the two warp groups:
     # each computes S and dP for its own half of the keys, so lse and delta are per-row values (two
@@ -88,7 +102,7 @@ def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
                                                         instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    start_m = lo + j * BLOCK_M
+    start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
     q_tile = q_smem.index(s)                                                   # [BLOCK_M, HEAD_DIM]
     do_tile = do_smem.index(s)                                                 # [BLOCK_M, HEAD_DIM]
@@ -105,7 +119,7 @@ def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_
 
     qk = warpgroup_mma_wait(1, deps=(qk,))
     p = gl.exp2(qk * qk_scale - gl.expand_dims(lse_log2, 1))                    # [BLOCK_M, BLOCK_N]
-    if IS_CAUSAL and j < n_masked:
+    if IS_CAUSAL and start_m < lo + n_masked * BLOCK_M:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         seen = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + (start_m + offset - start_n), 1)
         p = gl.where(seen, p, 0.0)
@@ -122,109 +136,109 @@ def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_
     # two, so that a warp group one step ahead never overwrites what the other still reads.
     ds_tile.store(ds)
     fence_async_shared()
-    tma.store_wait(0)            # the previous step's reduce has read dq_smem
+    if not DQ_WRITER:
+        tma.store_wait(0)        # the previous step's reduce has read dq_smem
     gl.thread_barrier()
     # Past the barrier both warp groups have finished step it - 1, so its slot may be refilled.
     nxt = j + STAGES - 1
     if nxt < n_steps:
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + STAGES - 1, lo + nxt * BLOCK_M, STAGES)
+        _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + STAGES - 1,
+                   _query_block(lo, nxt, n_steps, BLOCK_M, DQ_WRITER), STAGES)
     dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
                        use_acc=False, is_async=True)
     dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
     dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
-    if DETERMINISTIC:
-        # The key blocks that reach query block i are always 0..N_i, and they add into it in that
-        # order: key block pid_n waits until the block's semaphore says pid_n, adds (a plain read,
-        # add and write: no other program writes these rows meanwhile) and hands on to pid_n + 1.
-        sem = SEM + start_m // BLOCK_M
-        turn = gl.atomic_add(sem, 0, sem="acquire")
-        while turn != pid_n:
-            turn = gl.atomic_add(sem, 0, sem="acquire")
+    if DQ_WRITER:
+        # dQ_i goes to the writer partition through a ring of DQ_STAGES buffers, while dK's product runs.
+        d = it % DQ_STAGES
+        mbarrier.wait(dq_empty.index(d), ((it // DQ_STAGES) & 1) ^ 1)
+        dq_smem.index(d).store(dq)
+        fence_async_shared()
         gl.thread_barrier()
-        dq_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
-        dq_ptrs = DQ + gl.expand_dims((start_m + dq_rows) * HEAD_DIM, 1) + gl.expand_dims(dq_cols, 0)
-        in_q = gl.expand_dims(dq_rows < seqlen_q - start_m, 1)
-        gl.store(dq_ptrs, gl.load(dq_ptrs, mask=in_q, other=0.0) + dq, mask=in_q)
-        gl.thread_barrier()
-        gl.atomic_xchg(sem, pid_n + 1, sem="release")
+        mbarrier.arrive(dq_full.index(d), count=1)
     else:
         # dQ_i goes into the fp32 buffer by a TMA reduce-add, while dK's product runs: the tensor
         # memory accelerator does the adds in L2, asynchronously; the buffer is rewritten only after
         # the next step's store_wait.
-        dq_smem.store(dq)
+        dq_smem.index(0).store(dq)
         fence_async_shared()
         gl.thread_barrier()
-        _tma_reduce_add(dq_desc, [start_m, 0], dq_smem)
+        _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
     dk = warpgroup_mma_wait(0, deps=(dk,))
     return dk, dv
 
 
+@builtin
+def _ptx(statement, _semantic=None):
+    """One PTX statement for which Gluon 3.6 has no function. (An asm statement with no result does
+    not lower in Triton 3.6: it gets a dummy one.)"""
+    _semantic.builder.create_inline_asm(f"{_unwrap_if_constexpr(statement)}\n\tmov.u32 $0, 0;", "=r", [],
+                                        [gl.int32.to_ir(_semantic.builder)], False, 1)
+
+
 @gluon.jit
-def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
-                   stride_qb, stride_qm, stride_qh,
-                   stride_kb, stride_kn, stride_kh,
-                   stride_vb, stride_vn, stride_vh,
-                   stride_dob, stride_dom, stride_doh,
-                   stride_dkb, stride_dkn, stride_dkh,
-                   stride_dvb, stride_dvn, stride_dvh,
-                   seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
-                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DETERMINISTIC: gl.constexpr,
-                   num_warps: gl.constexpr):
-    """dK, dV of one key block of one kv head (and dQ's share of every query head of its group). With
-    DETERMINISTIC the grid is (kv heads, key blocks, batch), so that the programs running at once are
-    spread over heads rather than queued on one head's semaphores; else (key blocks, kv heads, batch)."""
+def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size, seqlen_q,
+               lo, n_steps, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, DQ_STAGES: gl.constexpr):
+    """The writer partition of the deterministic kernel (one warp): adds each dQ_i the compute warps
+    hand over into DQ_ACC by a TMA reduce-add, in a fixed order: the key blocks that reach query block
+    i (always 0..N_i) add in that order; key block pid_n waits until the block's semaphore says pid_n,
+    adds, waits until its add is complete in memory and hands on to pid_n + 1."""
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
+    it = 0
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        row = (off_b * nheads + off_h) * seqlen_q
+        dq_desc = tma.make_tensor_descriptor(DQ_ACC + row * HEAD_DIM, shape=[seqlen_q, HEAD_DIM],
+                                             strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                             layout=dq_layout)
+        sem_h = SEM + (off_b * nheads + off_h) * gl.cdiv(seqlen_q, BLOCK_M)
+        for j in range(n_steps):
+            start_m = _query_block(lo, j, n_steps, BLOCK_M, True)
+            d = it % DQ_STAGES
+            mbarrier.wait(dq_full.index(d), (it // DQ_STAGES) & 1)
+            sem = sem_h + start_m // BLOCK_M
+            turn = gl.atomic_add(sem, 0, sem="acquire")
+            while turn != pid_n:
+                turn = gl.atomic_add(sem, 0, sem="acquire")
+            _ptx("fence.proxy.async.global;")         # the TMA add comes after the acquire
+            _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(d))
+            tma.store_wait(0)
+            mbarrier.arrive(dq_empty.index(d), count=1)
+            # Complete in global memory (store_wait only waits until shared memory is read), and
+            # ordered before the release.
+            _ptx("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;")
+            gl.atomic_xchg(sem, pid_n + 1, sem="release")
+            it += 1
+
+
+@gluon.jit
+def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem,
+                 kv_bar, bars, dq_full, dq_empty,
+                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                 stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                 pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+                 lo, n_masked, n_steps, offset,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """The compute warps (num_warps, the kernel's): load K_j, V_j, then Q_i, dO_i of every step by TMA,
+    run the steps and store dK_j, dV_j."""
     gl.static_assert(num_warps == 8, "two warp groups, one per half of the key block")
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
     dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
-    if DETERMINISTIC:
-        pid_n = gl.program_id(1)
-        off_hk = gl.program_id(0).to(gl.int64)
-    else:
-        pid_n = gl.program_id(0)
-        off_hk = gl.program_id(1).to(gl.int64)
-    off_b = gl.program_id(2).to(gl.int64)
     start_n = pid_n * BLOCK_N
-
     k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
                                         strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
     v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
                                         strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
-    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, HEAD_DIM], dq_layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    fence_async_shared()
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [start_n, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [start_n, 0], kv_bar, v_smem)
-
-    # Query rows [lo, full_lo) see part of the key block (causal diagonal), rows [full_lo, seqlen_q) all.
-    offset = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        lo = gl.minimum(gl.maximum(start_n - offset, 0), seqlen_q) // BLOCK_M * BLOCK_M
-        full_lo = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
-                             seqlen_q)
-        full_lo = gl.maximum(full_lo, lo)
-    else:
-        lo = 0
-        full_lo = 0
-    n_masked = gl.cdiv(full_lo - lo, BLOCK_M)
-    n_steps = gl.cdiv(seqlen_q - lo, BLOCK_M)
 
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
@@ -239,29 +253,27 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                                              shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
                                              block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
         row = (off_b * nheads + off_h) * seqlen_q
-        lse_h = LSE + row
-        delta_h = DELTA + row
-        dq_h = DQ_ACC + row * HEAD_DIM
-        sem_h = SEM + (off_b * nheads + off_h) * gl.cdiv(seqlen_q, BLOCK_M)
-        dq_desc = tma.make_tensor_descriptor(dq_h, shape=[seqlen_q, HEAD_DIM],
-                                             strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
-                                             layout=dq_layout)
+        dq_desc = q_desc  # unused with DQ_WRITER
+        if not DQ_WRITER:
+            dq_desc = tma.make_tensor_descriptor(DQ_ACC + row * HEAD_DIM, shape=[seqlen_q, HEAD_DIM],
+                                                 strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                                 layout=dq_layout)
         # Every warp group is done with the previous head's tiles before their slots are refilled.
         gl.thread_barrier()
         for p in gl.static_range(STAGES - 1):
             if p < n_steps:
-                _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + p, lo + p * BLOCK_M, STAGES)
+                _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + p,
+                           _query_block(lo, p, n_steps, BLOCK_M, DQ_WRITER), STAGES)
         for j in range(0, n_steps):
-            dk, dv = _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, bars, q_desc, do_desc,
-                               lse_h, delta_h, dq_desc, dq_smem, dq_h, sem_h, pid_n, it, j, n_masked, n_steps, lo, start_n, offset,
-                               seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, IS_CAUSAL, DETERMINISTIC,
-                               num_warps)
+            dk, dv = _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
+                               dq_empty, q_desc, do_desc, dq_desc, LSE + row, DELTA + row, it, j, n_masked,
+                               n_steps, lo, start_n, offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
+                               STAGES, DQ_STAGES, DQ_WRITER, IS_CAUSAL, num_warps)
             it += 1
 
-    tma.store_wait(0)
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+    if not DQ_WRITER:
+        tma.store_wait(0)
+
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
     in_k = gl.expand_dims(rows < seqlen_k - start_n, 1)
@@ -271,6 +283,95 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
     dv_ptrs = (DV + off_b * stride_dvb + off_hk * stride_dvh + start_n * stride_dvn
                + gl.expand_dims(rows * stride_dvn, 1) + gl.expand_dims(cols, 0))
     gl.store(dv_ptrs, dv.to(dtype), mask=in_k)
+
+
+@gluon.jit
+def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
+                   stride_qb, stride_qm, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_dob, stride_dom, stride_doh,
+                   stride_dkb, stride_dkn, stride_dkh,
+                   stride_dvb, stride_dvn, stride_dvh,
+                   seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_STAGES: gl.constexpr,
+                   DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr):
+    """dK, dV of one key block of one kv head, and dQ's share of every query head of its group: 8
+    compute warps (num_warps=8) and, with DETERMINISTIC, a dQ writer warp. With DETERMINISTIC the grid
+    is (kv heads, key blocks, batch), so that the programs running at once are spread over heads
+    rather than queued on one head's semaphores; else (key blocks, kv heads, batch)."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
+    if DETERMINISTIC:
+        pid_n = gl.program_id(1)
+        off_hk = gl.program_id(0).to(gl.int64)
+    else:
+        pid_n = gl.program_id(0)
+        off_hk = gl.program_id(1).to(gl.int64)
+    off_b = gl.program_id(2).to(gl.int64)
+    start_n = pid_n * BLOCK_N
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, BLOCK_M, HEAD_DIM], dq_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(DQ_STAGES):
+        mbarrier.init(dq_full.index(i), count=1)
+        mbarrier.init(dq_empty.index(i), count=1)
+    fence_async_shared()
+
+    # Query rows [lo, full_lo) see part of the key block (causal diagonal), rows [full_lo, seqlen_q) all.
+    offset = seqlen_k - seqlen_q
+    if IS_CAUSAL:
+        lo = gl.minimum(gl.maximum(start_n - offset, 0), seqlen_q) // BLOCK_M * BLOCK_M
+        full_lo = gl.minimum(gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
+                             seqlen_q)
+        full_lo = gl.maximum(full_lo, lo)
+    else:
+        lo = 0
+        full_lo = 0
+    n_masked = gl.cdiv(full_lo - lo, BLOCK_M)
+    n_steps = gl.cdiv(seqlen_q - lo, BLOCK_M)
+
+    if DETERMINISTIC:
+        # The ordered adds wait on other programs: a writer warp of their own keeps that off the
+        # compute warps (which then have 240 registers instead of 255: the plain kernel is faster
+        # without it).
+        gl.warp_specialize([
+            (_bwd_compute, (Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem,
+                            ds_smem, dq_smem, kv_bar, bars, dq_full, dq_empty,
+                            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                            stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                            stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                            pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
+                            qk_scale, lo, n_masked, n_steps, offset, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                            DQ_STAGES, True, IS_CAUSAL, num_warps)),
+            (_dq_writer, (dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size,
+                          seqlen_q, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES)),
+        ], [1], [WRITER_REGS])
+    else:
+        _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem,
+                     ds_smem, dq_smem, kv_bar, bars, dq_full, dq_empty,
+                     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                     stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                     pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
+                     qk_scale, lo, n_masked, n_steps, offset, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                     DQ_STAGES, False, IS_CAUSAL, num_warps)
 
 
 _launch_bwd_sm90 = Launcher(_attn_bwd_sm90, scratch=True)
@@ -302,7 +403,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tenso
     return (variant.is_plain and not bias_grad and q.dtype in DTYPES
             and q.shape[-1] in HEAD_DIMS
             and configs.one_pass_backward(q.shape[-1], q.dtype, variant.causal,
-                                          max(q.shape[1], k.shape[1]), q.device)
+                                          max(q.shape[1], k.shape[1]), q.device, variant.deterministic)
             and tma_ready(q, k, v, dout))
 
 
@@ -330,7 +431,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
                      seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=causal, STAGES=STAGES,
-                     DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1)
+                     DQ_STAGES=DQ_STAGES, DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),
                        seqlen_q, nheads, softmax_scale, HEAD_DIM=head_dim, BLOCK_M=CONVERT_ROWS,

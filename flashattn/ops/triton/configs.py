@@ -139,13 +139,16 @@ _FWD_WS = {
 # The one-pass backward for Hopper (backward_sm90: Gluon, 5 products, dQ added into fp32), plain
 # fp16/bf16 calls at head dims 64 and 128, from the length where it measured faster than the portable
 # backward on the H100 (bf16, 16k tokens, the whole backward call; benchmarks/probe/bwd_sm90.py ->
-# results/h100-bwd-sm90-2026-11-22.json). TFLOP/s, one-pass / portable:
-#   D128 non-causal 512 239 / 302, 1k 339 / 354, 2k 426 / 382, 4k 469 / 386, 8k 495 / 412, 16k 513 / 404
-#   D128 causal 512 140 / 188, 1k 222 / 262, 2k 319 / 321, 4k 406 / 356, 8k 445 / 366, 16k 495 / 397
-#   D64 non-causal 2k 280 / 281, 4k 323 / 353, 8k 354 / 370, 16k 364 / 345
-#   D64 causal 2k 240 / 284, 4k 295 / 323, 8k 348 / 344, 16k 373 / 352
-# (head dim, causal) -> from this sequence length.
-_BWD_ONEPASS = {(64, False): 16384, (64, True): 16384, (128, False): 2048, (128, True): 4096}
+# results/h100-bwd-sm90-2026-11-22-b.json). TFLOP/s, one-pass / its deterministic=True build /
+# portable (deterministic either way):
+#   D128 non-causal 1k 343 / 323 / 352, 2k 425 / 390 / 372, 4k 452 / 424 / 383, 8k 505 / 437 / 388,
+#                   16k 506 / 465 / 408
+#   D128 causal 2k 328 / 256 / 320, 4k 402 / 328 / 336, 8k 431 / 388 / 369, 16k 493 / 400 / 373
+#   D64 non-causal 4k 327 / 291 / 346, 8k 351 / 307 / 349, 16k 361 / 315 / 357
+#   D64 causal 4k 304 / 263 / 315, 8k 351 / 294 / 336, 16k 381 / 314 / 325
+# (head dim, causal) -> (from this length, and from this length with deterministic=True, or None).
+_BWD_ONEPASS = {(64, False): (16384, None), (64, True): (8192, None),
+                (128, False): (2048, 2048), (128, True): (4096, 8192)}
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
@@ -195,12 +198,14 @@ def warp_specialized(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: in
 
 
 def one_pass_backward(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
-                      device: torch.device) -> bool:
+                      device: torch.device, deterministic: bool = False) -> bool:
     """Whether a plain fp16/bf16 backward of this shape may run the one-pass kernel ("bwd_onepass"):
-    where the GPU architecture's own tables have it (sm_90), from the listed sequence length."""
+    where the GPU architecture's own tables have it (sm_90), from the listed sequence length (the
+    deterministic one's, with deterministic=True)."""
     if device.type != "cuda" or dtype == torch.float32:
         return False
-    start = (_arch_tables(device) or {}).get("bwd_onepass", {}).get((head_dim, causal))
+    starts = (_arch_tables(device) or {}).get("bwd_onepass", {}).get((head_dim, causal))
+    start = None if starts is None else starts[deterministic]
     return start is not None and seqlen >= start
 
 
