@@ -35,11 +35,12 @@ def ref64(q, k, v, do, causal, scale):
     return [x.grad.transpose(1, 2) for x in (qf, kf, vf)]
 
 
-shapes = [(1, 128, 128, 2, 2, 128), (2, 1025, 1025, 4, 2, 128), (1, 17, 300, 2, 1, 128), (1, 300, 17, 2, 2, 128),
+shapes = [(1, 128, 128, 2, 2, 128), (2, 1025, 1025, 4, 2, 64), (1, 300, 17, 2, 2, 64), (1, 17, 300, 2, 1, 64), (2, 1025, 1025, 4, 2, 128), (1, 17, 300, 2, 1, 128), (1, 300, 17, 2, 2, 128),
           (2, 513, 700, 6, 2, 64), (1, 1, 129, 2, 2, 64), (1, 2048, 2048, 4, 4, 128), (1, 777, 1500, 8, 1, 64)]
 QUICK = os.environ.get("QUICK") == "1"   # a few shapes, bf16 only, D128 timings
 for dtype in (torch.bfloat16,) if QUICK else (torch.bfloat16, torch.float16):
-    for (b, sq, sk, h, hk, d) in shapes[1:4] + shapes[6:7] if QUICK else shapes:
+    for (b, sq, sk, h, hk, d) in (shapes[1:4] if os.environ.get("D64_BM64") else shapes[4:7] + shapes[9:10] if QUICK
+                                  else shapes):
         for causal in (False, True):
             torch.manual_seed(0)
             q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
@@ -66,7 +67,7 @@ for dtype in (torch.bfloat16,) if QUICK else (torch.bfloat16, torch.float16):
             out["errors"].append(row)
             print("ERR", row, flush=True)
 
-for d in (128,) if QUICK else (128, 64):
+for d in (128,) if QUICK else (64,) if os.environ.get("D64_BM64") else (128, 64):
     h = 2048 // d
     for causal in (False, True):
         for n in (512, 1024, 2048, 4096, 8192, 16384):
@@ -76,7 +77,7 @@ for d in (128,) if QUICK else (128, 64):
             o, lse = F.forward(q, k, v, scale, causal)
             flops = 2.5 * 4 * b * h * n * n * d / (2 if causal else 1)
             tf = lambda fn: round(flops / do_bench(fn, warmup=25, rep=100) / 1e9, 1)
-            row = dict(d=d, causal=causal, n=n,
+            row = dict(d=d, causal=causal, n=n, block_m=G.BLOCK_M[d],
                        onepass=tf(lambda: B.backward(do, q, k, v, o, lse, scale, causal)),
                        deterministic=tf(lambda: B.backward(do, q, k, v, o, lse, scale, det(causal))),
                        portable=portable(lambda: tf(lambda: B.backward(do, q, k, v, o, lse, scale, causal))))
@@ -84,9 +85,15 @@ for d in (128,) if QUICK else (128, 64):
             dq_acc = torch.zeros(b, h, n, d, device="cuda", dtype=torch.float32)
             dk, dv = torch.empty_like(k), torch.empty_like(v)
             from flashattn.ops.triton.common import strides, LOG2E, cdiv
+            if os.environ.get("D64_BM64") and d == 64:
+                # The same with 64-row steps at head dim 64 (the table's choice is 128).
+                G.BLOCK_M[64] = 64
+                row["onepass_bm64"] = tf(lambda: B.backward(do, q, k, v, o, lse, scale, causal))
+                row["deterministic_bm64"] = tf(lambda: B.backward(do, q, k, v, o, lse, scale, det(causal)))
+                G.BLOCK_M[64] = 128
             kern = lambda: G._launch_bwd_sm90((cdiv(n, G.BLOCK_N), h, b), q, k, v, do, lse, delta, dq_acc, dq_acc, dk, dv,
                 *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), n, n, h, 1, scale,
-                scale * LOG2E.value, HEAD_DIM=d, BLOCK_M=G.BLOCK_M, BLOCK_N=G.BLOCK_N, IS_CAUSAL=causal,
+                scale * LOG2E.value, HEAD_DIM=d, BLOCK_M=G.BLOCK_M[d], BLOCK_N=G.BLOCK_N, IS_CAUSAL=causal,
                 STAGES=G.STAGES, DQ_STAGES=G.DQ_STAGES, DETERMINISTIC=False, num_warps=G.NUM_WARPS, num_stages=1)
             row["kernel_only"] = tf(kern)
             out["timing"].append(row)
@@ -97,4 +104,5 @@ json.dump(out, open(path, "w"), indent=1)
 print("bad:", [r for r in out["errors"] if not r["ok"]])
 for r in out["timing"]:
     print(f"d{r['d']} {'causal' if r['causal'] else 'full  '} {r['n']:>6}  onepass {r['onepass']:>6}  kernel {r['kernel_only']:>6}  "
-          f"deterministic {r['deterministic']:>6}  portable {r['portable']:>6}")
+          f"deterministic {r['deterministic']:>6}  portable {r['portable']:>6}  "
+          f"bm64 {r.get('onepass_bm64', '-')} / {r.get('deterministic_bm64', '-')}")

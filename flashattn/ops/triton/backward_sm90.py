@@ -47,7 +47,9 @@ from flashattn.ops.variant import Variant
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
-BLOCK_M = 64        # query rows per step
+# Query rows per step, per head dim: at head dim 64 a 64-row step is too little matrix work for the
+# exponentials and barriers around it, and 128 rows still fit (229 KB of shared memory).
+BLOCK_M = {64: 128, 128: 64}
 BLOCK_N = 128       # keys per program (two warp groups of 64)
 STAGES = 2          # Q_i / dO_i tiles in flight
 DQ_STAGES = 1       # dQ_i tiles handed to the writer partition (one fits in shared memory at head dim 128)
@@ -422,7 +424,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     n_kv = cdiv(seqlen_k, BLOCK_N)
-    sem = (torch.zeros((batch, nheads, cdiv(seqlen_q, BLOCK_M)), dtype=torch.int32, device=q.device)
+    block_m = BLOCK_M[head_dim]
+    sem = (torch.zeros((batch, nheads, cdiv(seqlen_q, block_m)), dtype=torch.int32, device=q.device)
            if deterministic else dq_acc)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -430,7 +433,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      q, k, v, dout, lse, delta, dq_acc, sem, dk, dv,
                      *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
                      seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
-                     HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=causal, STAGES=STAGES,
+                     HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_CAUSAL=causal, STAGES=STAGES,
                      DQ_STAGES=DQ_STAGES, DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),

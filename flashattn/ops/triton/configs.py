@@ -139,15 +139,15 @@ _FWD_WS = {
 # The one-pass backward for Hopper (backward_sm90: Gluon, 5 products, dQ added into fp32), plain
 # fp16/bf16 calls at head dims 64 and 128, from the length where it measured faster than the portable
 # backward on the H100 (bf16, 16k tokens, the whole backward call; benchmarks/probe/bwd_sm90.py ->
-# results/h100-bwd-sm90-2026-11-22-b.json). TFLOP/s, one-pass / its deterministic=True build /
-# portable (deterministic either way):
+# results/h100-bwd-sm90-2026-11-22-b.json (head dim 128) and -c.json (head dim 64, 128-row steps)).
+# TFLOP/s, one-pass / its deterministic=True build / portable (deterministic either way):
 #   D128 non-causal 1k 343 / 323 / 352, 2k 425 / 390 / 372, 4k 452 / 424 / 383, 8k 505 / 437 / 388,
 #                   16k 506 / 465 / 408
 #   D128 causal 2k 328 / 256 / 320, 4k 402 / 328 / 336, 8k 431 / 388 / 369, 16k 493 / 400 / 373
-#   D64 non-causal 4k 327 / 291 / 346, 8k 351 / 307 / 349, 16k 361 / 315 / 357
-#   D64 causal 4k 304 / 263 / 315, 8k 351 / 294 / 336, 16k 381 / 314 / 325
+#   D64 non-causal 2k 318 / 308 / 329, 4k 362 / 344 / 342, 8k 377 / 356 / 347, 16k 397 / 367 / 342
+#   D64 causal 2k 256 / 243 / 279, 4k 319 / 298 / 319, 8k 355 / 323 / 335, 16k 389 / 341 / 344
 # (head dim, causal) -> (from this length, and from this length with deterministic=True, or None).
-_BWD_ONEPASS = {(64, False): (16384, None), (64, True): (8192, None),
+_BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
                 (128, False): (2048, 2048), (128, True): (4096, 8192)}
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
