@@ -366,6 +366,8 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                           seqlen_q, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES)),
         ], [1], [WRITER_REGS])
     else:
+        # The same arguments as above, spelled out: a tuple unpacked into a call (`*args`) loses
+        # its constexprs in Triton 3.6, which gl.warp_specialize keeps.
         _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem,
                      ds_smem, dq_smem, kv_bar, bars, dq_full, dq_empty,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
