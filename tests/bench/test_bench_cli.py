@@ -78,3 +78,19 @@ def test_flops_and_cpu_grid():
     assert Case("bf16", 2, 16, 1024, 128, True, "fwd").flops == fwd.flops / 2
     assert Case("bf16", 2, 16, 1024, 128, False, "bwd").flops == 2.5 * fwd.flops
     assert len(CPU_GRID.cases()) == len(CPU_GRID.seqlens) * 2 * 2
+
+
+def test_deterministic_entry_is_ours_and_backward_only():
+    """The deterministic=True entry is measured on backward cases only and is never the best peer
+    (it is this library), so the headline ratio stays against the others."""
+    from flashattn.bench import peers
+    from flashattn.bench.measure import Measurement
+    from flashattn.bench.suite import Row
+
+    entry = next(p for p in peers._registry("gpu") if p.name == peers.DETERMINISTIC)
+    assert entry.skip_reason(Case("bf16", 2, 16, 1024, 128, False, "fwd")) == "backward only"
+    assert entry.skip_reason(Case("bf16", 2, 16, 1024, 128, False, "bwd")) is None
+    row = Row(Case("bf16", 2, 16, 1024, 128, False, "bwd"), {
+        peers.SUBJECT: Measurement("ok", tflops=100.0), peers.DETERMINISTIC: Measurement("ok", tflops=300.0),
+        "sdpa-flash": Measurement("ok", tflops=50.0)})
+    assert row.best_peer() == "sdpa-flash" and row.ratio() == 2.0

@@ -11,9 +11,9 @@ kernels here, which use no atomics, so their gradients are bit-identical run to 
                       dK_j (DKDV = 1 or 2), when dK has programs of its own (BackwardConfig.dk)
       _bwd_dq         dQ_i for one query block, looping over key blocks as the forward does
 This costs 7 matrix products per tile against 5 for a one-pass backward that adds dS K into an fp32
-dQ with atomics; on the H100 with plain `tl` that one-pass kernel measured slower (342 against 384
-TFLOP/s at head dim 128, 4k; benchmarks/results/h100-sweep-onepass-bwd-2026-11-22.json), so the
-deterministic layout is also the fast one here.
+dQ; written in plain `tl` that one-pass kernel measured slower on the H100 (342 against 384 TFLOP/s
+at head dim 128, 4k; benchmarks/results/h100-sweep-onepass-bwd-2026-11-22.json): it takes the
+explicit asynchrony of backward_sm90's Gluon to win.
 
 Glossary (flashattn/ops/reference.py has the same steps in PyTorch):
     qkT, pT      scores and probabilities transposed, keys on rows           [BLOCK_N, BLOCK_M]
