@@ -4,10 +4,11 @@ forward with FlashAttention-3's ping-pong schedule, the next step past forward._
 One program per 128 query rows of one (batch, head), three partitions (gl.warp_specialize):
     producer      1 warp: Q's two 64-row halves once, then K_j, V_j into a ring of STAGES slots
                   (kv_ready / kv_empty mbarriers; a slot is empty when both consumers released it)
-    consumer 0/1  a warp group each, 64 query rows each. Iteration j issues P_{j-1} V_{j-1} and
-                  Q K_j^T together, then the softmax of S_j runs while the other warp group's pair of
-                  products is in the tensor cores: the two take turns to issue (mbarriers `turn`), so
-                  one's exponentials overlap the other's products.
+    consumer 0/1  a warp group each, 64 query rows each. Iteration j issues Q K_j^T and then
+                  P_{j-1} V_{j-1} (O rescaled by block j-1's alpha first), waits for the first and runs
+                  the softmax of block j while the second is in the tensor cores; and the two warp
+                  groups take turns to issue (mbarriers `turn`), so one's exponentials also overlap the
+                  other's products.
 Inputs are (B, H, N, D) contiguous, N a multiple of 128 (a probe, not the library's layout), bf16/fp16.
 `python benchmarks/probe/gluon/pingpong_fwd.py` compiles it for sm_90 and prints registers and spills;
 on a GPU, `--run` checks it against SDPA and times it beside SDPA.
@@ -22,8 +23,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-ROWS = 64           # query rows per consumer warp group
-BLOCK_N = 128
+ROWS = 64                                   # query rows per consumer warp group
+BLOCK_N = {64: 128, 128: 128, 256: 64}      # keys per block, per head dim (registers: O is 2 x D / 2 a thread)
 STAGES = 2
 
 
@@ -51,7 +52,8 @@ def _my_turn(turn, t, WG: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(qk, m_i, l_i, acc, qk_scale, offs_m, offs_n, MASKED: gl.constexpr, o_layout: gl.constexpr):
+def _softmax(qk, m_i, l_i, qk_scale, offs_m, offs_n, MASKED: gl.constexpr):
+    """P of one block and the running max and sum; alpha rescales O once its last product is in."""
     qk = qk * qk_scale
     if MASKED:
         qk = gl.where(gl.expand_dims(offs_m, 1) >= gl.expand_dims(offs_n, 0), qk, float("-inf"))
@@ -59,8 +61,7 @@ def _softmax(qk, m_i, l_i, acc, qk_scale, offs_m, offs_n, MASKED: gl.constexpr, 
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(qk - gl.expand_dims(m_new, 1))
     l_i = l_i * alpha + gl.sum(p, axis=1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    return p, m_new, l_i, acc
+    return p, m_new, l_i, alpha
 
 
 @gluon.jit
@@ -88,27 +89,31 @@ def _consumer(O, q_smem, k_smem, v_smem, q_bar, kv_ready, kv_empty, turn, row0, 
     qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     mbarrier.arrive(turn.index(1 - WG), count=1)
     qk = warpgroup_mma_wait(0, deps=(qk,))
-    p, m_i, l_i, acc = _softmax(qk, m_i, l_i, acc, qk_scale, offs_m, cols,
-                                CAUSAL and n_blocks == 1, o_layout)
+    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, offs_m, cols, CAUSAL and n_blocks == 1)
     for j in range(1, n_blocks):
         s = j % STAGES
         prev = (j - 1) % STAGES
         mbarrier.wait(kv_ready.index(s), (j // STAGES) & 1)
         _my_turn(turn, j, WG)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        # Q K_j^T first, then P_{j-1} V_{j-1}: the softmax of block j runs while the second is still
+        # in the tensor cores (and while the other warp group issues its pair).
         qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         mbarrier.arrive(turn.index(1 - WG), count=1)
-        acc, qk, p_op = warpgroup_mma_wait(0, deps=(acc, qk, p_op))
-        mbarrier.arrive(kv_empty.index(prev), count=1)
+        qk = warpgroup_mma_wait(1, deps=(qk,))
         if CAUSAL and j == n_blocks - 1:
-            p, m_i, l_i, acc = _softmax(qk, m_i, l_i, acc, qk_scale, offs_m, j * BLOCK_N + cols, True, o_layout)
+            p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, offs_m, j * BLOCK_N + cols, True)
         else:
-            p, m_i, l_i, acc = _softmax(qk, m_i, l_i, acc, qk_scale, offs_m, j * BLOCK_N + cols, False, o_layout)
+            p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, offs_m, j * BLOCK_N + cols, False)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(kv_empty.index(prev), count=1)
     # The last block's P V.
     last = (n_blocks - 1) % STAGES
     _my_turn(turn, n_blocks, WG)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
     acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
     mbarrier.arrive(turn.index(1 - WG), count=1)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
@@ -159,10 +164,10 @@ def _descriptors(q, k, v):
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     d = q.shape[-1]
     q_layout = gl.NVMMASharedLayout.get_default_for([ROWS, d], gdt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N[d], d], gdt)
     return (TensorDescriptor.from_tensor(q.reshape(-1, d), [ROWS, d], q_layout),
-            TensorDescriptor.from_tensor(k.reshape(-1, d), [BLOCK_N, d], kv_layout),
-            TensorDescriptor.from_tensor(v.reshape(-1, d), [BLOCK_N, d], kv_layout))
+            TensorDescriptor.from_tensor(k.reshape(-1, d), [BLOCK_N[d], d], kv_layout),
+            TensorDescriptor.from_tensor(v.reshape(-1, d), [BLOCK_N[d], d], kv_layout))
 
 
 def attention(q, k, v, causal):
@@ -170,18 +175,20 @@ def attention(q, k, v, causal):
     o = torch.empty_like(q)
     qd, kd, vd = _descriptors(q, k, v)
     pingpong_fwd[(n // (2 * ROWS), b * h)](qd, kd, vd, o, n, d ** -0.5 * 1.4426950408889634, HEAD_DIM=d, ROWS=ROWS,
-                                          BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal, num_warps=4)
+                                          BLOCK_N=BLOCK_N[d], STAGES=STAGES, CAUSAL=causal, num_warps=4)
     return o
 
 
 if __name__ == "__main__":
     if "--run" in sys.argv:
-        for causal in (False, True):
-            q, k, v = (torch.randn(2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for d, causal in ((128, False), (128, True), (64, False), (256, False), (256, True)):
+            q, k, v = (torch.randn(2, 4, 1024, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            print("causal" if causal else "full", "max error", (attention(q, k, v, causal) - ref).abs().max().item())
-            q, k, v = (torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            flops = 4 * 4 * 16 * 4096 ** 2 * 128 / (2 if causal else 1)
+            print(f"D{d}", "causal" if causal else "full", "max error",
+                  (attention(q, k, v, causal) - ref).abs().max().item())
+            h = 2048 // d
+            q, k, v = (torch.randn(4, h, 4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            flops = 4 * 4 * h * 4096 ** 2 * d / (2 if causal else 1)
             for name, fn in (("pingpong", lambda: attention(q, k, v, causal)),
                              ("sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))):
                 print(name, round(flops / triton.testing.do_bench(fn) / 1e9, 1), "TFLOP/s")
@@ -189,11 +196,13 @@ if __name__ == "__main__":
         import os
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from gcompile import desc_sig, gcompile
-        x = torch.empty(1024, 128, dtype=torch.bfloat16)
-        qd, kd, _ = _descriptors(x, x, x)
-        sig = dict(q_desc=desc_sig(qd), k_desc=desc_sig(kd), v_desc=desc_sig(kd), O="*bf16", N_CTX="i32",
-                   qk_scale="fp32", HEAD_DIM="constexpr", ROWS="constexpr", BLOCK_N="constexpr",
-                   STAGES="constexpr", CAUSAL="constexpr", num_warps="constexpr")
-        for causal in (False, True):
-            gcompile(pingpong_fwd, sig, dict(HEAD_DIM=128, ROWS=ROWS, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=causal,
-                                             num_warps=4), num_warps=4)
+        for d in (64, 128, 256):
+            x = torch.empty(1024, d, dtype=torch.bfloat16)
+            qd, kd, _ = _descriptors(x, x, x)
+            sig = dict(q_desc=desc_sig(qd), k_desc=desc_sig(kd), v_desc=desc_sig(kd), O="*bf16", N_CTX="i32",
+                       qk_scale="fp32", HEAD_DIM="constexpr", ROWS="constexpr", BLOCK_N="constexpr",
+                       STAGES="constexpr", CAUSAL="constexpr", num_warps="constexpr")
+            for causal in (False, True):
+                print(f"D{d} causal={causal}: ", end="")
+                gcompile(pingpong_fwd, sig, dict(HEAD_DIM=d, ROWS=ROWS, BLOCK_N=BLOCK_N[d], STAGES=STAGES,
+                                                 CAUSAL=causal, num_warps=4), num_warps=4)
