@@ -198,7 +198,7 @@ def test_warp_specialized_forward_needs_tma_alignment():
 # The one-pass backward (Hopper, Gluon: flashattn/ops/triton/backward_sm90.py; in production plain
 # fp16/bf16 calls at head dims 64 and 128, configs._BWD_ONEPASS) forced on for every shape: odd
 # lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1, GQA and MQA.
-# Gluon has no interpreter: GPU only (sm_90).
+# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_backward_sm90.py compiles it anywhere.
 HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 ONE_PASS_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 128),
                    Shape(1, 1, 129, 2, 2, 64), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 128),
