@@ -1,0 +1,67 @@
+"""Compile, for sm_90 and without a GPU, every Triton kernel the library's forward and backward would
+launch on an H100 for plain bf16 calls (the sm_90 tables' shapes, the warp-specialized forward where
+the tables send it), and report each kernel's shared memory and warps as JSON lines.
+
+Run by tests/ops/test_sm90_compile.py in a process of its own: the kernels must be real @triton.jit
+functions, which the interpreter the other tests use (TRITON_INTERPRET=1) replaces. The library's
+host code runs as on the GPU; only the launch is replaced by a compile (Triton's own binder and
+compiler, with the target fixed to sm_90), and the device checks are told they are on sm_90.
+"""
+import json
+import os
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without the interpreter"
+
+from flashattn.ops.triton import backward, configs, forward, launch   # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+CUDA = torch.device("cuda", 0)
+
+
+def compile_sm90(fn, args: tuple, kwargs: dict, num_warps: int, num_stages: int):
+    """What JITFunction.run would compile for these arguments, for sm_90."""
+    backend = make_backend(SM90)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    bound, specialization, options = binder(*args, **opts, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, {**opts, **kwargs}, bound, specialization, options)
+    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options.__dict__)
+
+
+def main() -> None:
+    compiled = []
+
+    def compile_instead(self, grid, args, num_warps, num_stages, kwargs):
+        kernel = compile_sm90(self.fn, args, kwargs, num_warps, num_stages)
+        compiled.append(dict(kernel=self.fn.__name__, shared=kernel.metadata.shared,
+                             num_warps=kernel.metadata.num_warps, launch_warps=num_warps))
+
+    launch.Launcher._launch = compile_instead
+    configs._capability = lambda index: (9, 0)
+    table_config, warp_specialized = configs._table_config, configs.warp_specialized
+    configs._table_config = lambda kind, head_dim, dtype, causal, device, seqlen=None: table_config(
+        kind, head_dim, dtype, causal, CUDA, seqlen)
+    configs.warp_specialized = lambda head_dim, dtype, causal, seqlen, device: warp_specialized(
+        head_dim, dtype, causal, seqlen, CUDA)
+    # The one-pass backward is Gluon: tests/ops/test_backward_sm90.py compiles it.
+    configs.one_pass_backward = lambda *args, **kwargs: False
+
+    for head_dim in (64, 128, 256):
+        for seqlen in (512, 4096):
+            for causal in (False, True):
+                q = torch.zeros(1, seqlen, 2, head_dim, dtype=torch.bfloat16)
+                start = len(compiled)
+                out, lse = forward.forward(q, q, q, head_dim ** -0.5, causal)
+                backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, causal)
+                for row in compiled[start:]:
+                    print(json.dumps(dict(head_dim=head_dim, seqlen=seqlen, causal=causal, **row)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
