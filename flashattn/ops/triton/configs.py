@@ -152,9 +152,13 @@ _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
+# "*_from" tables: key -> the first sequence length at which that kernel runs (`_listed`).
 _TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT,
                     "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()},
-                    "bwd_onepass": _BWD_ONEPASS}}
+                    "fwd_ws_from": {key: start for key, (start, _) in _FWD_WS.items()},
+                    "bwd_onepass_from": {(head_dim, causal, deterministic): start
+                                         for (head_dim, causal), starts in _BWD_ONEPASS.items()
+                                         for deterministic, start in zip((False, True), starts) if start is not None}}}
 _DEFAULT_ARCH = (9, 0)
 
 
@@ -184,29 +188,29 @@ def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, de
     return tables[kind][key]
 
 
+def _listed(table: str, key: tuple, seqlen: int, device: torch.device) -> bool:
+    """Whether the CUDA device's architecture's own tables (other architectures do not borrow them)
+    list `key` in the "*_from" `table` at this sequence length."""
+    if device.type != "cuda":
+        return False
+    start = (_arch_tables(device) or {}).get(table, {}).get(key)
+    return start is not None and seqlen >= start
+
+
 def warp_specialized(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
                      device: torch.device) -> bool:
     """Whether a plain forward of this shape runs the warp-specialized kernel ("fwd_ws"): where the
-    GPU architecture's own tables have it (sm_90; other architectures do not borrow it), for this head
-    dim and sequence length."""
-    if device.type != "cuda" or head_dim != _bucket(head_dim):
-        return False
-    if "fwd_ws" not in (_arch_tables(device) or {}):
-        return False
-    entry = _FWD_WS.get((head_dim, dtype != torch.float32, causal))
-    return entry is not None and seqlen >= entry[0]
+    GPU architecture's own tables have it (sm_90), for this head dim and sequence length."""
+    return _listed("fwd_ws_from", (head_dim, dtype != torch.float32, causal), seqlen, device)
 
 
 def one_pass_backward(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
                       device: torch.device, deterministic: bool = False) -> bool:
-    """Whether a plain fp16/bf16 backward of this shape may run the one-pass kernel ("bwd_onepass"):
-    where the GPU architecture's own tables have it (sm_90), from the listed sequence length (the
-    deterministic one's, with deterministic=True)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return False
-    starts = (_arch_tables(device) or {}).get("bwd_onepass", {}).get((head_dim, causal))
-    start = None if starts is None else starts[deterministic]
-    return start is not None and seqlen >= start
+    """Whether a plain fp16/bf16 backward of this shape may run the one-pass kernel: where the GPU
+    architecture's own tables have it (sm_90), from the listed sequence length (the deterministic
+    one's, with deterministic=True)."""
+    return dtype != torch.float32 and _listed("bwd_onepass_from", (head_dim, causal, deterministic), seqlen,
+                                              device)
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, causal: bool, device: torch.device,
