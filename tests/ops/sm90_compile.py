@@ -1,6 +1,6 @@
-"""Compile, for sm_90 and without a GPU, every Triton kernel the library's forward and backward would
-launch on an H100 for plain bf16 calls (the sm_90 tables' shapes, the warp-specialized forward where
-the tables send it), and report each kernel's shared memory and warps as JSON lines.
+"""Compile, for sm_90 and without a GPU, every Triton and Gluon kernel the library's forward and backward
+would launch on an H100 for plain bf16 calls (the sm_90 tables' shapes, and the Hopper kernels where
+the tables send them), and report each kernel's shared memory and warps as JSON lines.
 
 Run by tests/ops/test_sm90_compile.py in a process of its own: the kernels must be real @triton.jit
 functions, which the interpreter the other tests use (TRITON_INTERPRET=1) replaces. The library's
@@ -14,6 +14,7 @@ import sys
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile, make_backend
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import create_function_from_signature
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without the interpreter"
@@ -31,7 +32,8 @@ def compile_sm90(fn, args: tuple, kwargs: dict, num_warps: int, num_stages: int)
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     bound, specialization, options = binder(*args, **opts, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, {**opts, **kwargs}, bound, specialization, options)
-    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=SM90, options=options.__dict__)
+    source = (GluonASTSource if fn.is_gluon() else ASTSource)(fn, signature, constexprs, attrs)
+    return triton_compile(source, target=SM90, options=options.__dict__)
 
 
 def main() -> None:
@@ -44,13 +46,17 @@ def main() -> None:
 
     launch.Launcher._launch = compile_instead
     configs._capability = lambda index: (9, 0)
+    # The tables are asked about the CPU tensors' device: answer for an H100's.
     table_config, warp_specialized = configs._table_config, configs.warp_specialized
+    ping_pong_forward, one_pass_backward = configs.ping_pong_forward, configs.one_pass_backward
     configs._table_config = lambda kind, head_dim, dtype, causal, device, seqlen=None: table_config(
         kind, head_dim, dtype, causal, CUDA, seqlen)
     configs.warp_specialized = lambda head_dim, dtype, causal, seqlen, device: warp_specialized(
         head_dim, dtype, causal, seqlen, CUDA)
-    # The one-pass backward is Gluon: tests/ops/test_backward_sm90.py compiles it.
-    configs.one_pass_backward = lambda *args, **kwargs: False
+    configs.ping_pong_forward = lambda head_dim, causal, seqlen, device: ping_pong_forward(
+        head_dim, causal, seqlen, CUDA)
+    configs.one_pass_backward = lambda head_dim, dtype, causal, seqlen, device, deterministic=False: (
+        one_pass_backward(head_dim, dtype, causal, seqlen, CUDA, deterministic))
 
     for head_dim in (64, 128, 256):
         for seqlen in (512, 4096):

@@ -154,6 +154,7 @@ def warp_specialized(monkeypatch, use_backend):
 
     use_backend("triton")
     monkeypatch.setattr(configs, "warp_specialized", lambda *args: True)
+    monkeypatch.setattr(configs, "ping_pong_forward", lambda *args: False)
     monkeypatch.setattr(forward, "_launch_fwd", other_kernel)
     # Shapes for the GPU table's head dims without an entry of their own (head dim 64 causal).
     table = configs._TABLES[(9, 0)]["fwd_ws"]
@@ -167,6 +168,12 @@ def warp_specialized(monkeypatch, use_backend):
 @pytest.mark.parametrize("shape", WS_SHAPES, ids=lambda s: s.id)
 def test_warp_specialized_forward(shape, dtype, causal, warp_specialized):
     """Output and LSE against float64, and NaN padding around strided inputs never read."""
+    _check_plain_forward(shape, dtype, causal)
+
+
+def _check_plain_forward(shape, dtype, causal):
+    """The Triton forward's output and LSE against float64 within the same-dtype bound, and equal
+    with NaN padding around strided inputs."""
     from flashattn.ops import dispatch
     from flashattn.ops.variant import from_causal
 
@@ -185,7 +192,7 @@ def test_warp_specialized_forward(shape, dtype, causal, warp_specialized):
 def test_warp_specialized_forward_needs_tma_alignment():
     """A base or a stride that is not whole 16 bytes, or a broadcast sequence dim, cannot be a TMA
     descriptor: those calls take the other kernel (tma_ready says no)."""
-    from flashattn.ops.triton.forward import tma_ready
+    from flashattn.ops.triton.common import tma_ready
 
     x = torch.zeros(2, 64, 4, 128, dtype=torch.float16, device=DEVICE)
     assert tma_ready(x, x[:, 1:], x[:, :, 1:])
@@ -195,11 +202,71 @@ def test_warp_specialized_forward_needs_tma_alignment():
     assert not tma_ready(x[:, :1].expand(2, 64, 4, 128))                  # one row broadcast over the sequence
 
 
+# The ping-pong forward (Hopper, Gluon: flashattn/ops/triton/forward_sm90.py; in production plain
+# fp16/bf16 calls at head dims 64, 128 and 256, configs._FWD_PINGPONG) forced on for every shape: odd
+# lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1, GQA and MQA.
+# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_gluon_sm90.py compiles it anywhere.
+HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+PING_PONG_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 64),
+                    Shape(1, 1, 129, 2, 2, 256), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 256),
+                    Shape(1, 777, 1500, 8, 1, 128), Shape(3, 200, 64, 2, 1, 256)]
+
+
+@pytest.fixture
+def ping_pong(monkeypatch, use_backend):
+    """Every plain fp16/bf16 forward takes the ping-pong kernel; the other forward kernels may not run."""
+    from flashattn.ops.triton import configs, forward
+
+    def other_kernel(*args, **kwargs):
+        raise AssertionError("the forward left the ping-pong kernel")
+
+    use_backend("triton")
+    monkeypatch.setattr(configs, "ping_pong_forward", lambda *args: True)
+    monkeypatch.setattr(forward, "_launch_fwd", other_kernel)
+    monkeypatch.setattr(forward, "_launch_fwd_ws", other_kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="the ping-pong forward is a Hopper (sm_90) kernel")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", PING_PONG_SHAPES, ids=lambda s: s.id)
+def test_ping_pong_forward(shape, dtype, causal, ping_pong):
+    """Output and LSE against float64, and NaN padding around strided inputs never read."""
+    _check_plain_forward(shape, dtype, causal)
+
+
+def test_ping_pong_forward_takes_only_plain_16_bit_calls(monkeypatch):
+    """The ping-pong forward never takes an option, fp32, a head dim other than 64, 128 and 256, a
+    scale that is not positive or inputs TMA cannot address; only sm_90's tables list it."""
+    from flashattn.ops.triton import configs, forward_sm90
+    from flashattn.ops.variant import Variant, from_causal
+
+    monkeypatch.setattr(configs, "ping_pong_forward", lambda *args: True)
+    x = torch.zeros(1, 64, 2, 128, dtype=torch.float16, device=DEVICE)
+    assert forward_sm90.applies(x, x, x, from_causal(True), 0.1)
+    assert not forward_sm90.applies(x, x, x, Variant(softcap=5.0), 0.1)
+    assert not forward_sm90.applies(x, x, x, from_causal(False), -0.1)
+    assert not forward_sm90.applies(*[x.float()] * 3, from_causal(False), 0.1)
+    y = torch.zeros(1, 64, 2, 96, dtype=torch.float16, device=DEVICE)
+    assert not forward_sm90.applies(y, y, y, from_causal(False), 0.1)
+    assert not forward_sm90.applies(x, x, x[:, :1].expand_as(x), from_causal(False), 0.1)
+    monkeypatch.undo()
+    assert configs.ping_pong_forward(128, False, 1 << 14, torch.device("cpu")) is False
+    monkeypatch.setattr(configs, "_capability", lambda index: (8, 0))
+    assert configs.ping_pong_forward(128, False, 1 << 14, torch.device("cuda", 0)) is False
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    for (head_dim, causal), start in configs._FWD_PINGPONG.items():
+        assert configs.ping_pong_forward(head_dim, causal, start, cuda)
+        assert not configs.ping_pong_forward(head_dim, causal, start - 1, cuda)
+    assert not configs.ping_pong_forward(96, False, 1 << 14, cuda)
+
+
 # The one-pass backward (Hopper, Gluon: flashattn/ops/triton/backward_sm90.py; in production plain
 # fp16/bf16 calls at head dims 64 and 128, configs._BWD_ONEPASS) forced on for every shape: odd
 # lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1, GQA and MQA.
-# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_backward_sm90.py compiles it anywhere.
-HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_gluon_sm90.py compiles it anywhere.
 ONE_PASS_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 128),
                    Shape(1, 1, 129, 2, 2, 64), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 128),
                    Shape(1, 777, 1500, 8, 1, 64)]

@@ -24,15 +24,27 @@ _JIT = JITFunction(_scale_copy)
 def test_binding_fills_defaults_in_parameter_order():
     launcher = Launcher(_JIT)
     x, y = torch.zeros(4), torch.zeros(4)
-    assert launcher._values((x, y), dict(n=4, factor=2.0, BLOCK=64)) == [x, y, 4, 2.0, 1, 64]
-    assert launcher._values((x, y, 4), dict(factor=2.0)) == [x, y, 4, 2.0, 1, 128]
+    assert launcher._values((x, y), dict(n=4, factor=2.0, BLOCK=64), 4) == [x, y, 4, 2.0, 1, 64]
+    assert launcher._values((x, y, 4), dict(factor=2.0), 4) == [x, y, 4, 2.0, 1, 128]
+
+
+def test_binding_gives_a_num_warps_parameter_the_launchs_warps():
+    """A Gluon kernel takes num_warps as a constexpr parameter: it binds to the launch's num_warps
+    (else every launch of it took Triton's slower path)."""
+    from flashattn.ops.triton.forward_sm90 import _attn_fwd_sm90
+
+    launcher = Launcher(_attn_fwd_sm90)
+    names = launcher.names
+    args = [0] * names.index("HEAD_DIM")
+    values = launcher._values(tuple(args), dict(HEAD_DIM=128, ROWS=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=False), 4)
+    assert values is not None and values[names.index("num_warps")] == 4
 
 
 @pytest.mark.parametrize("args, kwargs", [((torch.zeros(1),), dict(n=1, factor=1.0)),
                                           ((torch.zeros(1), torch.zeros(1), 1, 1.0), dict(typo=3))],
                          ids=["missing-required", "unknown-keyword"])
 def test_calls_that_do_not_bind_take_tritons_path(args, kwargs):
-    assert Launcher(_JIT)._values(args, kwargs) is None
+    assert Launcher(_JIT)._values(args, kwargs, 4) is None
 
 
 def _key(*values, loose=False):

@@ -40,8 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashattn.ops.triton import configs
-from flashattn.ops.triton.common import LOG2E, cdiv, strides
-from flashattn.ops.triton.forward import tma_ready
+from flashattn.ops.triton.common import LOG2E, cdiv, strides, tma_ready
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.variant import Variant
 

@@ -41,6 +41,17 @@ def strides(t) -> tuple[int, int, int]:
     return t.stride()[:3]
 
 
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address every (batch, head) of these (B, S, H, D) tensors: a
+    16-byte aligned base, batch, sequence and head strides of whole 16 bytes, and rows that are not
+    one broadcast row (a sequence stride of 0, which a descriptor's row stride cannot be)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]) or t.stride(1) <= 0:
+            return False
+    return True
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b); triton.cdiv is a jit function, ten times slower to call from the host."""
     return -(-a // b)

@@ -150,12 +150,28 @@ _FWD_WS = {
 _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
                 (128, False): (2048, 2048), (128, True): (4096, 8192)}
 
+# The ping-pong forward for Hopper (forward_sm90: Gluon, FlashAttention-3's schedule), plain fp16/bf16
+# calls with a positive scale, from the length where it measured faster than the kernels above on the
+# H100 (bf16, 16k tokens; benchmarks/probe/fwd_sm90.py -> results/h100-fwd-sm90-2026-11-22-b.json).
+# TFLOP/s, ping-pong (2 / 3 ring slots) / the kernel the tables chose before:
+#   D128 non-causal 1k 428 / 427 / 443, 2k 506 / 514 / 491, 4k 550 / 555 / 525, 8k 583 / 604 / 546,
+#                   16k 569 / 612 / 573
+#   D128 causal 1k 293 / 291 / 319, 2k 410 / 397 / 384, 4k 486 / 489 / 433, 8k 542 / 551 / 464,
+#               16k 598 / 580 / 510
+#   D256 (2 slots) non-causal 1k 494 / 501, 2k 572 / 554, 4k 628 / 583, 8k 639 / 609, 16k 673 / 633;
+#                  causal 1k 346 / 357, 2k 451 / 442, 4k 528 / 497, 8k 584 / 530, 16k 672 / 589
+#   D64 (3 slots) non-causal 2k 357 / 429, 16k 429 / 482; causal 2k 276 / 356, 8k 386 / 404,
+#                 16k 423 / 413: not listed (a 64-wide step is too little matrix work for its softmax)
+# (head dim, causal) -> from this sequence length.
+_FWD_PINGPONG = {(128, False): 2048, (128, True): 2048, (256, False): 2048, (256, True): 2048}
+
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
 # "*_from" tables: key -> the first sequence length at which that kernel runs (`_listed`).
 _TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT,
                     "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()},
                     "fwd_ws_from": {key: start for key, (start, _) in _FWD_WS.items()},
+                    "fwd_pingpong_from": dict(_FWD_PINGPONG),
                     "bwd_onepass_from": {(head_dim, causal, deterministic): start
                                          for (head_dim, causal), starts in _BWD_ONEPASS.items()
                                          for deterministic, start in zip((False, True), starts) if start is not None}}}
@@ -202,6 +218,12 @@ def warp_specialized(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: in
     """Whether a plain forward of this shape runs the warp-specialized kernel ("fwd_ws"): where the
     GPU architecture's own tables have it (sm_90), for this head dim and sequence length."""
     return _listed("fwd_ws_from", (head_dim, dtype != torch.float32, causal), seqlen, device)
+
+
+def ping_pong_forward(head_dim: int, causal: bool, seqlen: int, device: torch.device) -> bool:
+    """Whether a plain fp16/bf16 forward of this shape may run the ping-pong kernel: where the GPU
+    architecture's own tables have it (sm_90), from the listed sequence length."""
+    return _listed("fwd_pingpong_from", (head_dim, causal), seqlen, device)
 
 
 def one_pass_backward(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,

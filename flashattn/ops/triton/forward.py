@@ -17,7 +17,8 @@ default, documented in common.py; with all of them off this is the plain kernel,
 
 Two kernels: `_attn_fwd`, every option, any GPU; and `_attn_fwd_ws`, the plain forward on Hopper (TMA
 loads and Triton's automatic warp specialization: a producer warp group, two consumer warp groups),
-which configs._FWD_WS picks for the head dims and lengths where it measured faster.
+which configs._FWD_WS picks for the head dims and lengths where it measured faster. forward_sm90.py
+holds a third, in Gluon, for plain calls on Hopper where configs._FWD_PINGPONG lists it.
 """
 import torch
 import triton
@@ -25,9 +26,9 @@ import triton.language as tl
 
 from flashattn.ops.triton.common import (
     LN2, LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
-    options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask,
+    options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask, tma_ready,
 )
-from flashattn.ops.triton import configs
+from flashattn.ops.triton import configs, forward_sm90
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
@@ -261,28 +262,20 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether TMA descriptors can address every (batch, head) of these (B, S, H, D) tensors: a
-    16-byte aligned base, batch, sequence and head strides of whole 16 bytes, and rows that are not
-    one broadcast row (a sequence stride of 0, which a descriptor's row stride cannot be)."""
-    for t in tensors:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]) or t.stride(1) <= 0:
-            return False
-    return True
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
             variant: Variant | bool = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous; `variant` holds
     the options (flashattn/ops/variant.py; a bool means plain causal or not). A plain call on sm_90
-    whose head dim, causality and length are in configs._FWD_WS, with TMA-addressable inputs
-    (tma_ready), runs _attn_fwd_ws; every other call runs _attn_fwd.
+    with TMA-addressable inputs (tma_ready) runs forward_sm90's kernel where configs._FWD_PINGPONG
+    lists its head dim, causality and length, else _attn_fwd_ws where configs._FWD_WS does; every
+    other call runs _attn_fwd.
 
     Returns O (B, Sq, H, D) contiguous in q's dtype and lse (B, H, Sq) float32.
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
+    if forward_sm90.applies(q, k, v, variant, softmax_scale):
+        return forward_sm90.forward(q, k, v, softmax_scale, variant.causal)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     seqlen = max(seqlen_q, seqlen_k)

@@ -61,13 +61,14 @@ class Launcher:
         self.defaults = [p.default for p in params]
         self.compiled: dict[tuple, object] = {}
 
-    def _values(self, args: tuple, kwargs: dict) -> list | None:
+    def _values(self, args: tuple, kwargs: dict, num_warps: int) -> list | None:
         """Every parameter's value in order, or None when the call does not bind (Triton's path then
-        raises the proper error)."""
+        raises the proper error). A parameter named num_warps (a Gluon kernel's constexpr) gets the
+        launch's num_warps, as Triton's own binding gives it."""
         values = list(args)
         missing = inspect.Parameter.empty
         for name, default in zip(self.names[len(args):], self.defaults[len(args):]):
-            value = kwargs.get(name, default)
+            value = num_warps if name == "num_warps" else kwargs.get(name, default)
             if value is missing:
                 return None
             values.append(value)
@@ -107,7 +108,7 @@ class Launcher:
         if not self.direct or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
             self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
             return
-        values = self._values(args, kwargs)
+        values = self._values(args, kwargs, num_warps)
         device = driver.active.get_current_device()
         key = None
         if values is not None:
