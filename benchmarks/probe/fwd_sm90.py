@@ -3,7 +3,8 @@ library runs without it (configs' tables: the warp-specialized or the portable k
 reference: errors on odd shapes (with NaN padding around strided inputs), then TFLOP/s on the bench
 grid (16k tokens, H*D = 2048) beside SDPA's cuDNN and flash backends.
 SHORT=1 times 512-4k only; DIMS=128,256 picks head dims; TIMING_ONLY=1 skips the error checks; STAGES_SWEEP=128:3,64:4 also times
-those ring depths (head dim:slots)."""
+those ring depths (head dim:slots); COMPARE_GRID=1 times both grids (persistent and one program per
+tile, configs.ping_pong_persistent) as pingpong_persistent and pingpong_grid."""
 import json, math, os, sys, time
 import torch
 import torch.nn.functional as TF
@@ -12,7 +13,7 @@ from triton.testing import do_bench
 from flashattn.ops.triton import configs, forward as F, forward_sm90 as P
 
 out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%F"), "command": " ".join(sys.argv),
-       "env": {k: v for k, v in os.environ.items() if k in ("SHORT", "DIMS", "TIMING_ONLY", "STAGES_SWEEP")}, "errors": [], "timing": []}
+       "env": {k: v for k, v in os.environ.items() if k in ("SHORT", "DIMS", "TIMING_ONLY", "STAGES_SWEEP", "COMPARE_GRID")}, "errors": [], "timing": []}
 forced = lambda *args: True
 configs.ping_pong_forward = forced
 
@@ -100,6 +101,12 @@ for d in DIMS:
                     default, P.STAGES[d, causal] = P.STAGES[d, causal], st
                     row[f"pingpong_s{st}"] = tf(lambda: F.forward(q, k, v, scale, causal))
                     P.STAGES[d, causal] = default
+            if os.environ.get("COMPARE_GRID"):
+                chosen = configs.ping_pong_persistent
+                for name, persistent in (("pingpong_persistent", True), ("pingpong_grid", False)):
+                    configs.ping_pong_persistent = lambda *args, persistent=persistent: persistent
+                    row[name] = tf(lambda: F.forward(q, k, v, scale, causal))
+                configs.ping_pong_persistent = chosen
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
                 try:
                     with sdpa_kernel(backend):
@@ -117,4 +124,4 @@ for r in bad[:12]:
     print("  ", r)
 for r in out["timing"]:
     print(f"d{r['d']} {'causal' if r['causal'] else 'full  '} {r['n']:>6}  pingpong {r['pingpong']:>6}  before {r['before']:>6}  "
-          f"cudnn {r['cudnn']}  sdpa_flash {r['sdpa_flash']}", {k: v for k, v in r.items() if k.startswith("pingpong_s")})
+          f"cudnn {r['cudnn']}  sdpa_flash {r['sdpa_flash']}", {k: v for k, v in r.items() if k.startswith("pingpong_")})

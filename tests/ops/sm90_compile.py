@@ -2,6 +2,9 @@
 would launch on an H100 for plain bf16 calls (the sm_90 tables' shapes, and the Hopper kernels where
 the tables send them), and report each kernel's shared memory and warps as JSON lines.
 
+With the argument `gluon`, compile every build of the Gluon kernels instead (head dims, causal,
+deterministic), those no table sends a call to included.
+
 Run by tests/ops/test_sm90_compile.py in a process of its own: the kernels must be real @triton.jit
 functions, which the interpreter the other tests use (TRITON_INTERPRET=1) replaces. The library's
 host code runs as on the GPU; only the launch is replaced by a compile (Triton's own binder and
@@ -19,7 +22,7 @@ from triton.runtime.jit import create_function_from_signature
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without the interpreter"
 
-from flashattn.ops.triton import backward, configs, forward, launch   # noqa: E402
+from flashattn.ops.triton import backward, configs, forward, forward_sm90, launch   # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 CUDA = torch.device("cuda", 0)
@@ -46,6 +49,7 @@ def main() -> None:
 
     launch.Launcher._launch = compile_instead
     configs._capability = lambda index: (9, 0)
+    forward_sm90._sm_count = lambda index: 132
     # The tables are asked about the CPU tensors' device: answer for an H100's.
     table_config, warp_specialized = configs._table_config, configs.warp_specialized
     ping_pong_forward, one_pass_backward = configs.ping_pong_forward, configs.one_pass_backward
@@ -54,6 +58,9 @@ def main() -> None:
     configs.warp_specialized = lambda head_dim, dtype, causal, seqlen, device: warp_specialized(
         head_dim, dtype, causal, seqlen, CUDA)
     configs.ping_pong_forward = lambda head_dim, causal, seqlen, device: ping_pong_forward(
+        head_dim, causal, seqlen, CUDA)
+    ping_pong_persistent = configs.ping_pong_persistent
+    configs.ping_pong_persistent = lambda head_dim, causal, seqlen, device: ping_pong_persistent(
         head_dim, causal, seqlen, CUDA)
     configs.one_pass_backward = lambda head_dim, dtype, causal, seqlen, device, deterministic=False: (
         one_pass_backward(head_dim, dtype, causal, seqlen, CUDA, deterministic))
@@ -69,5 +76,33 @@ def main() -> None:
                     print(json.dumps(dict(head_dim=head_dim, seqlen=seqlen, causal=causal, **row)), flush=True)
 
 
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16",
+            "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEM": "*i32"}
+
+
+def gluon_builds() -> None:
+    from flashattn.ops.triton import backward_sm90 as B, forward_sm90 as F
+
+    def kind(name: str) -> str:
+        if name in POINTERS:
+            return POINTERS[name]
+        if name in ("softmax_scale", "qk_scale"):
+            return "fp32"
+        return "constexpr" if name.isupper() or name == "num_warps" else "i32"
+
+    builds = [(F._attn_fwd_sm90, F.NUM_WARPS, dict(HEAD_DIM=d, ROWS=F.ROWS, BLOCK_N=F.BLOCK_N[d], STAGES=F.STAGES[d, c],
+                                                   IS_CAUSAL=c))
+              for d in F.HEAD_DIMS for c in (False, True)]
+    builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(HEAD_DIM=d, BLOCK_M=B.BLOCK_M[d], BLOCK_N=B.BLOCK_N, IS_CAUSAL=c,
+                                                    STAGES=B.STAGES, DQ_STAGES=B.DQ_STAGES, DETERMINISTIC=det))
+               for d in B.HEAD_DIMS for c in (False, True) for det in (False, True)]
+    for fn, warps, constexprs in builds:
+        signature = {p.name: kind(p.name) for p in fn.params}
+        source = GluonASTSource(fn=fn, signature=signature, constexprs={**constexprs, "num_warps": warps})
+        kernel = triton_compile(source, target=SM90, options=dict(num_warps=warps))
+        print(json.dumps(dict(kernel=fn.__name__, launch_warps=warps, **constexprs, shared=kernel.metadata.shared,
+                              num_warps=kernel.metadata.num_warps)), flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(gluon_builds() if sys.argv[1:] == ["gluon"] else main())

@@ -205,16 +205,17 @@ def test_warp_specialized_forward_needs_tma_alignment():
 # The ping-pong forward (Hopper, Gluon: flashattn/ops/triton/forward_sm90.py; in production plain
 # fp16/bf16 calls at head dims 64, 128 and 256, configs._FWD_PINGPONG) forced on for every shape: odd
 # lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1, GQA and MQA.
-# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_gluon_sm90.py compiles it anywhere.
+# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_sm90_compile.py compiles it anywhere.
 HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 PING_PONG_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 64),
                     Shape(1, 1, 129, 2, 2, 256), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 256),
                     Shape(1, 777, 1500, 8, 1, 128), Shape(3, 200, 64, 2, 1, 256)]
 
 
-@pytest.fixture
-def ping_pong(monkeypatch, use_backend):
-    """Every plain fp16/bf16 forward takes the ping-pong kernel; the other forward kernels may not run."""
+@pytest.fixture(params=[True, False], ids=["persistent", "program-per-tile"])
+def ping_pong(request, monkeypatch, use_backend):
+    """Every plain fp16/bf16 forward takes the ping-pong kernel, with either grid; the other forward
+    kernels may not run."""
     from flashattn.ops.triton import configs, forward
 
     def other_kernel(*args, **kwargs):
@@ -222,6 +223,7 @@ def ping_pong(monkeypatch, use_backend):
 
     use_backend("triton")
     monkeypatch.setattr(configs, "ping_pong_forward", lambda *args: True)
+    monkeypatch.setattr(configs, "ping_pong_persistent", lambda *args: request.param)
     monkeypatch.setattr(forward, "_launch_fwd", other_kernel)
     monkeypatch.setattr(forward, "_launch_fwd_ws", other_kernel)
 
@@ -257,16 +259,18 @@ def test_ping_pong_forward_takes_only_plain_16_bit_calls(monkeypatch):
     assert configs.ping_pong_forward(128, False, 1 << 14, torch.device("cuda", 0)) is False
     monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
     cuda = torch.device("cuda", 0)
-    for (head_dim, causal), start in configs._FWD_PINGPONG.items():
+    for (head_dim, causal), (start, last_persistent) in configs._FWD_PINGPONG.items():
         assert configs.ping_pong_forward(head_dim, causal, start, cuda)
         assert not configs.ping_pong_forward(head_dim, causal, start - 1, cuda)
+        assert configs.ping_pong_persistent(head_dim, causal, start, cuda) == (last_persistent is not None)
+        assert not configs.ping_pong_persistent(head_dim, causal, (last_persistent or 0) + 1, cuda)
     assert not configs.ping_pong_forward(96, False, 1 << 14, cuda)
 
 
 # The one-pass backward (Hopper, Gluon: flashattn/ops/triton/backward_sm90.py; in production plain
 # fp16/bf16 calls at head dims 64 and 128, configs._BWD_ONEPASS) forced on for every shape: odd
 # lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1, GQA and MQA.
-# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_gluon_sm90.py compiles it anywhere.
+# Gluon has no interpreter: GPU only (sm_90); tests/ops/test_sm90_compile.py compiles it anywhere.
 ONE_PASS_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 128),
                    Shape(1, 1, 129, 2, 2, 64), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 128),
                    Shape(1, 777, 1500, 8, 1, 64)]

@@ -152,18 +152,25 @@ _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
 
 # The ping-pong forward for Hopper (forward_sm90: Gluon, FlashAttention-3's schedule), plain fp16/bf16
 # calls with a positive scale, from the length where it measured faster than the kernels above on the
-# H100 (bf16, 16k tokens; benchmarks/probe/fwd_sm90.py -> results/h100-fwd-sm90-2026-11-22-b.json).
-# TFLOP/s, ping-pong (2 / 3 ring slots) / the kernel the tables chose before:
-#   D128 non-causal 1k 428 / 427 / 443, 2k 506 / 514 / 491, 4k 550 / 555 / 525, 8k 583 / 604 / 546,
-#                   16k 569 / 612 / 573
-#   D128 causal 1k 293 / 291 / 319, 2k 410 / 397 / 384, 4k 486 / 489 / 433, 8k 542 / 551 / 464,
-#               16k 598 / 580 / 510
-#   D256 (2 slots) non-causal 1k 494 / 501, 2k 572 / 554, 4k 628 / 583, 8k 639 / 609, 16k 673 / 633;
-#                  causal 1k 346 / 357, 2k 451 / 442, 4k 528 / 497, 8k 584 / 530, 16k 672 / 589
-#   D64 (3 slots) non-causal 2k 357 / 429, 16k 429 / 482; causal 2k 276 / 356, 8k 386 / 404,
-#                 16k 423 / 413: not listed (a 64-wide step is too little matrix work for its softmax)
-# (head dim, causal) -> from this sequence length.
-_FWD_PINGPONG = {(128, False): 2048, (128, True): 2048, (256, False): 2048, (256, True): 2048}
+# H100, and persistent (one program per SM taking tiles in turn) up to the length where that measured
+# faster than one program per tile (bf16, 16k tokens; benchmarks/probe/fwd_sm90.py ->
+# results/h100-fwd-sm90-2026-11-22-b.json, -c.json). TFLOP/s, ping-pong persistent / one program per
+# tile / the kernel the tables chose before (-c.json):
+#   D128 non-causal 512 382 / 295 / 348, 1k 489 / 419 / 446, 2k 570 / 502 / 491, 4k 581 / 555 / 532,
+#                   8k 588 / 598 / 570, 16k 619 / 623 / 589
+#   D128 causal 512 184 / 172 / 230, 1k 302 / 284 / 322, 2k 442 / 403 / 386, 4k 514 / 493 / 434,
+#               8k 544 / 565 / 464, 16k 454 / 608 / 526 (long causal tiles differ in cost: the static
+#               order of a persistent grid leaves some SMs the heavy ones)
+#   D256 non-causal 512 402 / 360 / 415, 1k 514 / 490 / 500, 2k 607 / 577 / 569, 4k 643 / 630 / 593,
+#                   8k 652 / 644 / 624, 16k 638 / 665 / 636
+#   D256 causal 512 187 / 212 / 252, 1k 314 / 327 / 362, 2k 458 / 446 / 441, 4k 515 / 517 / 501,
+#               8k 448 / 574 / 543, 16k 445 / 659 / 594
+#   D64 (one program per tile, -b.json) non-causal 2k 357 / 429, 16k 429 / 482 (ping-pong / before);
+#   causal 2k 276 / 356, 16k 423 / 413: not listed (a 64-wide step is too little matrix work for its
+#   softmax and barriers)
+# (head dim, causal) -> (from this sequence length, persistent up to this one or None).
+_FWD_PINGPONG = {(128, False): (512, 4096), (128, True): (2048, 4096),
+                 (256, False): (1024, 8192), (256, True): (2048, 2048)}
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
@@ -171,7 +178,8 @@ _FWD_PINGPONG = {(128, False): 2048, (128, True): 2048, (256, False): 2048, (256
 _TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT,
                     "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()},
                     "fwd_ws_from": {key: start for key, (start, _) in _FWD_WS.items()},
-                    "fwd_pingpong_from": dict(_FWD_PINGPONG),
+                    "fwd_pingpong_from": {key: start for key, (start, _) in _FWD_PINGPONG.items()},
+                    "fwd_pingpong_persistent_to": {key: last for key, (_, last) in _FWD_PINGPONG.items()},
                     "bwd_onepass_from": {(head_dim, causal, deterministic): start
                                          for (head_dim, causal), starts in _BWD_ONEPASS.items()
                                          for deterministic, start in zip((False, True), starts) if start is not None}}}
@@ -224,6 +232,12 @@ def ping_pong_forward(head_dim: int, causal: bool, seqlen: int, device: torch.de
     """Whether a plain fp16/bf16 forward of this shape may run the ping-pong kernel: where the GPU
     architecture's own tables have it (sm_90), from the listed sequence length."""
     return _listed("fwd_pingpong_from", (head_dim, causal), seqlen, device)
+
+
+def ping_pong_persistent(head_dim: int, causal: bool, seqlen: int, device: torch.device) -> bool:
+    """Whether the ping-pong forward of this shape runs one program per SM (else one per tile)."""
+    last = (_arch_tables(device) or {}).get("fwd_pingpong_persistent_to", {}).get((head_dim, causal))
+    return last is not None and seqlen <= last
 
 
 def one_pass_backward(head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,

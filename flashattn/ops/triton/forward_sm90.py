@@ -12,8 +12,11 @@ written out, as FlashAttention-3 does it:
   - the two warp groups take turns to issue their products (mbarriers `turn`), so that one's
     exponentials run while the other's products occupy the tensor cores (between warp groups).
 
-One program per (BLOCK_M = 2 * ROWS query rows, head, batch), the reverse order with causal (the last
-query blocks visit the most keys: they start first). Glossary (the names of forward.py):
+A tile is BLOCK_M = 2 * ROWS query rows of one head; program p takes tiles p, p + grid, ... in the
+order of _tile (query block fastest; with causal the last query block of a head first, as it visits
+the most keys). The grid is one program per tile, or persistent (one per SM, configs'
+ping_pong_persistent): then the producer loads the next tile's Q while the consumers finish the
+last P V and store O, and the descriptors are made once a program. Glossary (the names of forward.py):
     qk        S_j = Q K_j^T of one warp group's rows, unscaled           [ROWS, BLOCK_N]
     p         exp2(qk * qk_scale - m_new)                                  [ROWS, BLOCK_N]
     m_i, l_i  running row max (base 2, scaled) and row sum                 [ROWS]
@@ -21,13 +24,16 @@ query blocks visit the most keys: they start first). Glossary (the names of forw
     acc       the unnormalised output                                      [ROWS, HEAD_DIM]
     limit     per row, the number of leading keys it sees: seqlen_k, or with causal
               row + offset + 1 (offset = seqlen_k - seqlen_q, bottom-right aligned)
-    n_full    key blocks every row of the program sees whole; the later ones are masked by `limit`
-Rows past seqlen_q and keys past seqlen_k are read as zeros (the descriptors bound each (batch, head));
-a row that sees no key gets O = 0 and LSE = +inf, as in forward.py.
+    n_full    key blocks every row of the tile sees whole; the later ones are masked by `limit`
+    it, tc, turns   K / V blocks, tiles and turns a partition has gone through: ring slots and phases
+Rows past seqlen_q and keys past seqlen_k are read as zeros (4-D descriptors over (B, S, H, D) bound
+each sequence); a row that sees no key gets O = 0 and LSE = +inf, as in forward.py.
 
 Only plain attention (causal or not, GQA, any lengths, a positive softmax scale) at head dims 64,
 128 and 256 in fp16/bf16 on sm_90; forward.forward() sends every other call to the other kernels.
 """
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -56,39 +62,82 @@ PRODUCER_REGS = gl.constexpr(24)
 
 
 @gluon.jit
-def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-              stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-              off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k, n_blocks,
-              HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The load warp: both halves of Q, then K_{j+1} and V_j into ring slot (j + 1) % STAGES and
-    j % STAGES once both consumers have released them."""
-    dtype: gl.constexpr = Q.dtype.element_ty
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
-    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
-                                        strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_layout)
-    k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
-                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
-    v_desc = tma.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
-                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [start_m + ROWS, 0], q_bar, q_smem.index(1))
-    if n_blocks > 0:
-        _load_block(k_desc, k_smem, k_ready, k_empty, 0, BLOCK_N, STAGES)
-    for j in range(n_blocks):
-        if j + 1 < n_blocks:
-            _load_block(k_desc, k_smem, k_ready, k_empty, j + 1, BLOCK_N, STAGES)
-        _load_block(v_desc, v_smem, v_ready, v_empty, j, BLOCK_N, STAGES)
+def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+          IS_CAUSAL: gl.constexpr):
+    """Tile t's first query row, head, kv head and batch, its number of key blocks and of those
+    that every row sees whole. Tiles run query block fastest (the programs at work at once share
+    their heads' K and V in L2), the last query block of a head first with causal (it visits the
+    most keys)."""
+    m_idx = t % n_m
+    off_h = (t // n_m) % nheads
+    off_b = t // (n_m * nheads)
+    if IS_CAUSAL:
+        m_idx = n_m - 1 - m_idx
+    start_m = m_idx * (2 * ROWS)
+    offset = seqlen_k - seqlen_q
+    if IS_CAUSAL:
+        hi = gl.maximum(gl.minimum(start_m + 2 * ROWS + offset, seqlen_k), 0)
+        n_full = gl.maximum(gl.minimum(start_m + offset + 1, seqlen_k), 0) // BLOCK_N
+    else:
+        hi = seqlen_k
+        n_full = seqlen_k // BLOCK_N
+    return start_m, off_h, off_h // group_size, off_b, gl.cdiv(hi, BLOCK_N), n_full
 
 
 @gluon.jit
-def _load_block(desc, smem, ready, empty, j, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Block j of K or V into ring slot j % STAGES, once both consumers have released the slot."""
-    s = j % STAGES
-    mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+              stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+              batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+              HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              IS_CAUSAL: gl.constexpr):
+    """The load warp, over the program's tiles: both halves of Q once both consumers are done with
+    the previous tile's, then K_{j+1} and V_j into ring slots once both consumers have released
+    them. One descriptor per tensor bounds every (batch, head) (rows past a sequence read as 0)."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, ROWS, 1, HEAD_DIM], dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, 1, HEAD_DIM], dtype)
+    nheads_k = nheads // group_size
+    q_desc = tma.make_tensor_descriptor(Q, shape=[batch, seqlen_q, nheads, HEAD_DIM],
+                                        strides=[stride_qb, stride_qm, stride_qh, 1],
+                                        block_shape=[1, ROWS, 1, HEAD_DIM], layout=q_layout)
+    k_desc = tma.make_tensor_descriptor(K, shape=[batch, seqlen_k, nheads_k, HEAD_DIM],
+                                        strides=[stride_kb, stride_kn, stride_kh, 1],
+                                        block_shape=[1, BLOCK_N, 1, HEAD_DIM], layout=k_layout)
+    v_desc = tma.make_tensor_descriptor(V, shape=[batch, seqlen_k, nheads_k, HEAD_DIM],
+                                        strides=[stride_vb, stride_vn, stride_vh, 1],
+                                        block_shape=[1, BLOCK_N, 1, HEAD_DIM], layout=k_layout)
+    it = 0              # K / V blocks loaded so far: ring slot and phase
+    tc = 0              # tiles so far: Q's phase
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
+                                                                ROWS, BLOCK_N, IS_CAUSAL)
+        mbarrier.wait(q_empty, (tc & 1) ^ 1)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        for half in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [off_b, start_m + half * ROWS, off_h, 0], q_bar,
+                                            q_smem.index(half)._reinterpret(dtype, [1, ROWS, 1, HEAD_DIM], q_layout))
+        if n_blocks > 0:
+            _load_block(k_desc, k_smem, k_ready, k_empty, it, 0, off_b, off_hk, k_layout, BLOCK_N, HEAD_DIM, STAGES)
+        for j in range(n_blocks):
+            if j + 1 < n_blocks:
+                _load_block(k_desc, k_smem, k_ready, k_empty, it + j + 1, j + 1, off_b, off_hk, k_layout, BLOCK_N,
+                            HEAD_DIM, STAGES)
+            _load_block(v_desc, v_smem, v_ready, v_empty, it + j, j, off_b, off_hk, k_layout, BLOCK_N, HEAD_DIM,
+                        STAGES)
+        it += n_blocks
+        tc += 1
+
+
+@gluon.jit
+def _load_block(desc, smem, ready, empty, c, j, off_b, off_hk, layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """Key block j of (off_b, off_hk) of K or V, the program's c-th, into ring slot c % STAGES once
+    both consumers have released the slot."""
+    s = c % STAGES
+    mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [j * BLOCK_N, 0], ready.index(s), smem.index(s))
+    tma.async_copy_global_to_shared(desc, [off_b, j * BLOCK_N, off_hk, 0], ready.index(s),
+                                    smem.index(s)._reinterpret(smem.dtype, [1, BLOCK_N, 1, HEAD_DIM], layout))
 
 
 @gluon.jit
@@ -121,12 +170,11 @@ def _softmax(qk, m_i, l_i, qk_scale, limit, cols, start_n, MASKED: gl.constexpr)
 
 
 @gluon.jit
-def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-              stride_ob, stride_om, stride_oh, off_b, off_h, nheads, start_m, seqlen_q, seqlen_k,
-              n_blocks, n_full, qk_scale,
+def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+              stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, qk_scale,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """One consumer warp group: rows start_m + WG * ROWS ... of O and the LSE."""
+    """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE."""
     dtype: gl.constexpr = O.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -135,73 +183,89 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, 
     # P as the register A operand of P V: the same registers as S's accumulator (16-bit, k_width 2).
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row0 = start_m + WG * ROWS
     q = q_smem.index(WG)                                                        # [ROWS, HEAD_DIM]
     rows = gl.arange(0, ROWS, layout=row_layout)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    if IS_CAUSAL:
-        limit = gl.minimum(rows + (row0 + seqlen_k - seqlen_q + 1), seqlen_k)   # [ROWS]
-    else:
-        limit = gl.full([ROWS], seqlen_k, gl.int32, layout=row_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, 0)
-
-    if n_blocks > 0:
-        # Block 0: S_0 alone.
-        mbarrier.wait(k_ready.index(0), 0)
-        _my_turn(turn, 0, WG)
-        qk = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-        qk = warpgroup_mma_wait(0, deps=(qk,))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        if n_full > 0:
-            p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, False)
-        else:
-            p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, True)
-        for j in range(1, n_blocks):
-            s = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
-            _my_turn(turn, j, WG)
-            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)                     # [ROWS, BLOCK_N]
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            mbarrier.arrive(turn.index(1 - WG), count=1)
-            # The softmax of block j while P_{j-1} V_{j-1} is in the tensor cores.
-            qk = warpgroup_mma_wait(1, deps=(qk,))
-            mbarrier.arrive(k_empty.index(s), count=1)
-            if j < n_full:
-                p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, j * BLOCK_N, False)
-            else:
-                p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, j * BLOCK_N, True)
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-        # The last block's P V.
-        last = (n_blocks - 1) % STAGES
-        _my_turn(turn, n_blocks, WG)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(v_empty.index(last), count=1)
-
-    seen = l_i > 0.0
-    l_safe = gl.where(seen, l_i, 1.0)
-    acc = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-    lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("inf"))            # [ROWS]
     o_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + row0 * stride_om
-              + gl.expand_dims(o_rows * stride_om, 1) + gl.expand_dims(o_cols, 0))   # [ROWS, HEAD_DIM]
-    gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(o_rows < seqlen_q - row0, 1))
-    gl.store(LSE + (off_b * nheads + off_h) * seqlen_q + row0 + rows, lse, mask=rows < seqlen_q - row0)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    it = 0              # K / V blocks consumed so far: ring slot and phase
+    tc = 0              # tiles so far: Q's phase
+    turns = 0           # turns taken so far (the other warp group takes as many)
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
+                                                                ROWS, BLOCK_N, IS_CAUSAL)
+        row0 = start_m + WG * ROWS
+        if IS_CAUSAL:
+            limit = gl.minimum(rows + (row0 + seqlen_k - seqlen_q + 1), seqlen_k)   # [ROWS]
+        else:
+            limit = gl.full([ROWS], seqlen_k, gl.int32, layout=row_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        mbarrier.wait(q_bar, tc & 1)
+        if n_blocks > 0:
+            # Block 0: S_0 alone.
+            s = it % STAGES
+            mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
+            _my_turn(turn, turns, WG)
+            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            qk = warpgroup_mma_wait(0, deps=(qk,))
+            mbarrier.arrive(k_empty.index(s), count=1)
+            if n_full > 0:
+                p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, False)
+            else:
+                p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, True)
+            for j in range(1, n_blocks):
+                c = it + j
+                s = c % STAGES
+                prev = (c - 1) % STAGES
+                mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
+                _my_turn(turn, turns + j, WG)
+                qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)                 # [ROWS, BLOCK_N]
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                mbarrier.arrive(turn.index(1 - WG), count=1)
+                # The softmax of block j while P_{j-1} V_{j-1} is in the tensor cores.
+                qk = warpgroup_mma_wait(1, deps=(qk,))
+                mbarrier.arrive(k_empty.index(s), count=1)
+                if j < n_full:
+                    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, j * BLOCK_N, False)
+                else:
+                    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, j * BLOCK_N, True)
+                acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+            # Every S of the tile is computed: the next tile's Q may load while the last P V runs.
+            mbarrier.arrive(q_empty, count=1)
+            c = it + n_blocks - 1
+            last = c % STAGES
+            _my_turn(turn, turns + n_blocks, WG)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+            mbarrier.arrive(v_empty.index(last), count=1)
+            turns += n_blocks + 1
+        else:
+            mbarrier.arrive(q_empty, count=1)
+
+        seen = l_i > 0.0
+        l_safe = gl.where(seen, l_i, 1.0)
+        acc = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+        lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("inf"))        # [ROWS]
+        o_ptrs = (O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+                  + row0.to(gl.int64) * stride_om
+                  + gl.expand_dims(o_rows * stride_om, 1) + gl.expand_dims(o_cols, 0))   # [ROWS, HEAD_DIM]
+        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(o_rows < seqlen_q - row0, 1))
+        gl.store(LSE + (off_b.to(gl.int64) * nheads + off_h) * seqlen_q + row0 + rows, lse,
+                 mask=rows < seqlen_q - row0)
+        it += n_blocks
+        tc += 1
 
 
 @gluon.jit
@@ -210,29 +274,16 @@ def _attn_fwd_sm90(Q, K, V, O, LSE,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
                    stride_ob, stride_om, stride_oh,
-                   seqlen_q, seqlen_k, nheads, group_size, qk_scale,
+                   batch, seqlen_q, seqlen_k, nheads, group_size, qk_scale,
                    HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr):
-    """O and the LSE of BLOCK_M = 2 * ROWS query rows of one head: the first consumer warp group is
-    the kernel's own warps (num_warps=4), the second and the producer warp are workers."""
+    """O and the LSE, BLOCK_M = 2 * ROWS query rows of one head a tile; program p takes tiles p,
+    p + grid, ... (a grid of one program per tile, or persistent: one per SM). The first consumer warp
+    group is the kernel's own warps (num_warps=4), the second and the producer warp are workers."""
     gl.static_assert(num_warps == 4, "each consumer is one warp group")
     dtype: gl.constexpr = Q.dtype.element_ty
-    pid_m = gl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    off_h = gl.program_id(1)
-    off_hk = (off_h // group_size).to(gl.int64)
-    off_h = off_h.to(gl.int64)
-    off_b = gl.program_id(2).to(gl.int64)
-    start_m = pid_m * (2 * ROWS)
-    offset = seqlen_k - seqlen_q
-    if IS_CAUSAL:
-        hi = gl.maximum(gl.minimum(start_m + 2 * ROWS + offset, seqlen_k), 0)
-        n_full = gl.maximum(gl.minimum(start_m + offset + 1, seqlen_k), 0) // BLOCK_N
-    else:
-        hi = seqlen_k
-        n_full = seqlen_k // BLOCK_N
-    n_blocks = gl.cdiv(hi, BLOCK_N)
+    n_m = gl.cdiv(seqlen_q, 2 * ROWS)
+    n_tiles = n_m * nheads * batch
 
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
@@ -240,32 +291,34 @@ def _attn_fwd_sm90(Q, K, V, O, LSE,
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=2)                     # free once both consumers are done with it
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)        # a slot is free once both consumers are done
+        mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     fence_async_shared()
 
     gl.warp_specialize([
-        (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-                     stride_ob, stride_om, stride_oh, off_b, off_h, nheads, start_m, seqlen_q, seqlen_k,
-                     n_blocks, n_full, qk_scale, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-        (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn,
-                     stride_ob, stride_om, stride_oh, off_b, off_h, nheads, start_m, seqlen_q, seqlen_k,
-                     n_blocks, n_full, qk_scale, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-        (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+        (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                     stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+                     qk_scale, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+        (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                     stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+                     qk_scale, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+        (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                     stride_vb, stride_vn, stride_vh, off_b, off_h, off_hk, start_m, seqlen_q, seqlen_k,
-                     n_blocks, HEAD_DIM, ROWS, BLOCK_N, STAGES)),
+                     stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+                     HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -288,9 +341,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    _launch_fwd_sm90((cdiv(seqlen_q, BLOCK_M), nheads, batch), q, k, v, o, lse,
+    n_tiles = cdiv(seqlen_q, BLOCK_M) * nheads * batch
+    persistent = configs.ping_pong_persistent(head_dim, causal, max(seqlen_q, seqlen_k), q.device)
+    grid = min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles
+    _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse,
                      *strides(q), *strides(k), *strides(v), *strides(o),
-                     seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
+                     batch, seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, ROWS=ROWS, BLOCK_N=BLOCK_N[head_dim], STAGES=STAGES[head_dim, causal],
                      IS_CAUSAL=causal, num_warps=NUM_WARPS, num_stages=1)
     return o, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
