@@ -39,6 +39,11 @@ def compile_sm90(fn, args: tuple, kwargs: dict, num_warps: int, num_stages: int)
     return triton_compile(source, target=SM90, options=options.__dict__)
 
 
+def _on_cuda(fn):
+    """fn with every torch.device argument replaced by CUDA."""
+    return lambda *args, **kwargs: fn(*(CUDA if isinstance(x, torch.device) else x for x in args), **kwargs)
+
+
 def main() -> None:
     compiled = []
 
@@ -51,19 +56,9 @@ def main() -> None:
     configs._capability = lambda index: (9, 0)
     forward_sm90._sm_count = lambda index: 132
     # The tables are asked about the CPU tensors' device: answer for an H100's.
-    table_config, warp_specialized = configs._table_config, configs.warp_specialized
-    ping_pong_forward, one_pass_backward = configs.ping_pong_forward, configs.one_pass_backward
-    configs._table_config = lambda kind, head_dim, dtype, causal, device, seqlen=None: table_config(
-        kind, head_dim, dtype, causal, CUDA, seqlen)
-    configs.warp_specialized = lambda head_dim, dtype, causal, seqlen, device: warp_specialized(
-        head_dim, dtype, causal, seqlen, CUDA)
-    configs.ping_pong_forward = lambda head_dim, causal, seqlen, device: ping_pong_forward(
-        head_dim, causal, seqlen, CUDA)
-    ping_pong_persistent = configs.ping_pong_persistent
-    configs.ping_pong_persistent = lambda head_dim, causal, seqlen, device: ping_pong_persistent(
-        head_dim, causal, seqlen, CUDA)
-    configs.one_pass_backward = lambda head_dim, dtype, causal, seqlen, device, deterministic=False: (
-        one_pass_backward(head_dim, dtype, causal, seqlen, CUDA, deterministic))
+    for name in ("_table_config", "warp_specialized", "ping_pong_forward", "ping_pong_persistent",
+                 "one_pass_backward"):
+        setattr(configs, name, _on_cuda(getattr(configs, name)))
 
     for head_dim in (64, 128, 256):
         for seqlen in (512, 4096):

@@ -144,18 +144,28 @@ WS_SHAPES = ([Shape(2, 50, 50, 2, 1, 32), Shape(1, 33, 70, 2, 2, 40), Shape(1, 7
 WS_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
+def _only_kernel(monkeypatch, kernel: str, choices: dict, refused: list[tuple[object, str]]) -> None:
+    """Answer configs' choice functions named in `choices` with the given values, and make the
+    launchers in `refused` ((module, name) pairs) fail: every call must take `kernel`."""
+    from flashattn.ops.triton import configs
+
+    def other_kernel(*args, **kwargs):
+        raise AssertionError(f"the call left the {kernel}")
+
+    for name, answer in choices.items():
+        monkeypatch.setattr(configs, name, lambda *args, answer=answer, **kwargs: answer)
+    for module, name in refused:
+        monkeypatch.setattr(module, name, other_kernel)
+
+
 @pytest.fixture
 def warp_specialized(monkeypatch, use_backend):
     """Every plain forward takes the warp-specialized kernel; the other forward kernel may not run."""
     from flashattn.ops.triton import configs, forward
 
-    def other_kernel(*args, **kwargs):
-        raise AssertionError("the forward left the warp-specialized kernel")
-
     use_backend("triton")
-    monkeypatch.setattr(configs, "warp_specialized", lambda *args: True)
-    monkeypatch.setattr(configs, "ping_pong_forward", lambda *args: False)
-    monkeypatch.setattr(forward, "_launch_fwd", other_kernel)
+    _only_kernel(monkeypatch, "warp-specialized kernel", dict(warp_specialized=True, ping_pong_forward=False),
+                 [(forward, "_launch_fwd")])
     # Shapes for the GPU table's head dims without an entry of their own (head dim 64 causal).
     table = configs._TABLES[(9, 0)]["fwd_ws"]
     for key in [(64, True, True)]:
@@ -216,16 +226,11 @@ PING_PONG_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128
 def ping_pong(request, monkeypatch, use_backend):
     """Every plain fp16/bf16 forward takes the ping-pong kernel, with either grid; the other forward
     kernels may not run."""
-    from flashattn.ops.triton import configs, forward
-
-    def other_kernel(*args, **kwargs):
-        raise AssertionError("the forward left the ping-pong kernel")
+    from flashattn.ops.triton import forward
 
     use_backend("triton")
-    monkeypatch.setattr(configs, "ping_pong_forward", lambda *args: True)
-    monkeypatch.setattr(configs, "ping_pong_persistent", lambda *args: request.param)
-    monkeypatch.setattr(forward, "_launch_fwd", other_kernel)
-    monkeypatch.setattr(forward, "_launch_fwd_ws", other_kernel)
+    _only_kernel(monkeypatch, "ping-pong kernel", dict(ping_pong_forward=True, ping_pong_persistent=request.param),
+                 [(forward, "_launch_fwd"), (forward, "_launch_fwd_ws")])
 
 
 @pytest.mark.gpu
@@ -279,14 +284,10 @@ ONE_PASS_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128)
 @pytest.fixture
 def one_pass(monkeypatch, use_backend):
     """Every plain fp16/bf16 backward takes the one-pass kernel; the portable kernels may not run."""
-    from flashattn.ops.triton import backward, configs
-
-    def other_kernel(*args, **kwargs):
-        raise AssertionError("the backward left the one-pass kernel")
+    from flashattn.ops.triton import backward
 
     use_backend("triton")
-    monkeypatch.setattr(configs, "one_pass_backward", lambda *args, **kwargs: True)
-    monkeypatch.setattr(backward, "_launch_bwd", other_kernel)
+    _only_kernel(monkeypatch, "one-pass kernel", dict(one_pass_backward=True), [(backward, "_launch_bwd")])
 
 
 @pytest.mark.gpu

@@ -212,12 +212,17 @@ def _table_config(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, de
     return tables[kind][key]
 
 
-def _listed(table: str, key: tuple, seqlen: int, device: torch.device) -> bool:
-    """Whether the CUDA device's architecture's own tables (other architectures do not borrow them)
-    list `key` in the "*_from" `table` at this sequence length."""
+def _arch_entry(table: str, key: tuple, device: torch.device):
+    """`key`'s entry in `table` of the CUDA device's architecture's own tables (other architectures
+    do not borrow them), or None."""
     if device.type != "cuda":
-        return False
-    start = (_arch_tables(device) or {}).get(table, {}).get(key)
+        return None
+    return (_arch_tables(device) or {}).get(table, {}).get(key)
+
+
+def _listed(table: str, key: tuple, seqlen: int, device: torch.device) -> bool:
+    """Whether the architecture's "*_from" `table` lists `key` at this sequence length."""
+    start = _arch_entry(table, key, device)
     return start is not None and seqlen >= start
 
 
@@ -236,7 +241,7 @@ def ping_pong_forward(head_dim: int, causal: bool, seqlen: int, device: torch.de
 
 def ping_pong_persistent(head_dim: int, causal: bool, seqlen: int, device: torch.device) -> bool:
     """Whether the ping-pong forward of this shape runs one program per SM (else one per tile)."""
-    last = (_arch_tables(device) or {}).get("fwd_pingpong_persistent_to", {}).get((head_dim, causal))
+    last = _arch_entry("fwd_pingpong_persistent_to", (head_dim, causal), device)
     return last is not None and seqlen <= last
 
 
