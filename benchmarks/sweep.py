@@ -28,8 +28,15 @@ CANDIDATES = {
             256: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3)]},
     # Backward: BackwardConfig(kv=dK/dV shape, q=dQ shape[, dk=separate dK shape][, one_launch]).
     "bwd": {64: [B(kv=T(64, 64, 4, 2), q=T(128, 64, 8, 3)), B(kv=T(64, 64, 4, 3), q=T(128, 64, 8, 3)),
+                 B(kv=T(64, 128, 8, 2), q=T(128, 64, 8, 2), one_launch=True),
+                 B(kv=T(32, 128, 4, 2), q=T(128, 32, 4, 2), one_launch=True),
+                 B(kv=T(64, 64, 4, 3), q=T(64, 64, 4, 3), one_launch=True),
                  B(kv=T(32, 64, 4, 3), q=T(64, 64, 4, 2)), B(kv=T(64, 64, 4, 2), q=T(64, 64, 4, 2), one_launch=True)],
             128: [B(kv=T(64, 64, 4, 2), q=T(64, 64, 4, 2), one_launch=True),
+                  B(kv=T(64, 64, 4, 3), q=T(64, 64, 4, 3), one_launch=True),
+                  B(kv=T(32, 64, 4, 2), q=T(64, 32, 4, 2), one_launch=True),
+                  B(kv=T(64, 128, 8, 2), q=T(128, 64, 8, 2), one_launch=True),
+                  B(kv=T(64, 64, 8, 2), q=T(64, 64, 8, 2), one_launch=True),
                   B(kv=T(64, 64, 4, 2), q=T(128, 64, 8, 3)),
                   B(kv=T(64, 128, 8, 3), q=T(128, 64, 8, 3), one_launch=True),
                   B(kv=T(32, 64, 4, 2), q=T(64, 64, 4, 2), one_launch=True),
@@ -59,6 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     rows, t0 = [], time.time()
     configs._FWD_SHORT.clear()  # time the main table's candidates at every length
+    configs.one_pass_backward = lambda *args, **kwargs: False  # the portable backward's shapes only
     for d, n, causal in itertools.product([int(x) for x in args.head_dims.split(",")],
                                           [int(x) for x in args.seqlens.split(",")],
                                           [bool(int(c)) for c in args.causal.split(",")]):

@@ -3,7 +3,7 @@ would launch on an H100 for plain bf16 calls (the sm_90 tables' shapes, and the 
 the tables send them), and report each kernel's shared memory and warps as JSON lines.
 
 With the argument `gluon`, compile every build of the Gluon kernels instead (head dims, causal,
-deterministic), those no table sends a call to included.
+persistent or deterministic), those no table sends a call to included.
 
 Run by tests/ops/test_sm90_compile.py in a process of its own: the kernels must be real @triton.jit
 functions, which the interpreter the other tests use (TRITON_INTERPRET=1) replaces. The library's
@@ -72,7 +72,7 @@ def main() -> None:
 
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16",
-            "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEM": "*i32"}
+            "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEM": "*i32", "COUNTER": "*i32"}
 
 
 def gluon_builds() -> None:
@@ -86,8 +86,8 @@ def gluon_builds() -> None:
         return "constexpr" if name.isupper() or name == "num_warps" else "i32"
 
     builds = [(F._attn_fwd_sm90, F.NUM_WARPS, dict(HEAD_DIM=d, ROWS=F.ROWS, BLOCK_N=F.BLOCK_N[d], STAGES=F.STAGES[d, c],
-                                                   IS_CAUSAL=c))
-              for d in F.HEAD_DIMS for c in (False, True)]
+                                                   IS_CAUSAL=c, PERSISTENT=persistent))
+              for d in F.HEAD_DIMS for c in (False, True) for persistent in (False, True)]
     builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(HEAD_DIM=d, BLOCK_M=B.BLOCK_M[d], BLOCK_N=B.BLOCK_N, IS_CAUSAL=c,
                                                     STAGES=B.STAGES, DQ_STAGES=B.DQ_STAGES, DETERMINISTIC=det))
                for d in B.HEAD_DIMS for c in (False, True) for det in (False, True)]

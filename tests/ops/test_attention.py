@@ -268,7 +268,8 @@ def test_ping_pong_forward_takes_only_plain_16_bit_calls(monkeypatch):
         assert configs.ping_pong_forward(head_dim, causal, start, cuda)
         assert not configs.ping_pong_forward(head_dim, causal, start - 1, cuda)
         assert configs.ping_pong_persistent(head_dim, causal, start, cuda) == (last_persistent is not None)
-        assert not configs.ping_pong_persistent(head_dim, causal, (last_persistent or 0) + 1, cuda)
+        if last_persistent is not None and last_persistent < math.inf:
+            assert not configs.ping_pong_persistent(head_dim, causal, last_persistent + 1, cuda)
     assert not configs.ping_pong_forward(96, False, 1 << 14, cuda)
 
 

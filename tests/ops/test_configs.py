@@ -87,21 +87,23 @@ def test_tuned_shapes_persist_on_disk(tmp_path, monkeypatch):
     assert configs._chosen["bwd|GPU|d256|bfloat16|causal=0|n8192|"] == bwd
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_short_sequences_take_their_own_forward_shape(head_dim, monkeypatch):
-    """Up to the short table's length the forward takes its shape, beyond it the main table's; the
-    backward and head dims without a short entry always take the main table's."""
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_short_sequences_take_their_own_shape(kind, head_dim, causal, monkeypatch):
+    """Up to the short table's length a pass takes its shape, beyond it the main table's; head dims
+    without a short entry always take the main table's."""
     import torch
     monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
     gpu = torch.device("cuda", 0)
-    key = (configs._bucket(head_dim), True, True)
-    main = configs._FWD[key]
-    short = configs._FWD_SHORT.get(key)
-    pick = lambda kind, n: configs._table_config(kind, head_dim, torch.bfloat16, True, gpu, n)  # noqa: E731
+    key = (configs._bucket(head_dim), True, causal)
+    main = {"fwd": configs._FWD, "bwd": configs._BWD}[kind][key]
+    short = {"fwd": configs._FWD_SHORT, "bwd": configs._BWD_SHORT}[kind].get(key)
+    pick = lambda n: configs._table_config(kind, head_dim, torch.bfloat16, causal, gpu, n)  # noqa: E731
     if short is not None:
-        assert pick("fwd", short[0]) == short[1] and pick("fwd", short[0] + 1) == main
-    assert pick("fwd", 1 << 20) == main and pick("fwd", None) == main
-    assert pick("bwd", 256) == configs._BWD[key]
+        assert short[1] != main
+        assert pick(short[0]) == short[1] and pick(short[0] + 1) == main
+    assert pick(1 << 20) == main and pick(None) == main
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0), (10, 0)])

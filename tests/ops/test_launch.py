@@ -36,7 +36,8 @@ def test_binding_gives_a_num_warps_parameter_the_launchs_warps():
     launcher = Launcher(_attn_fwd_sm90)
     names = launcher.names
     args = [0] * names.index("HEAD_DIM")
-    values = launcher._values(tuple(args), dict(HEAD_DIM=128, ROWS=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=False), 4)
+    values = launcher._values(tuple(args), dict(HEAD_DIM=128, ROWS=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=False,
+                                                PERSISTENT=False), 4)
     assert values is not None and values[names.index("num_warps")] == 4
 
 

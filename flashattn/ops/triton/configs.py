@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, replace
@@ -43,11 +44,15 @@ class BackwardConfig:
                 keys owned) and the kv programs compute only dV: one accumulator per program instead
                 of two, which lets head dim 256 use 64-key tiles and warpgroup MMA.
     one_launch  kv and q programs in one grid (needs the same warps and stages, and no dk).
+    fused_delta the programs compute delta = rowsum(dO * O) of their query rows themselves instead of
+                reading it from a preprocess launch: one launch and one pass over O and dO fewer,
+                a load of O more per dK step (a call with a gradient for the LSE keeps the preprocess).
     """
     kv: TileConfig
     q: TileConfig
     dk: TileConfig | None = None
     one_launch: bool = False
+    fused_delta: bool = False
 
     def __post_init__(self):
         if self.one_launch and (self.dk is not None or (self.kv.num_warps, self.kv.num_stages)
@@ -113,6 +118,16 @@ _FWD_SHORT = {
     (128, True, True): (1024, TileConfig(64, 64, 4, 3)),
 }
 
+# Backwards of head dim 64 up to these lengths (B*N = 16k, so 16-32 sequences) run faster with 32-row
+# steps in the dK/dV programs and 64-row dQ programs (bf16, benchmarks/sweep.py ->
+# results/h100-sweep-bwd-short-2026-11-22.json, TFLOP/s against the main table's shape): 512 249.8 /
+# 241.2, 1k 282.0 / 290.9; causal 512 174.0 / 165.9, 1k 231.1 / 225.1. Head dim 128 kept its
+# shape at 1k and 2k (the best of ten).
+_BWD_SHORT = {
+    (64, True, False): (512, BackwardConfig(kv=_T(32, 64, 4, 3), q=_T(64, 64, 4, 2))),
+    (64, True, True): (1024, BackwardConfig(kv=_T(32, 64, 4, 3), q=_T(64, 64, 4, 2))),
+}
+
 # The warp-specialized forward (forward._attn_fwd_ws: TMA loads, a producer warp group and two
 # consumer warp groups), plain calls only, Hopper only, from the length where it measured faster than
 # _FWD's shapes on the H100 (bf16, 16k tokens; benchmarks/probe/fwd_threshold.py, fwd_ws_tiles.py,
@@ -152,30 +167,31 @@ _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
 
 # The ping-pong forward for Hopper (forward_sm90: Gluon, FlashAttention-3's schedule), plain fp16/bf16
 # calls with a positive scale, from the length where it measured faster than the kernels above on the
-# H100, and persistent (one program per SM taking tiles in turn) up to the length where that measured
-# faster than one program per tile (bf16, 16k tokens; benchmarks/probe/fwd_sm90.py ->
-# results/h100-fwd-sm90-2026-11-22-b.json, -c.json). TFLOP/s, ping-pong persistent / one program per
-# tile / the kernel the tables chose before (-c.json):
-#   D128 non-causal 512 382 / 295 / 348, 1k 489 / 419 / 446, 2k 570 / 502 / 491, 4k 581 / 555 / 532,
-#                   8k 588 / 598 / 570, 16k 619 / 623 / 589
-#   D128 causal 512 184 / 172 / 230, 1k 302 / 284 / 322, 2k 442 / 403 / 386, 4k 514 / 493 / 434,
-#               8k 544 / 565 / 464, 16k 454 / 608 / 526 (long causal tiles differ in cost: the static
-#               order of a persistent grid leaves some SMs the heavy ones)
-#   D256 non-causal 512 402 / 360 / 415, 1k 514 / 490 / 500, 2k 607 / 577 / 569, 4k 643 / 630 / 593,
-#                   8k 652 / 644 / 624, 16k 638 / 665 / 636
-#   D256 causal 512 187 / 212 / 252, 1k 314 / 327 / 362, 2k 458 / 446 / 441, 4k 515 / 517 / 501,
-#               8k 448 / 574 / 543, 16k 445 / 659 / 594
+# H100, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
+# the length where that measured faster than one program per tile (bf16, 16k tokens;
+# benchmarks/probe/fwd_sm90.py -> results/h100-fwd-sm90-2026-11-22-d.json). TFLOP/s, ping-pong
+# persistent / one program per tile / the kernel the tables chose before / cuDNN in the same run:
+#   D128 non-causal 512 392 / 297 / 344 / 511, 1k 486 / 412 / 442 / 584, 2k 550-575 / 512 / 489 / 612,
+#                   4k 588-596 / 550 / 524 / 605, 8k 583 / 593 / 554 / 624, 16k 626 / 614 / 572 / 643
+#   D128 causal 512 215 / 172 / 228 / 318, 1k 341 / 281 / 316 / 426, 2k 441-469 / 401 / 383 / 491,
+#               4k 516-528 / 483 / 428 / 529, 8k 540-558 / 550 / 463 / 556, 16k 613-637 / 593 / 509 / 558
+#   D256 non-causal 512 373 / 361 / 412 / 499, 1k 485 / 479 / 506 / 595, 2k 555-580 / 582 / 557 / 644,
+#                   4k 599 / 617 / 587 / 662, 8k 602-621 / 645 / 592 / 671, 16k 669-688 / 661 / 629 / 691
+#   D256 causal 512 229 / 211 / 250 / 308, 1k 355-359 / 327 / 361 / 440, 2k 462-476 / 450 / 441 / 523,
+#               4k 527-531 / 505 / 501 / 565, 8k 564-584 / 565 / 530 / 588, 16k 671-681 / 651 / 582 / 594
+#   (a range: the same build timed twice in that run). With the tiles in a fixed order instead
+#   (program p took p, p + grid, ...) persistent D128 causal 16k measured 454 against 608 (-c.json).
 #   D64 (one program per tile, -b.json) non-causal 2k 357 / 429, 16k 429 / 482 (ping-pong / before);
 #   causal 2k 276 / 356, 16k 423 / 413: not listed (a 64-wide step is too little matrix work for its
 #   softmax and barriers)
 # (head dim, causal) -> (from this sequence length, persistent up to this one or None).
-_FWD_PINGPONG = {(128, False): (512, 4096), (128, True): (2048, 4096),
-                 (256, False): (1024, 8192), (256, True): (2048, 2048)}
+_FWD_PINGPONG = {(128, False): (512, 4096), (128, True): (1024, math.inf),
+                 (256, False): (2048, None), (256, True): (2048, math.inf)}
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).
 # "*_from" tables: key -> the first sequence length at which that kernel runs (`_listed`).
-_TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT,
+_TABLES = {(9, 0): {"fwd": _FWD, "bwd": _BWD, "fwd_short": _FWD_SHORT, "bwd_short": _BWD_SHORT,
                     "fwd_ws": {key: cfg for key, (_, cfg) in _FWD_WS.items()},
                     "fwd_ws_from": {key: start for key, (start, _) in _FWD_WS.items()},
                     "fwd_pingpong_from": {key: start for key, (start, _) in _FWD_PINGPONG.items()},
@@ -285,7 +301,7 @@ def smaller(cfg: Config) -> Config | None:
     if all(p is None for p in stepped):
         return None
     kv, q, *dk = [new or old for new, old in zip(stepped, parts)]
-    return BackwardConfig(kv=kv, q=q, dk=dk[0] if dk else None)
+    return BackwardConfig(kv=kv, q=q, dk=dk[0] if dk else None, fused_delta=cfg.fused_delta)
 
 
 def candidates(kind: str, cfg: Config) -> list[Config]:
@@ -300,7 +316,8 @@ def candidates(kind: str, cfg: Config) -> list[Config]:
     elif kind == "fwd":
         others = around(cfg) + [replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)]
     else:
-        others = [replace(cfg, kv=t) for t in around(cfg.kv)[:3]] + [replace(cfg, q=t) for t in around(cfg.q)[:3]]
+        others = ([replace(cfg, fused_delta=not cfg.fused_delta)] + [replace(cfg, kv=t) for t in around(cfg.kv)[:3]]
+                  + [replace(cfg, q=t) for t in around(cfg.q)[:2]])
     out = [cfg]
     for other in others:
         if other not in out:
@@ -353,7 +370,8 @@ def _from_json(fields: dict) -> Config:
         return TileConfig(**fields)
     dk = fields.get("dk")
     return BackwardConfig(kv=TileConfig(**fields["kv"]), q=TileConfig(**fields["q"]),
-                          dk=TileConfig(**dk) if dk else None, one_launch=fields.get("one_launch", False))
+                          dk=TileConfig(**dk) if dk else None, one_launch=fields.get("one_launch", False),
+                          fused_delta=fields.get("fused_delta", False))
 
 
 def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,

@@ -12,11 +12,13 @@ written out, as FlashAttention-3 does it:
   - the two warp groups take turns to issue their products (mbarriers `turn`), so that one's
     exponentials run while the other's products occupy the tensor cores (between warp groups).
 
-A tile is BLOCK_M = 2 * ROWS query rows of one head; program p takes tiles p, p + grid, ... in the
-order of _tile (query block fastest; with causal the last query block of a head first, as it visits
-the most keys). The grid is one program per tile, or persistent (one per SM, configs'
-ping_pong_persistent): then the producer loads the next tile's Q while the consumers finish the
-last P V and store O, and the descriptors are made once a program. Glossary (the names of forward.py):
+A tile is BLOCK_M = 2 * ROWS query rows of one head, in the order of _tile (query block fastest;
+with causal the last query block of a head first, as it visits the most keys). The grid is one
+program per tile, or persistent (one per SM, configs' ping_pong_persistent): program p starts with
+tile p and then takes the first tile no program has taken yet (an atomic counter), so that tiles
+start in order as with the hardware's scheduler and the long causal ones spread over the SMs; the
+producer loads the next tile's Q while the consumers finish the last P V and store O, and the
+descriptors are made once a program. Glossary (the names of forward.py):
     qk        S_j = Q K_j^T of one warp group's rows, unscaled           [ROWS, BLOCK_N]
     p         exp2(qk * qk_scale - m_new)                                  [ROWS, BLOCK_N]
     m_i, l_i  running row max (base 2, scaled) and row sum                 [ROWS]
@@ -85,14 +87,17 @@ def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BL
 
 
 @gluon.jit
-def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-              stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-              batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
+              COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+              stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
               HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr):
+              IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
     """The load warp, over the program's tiles: both halves of Q once both consumers are done with
     the previous tile's, then K_{j+1} and V_j into ring slots once both consumers have released
-    them. One descriptor per tensor bounds every (batch, head) (rows past a sequence read as 0)."""
+    them. One descriptor per tensor bounds every (batch, head) (rows past a sequence read as 0).
+    Persistent: after the first tile (the program's own index) it takes the next from COUNTER and
+    hands its index to the consumers in `next_tile`, with the next Q (an index past the last tile,
+    with an arrival of its own, ends the consumers' loop)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, ROWS, 1, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, 1, HEAD_DIM], dtype)
@@ -108,7 +113,8 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
                                         block_shape=[1, BLOCK_N, 1, HEAD_DIM], layout=k_layout)
     it = 0              # K / V blocks loaded so far: ring slot and phase
     tc = 0              # tiles so far: Q's phase
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    t = gl.program_id(0)
+    while t < n_tiles:
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
                                                                 ROWS, BLOCK_N, IS_CAUSAL)
         mbarrier.wait(q_empty, (tc & 1) ^ 1)
@@ -126,6 +132,20 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
                         STAGES)
         it += n_blocks
         tc += 1
+        if PERSISTENT:
+            # Fetched counts from 0 to n_tiles - 1 over the launch (one fetch a tile); the last
+            # fetch resets COUNTER for the next launch on this stream.
+            fetched = gl.atomic_add(COUNTER, 1)
+            if fetched == n_tiles - 1:
+                gl.atomic_xchg(COUNTER, 0)
+            t = gl.num_programs(0) + fetched
+            # Both consumers have read the previous index once they release its Q.
+            mbarrier.wait(q_empty, (tc & 1) ^ 1)
+            next_tile.store(gl.full([1], t, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
+            if t >= n_tiles:
+                mbarrier.arrive(q_bar, count=1)
+        else:
+            t += gl.num_programs(0)
 
 
 @gluon.jit
@@ -170,10 +190,10 @@ def _softmax(qk, m_i, l_i, qk_scale, limit, cols, start_n, MASKED: gl.constexpr)
 
 
 @gluon.jit
-def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, next_tile,
               stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, qk_scale,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
     """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE."""
     dtype: gl.constexpr = O.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -192,7 +212,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
     it = 0              # K / V blocks consumed so far: ring slot and phase
     tc = 0              # tiles so far: Q's phase
     turns = 0           # turns taken so far (the other warp group takes as many)
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    t = gl.program_id(0)
+    while t < n_tiles:
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
                                                                 ROWS, BLOCK_N, IS_CAUSAL)
         row0 = start_m + WG * ROWS
@@ -266,20 +287,26 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                  mask=rows < seqlen_q - row0)
         it += n_blocks
         tc += 1
+        if PERSISTENT:
+            mbarrier.wait(q_bar, tc & 1)
+            t = gl.max(next_tile.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
+        else:
+            t += gl.num_programs(0)
 
 
 @gluon.jit
-def _attn_fwd_sm90(Q, K, V, O, LSE,
+def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
                    stride_ob, stride_om, stride_oh,
                    batch, seqlen_q, seqlen_k, nheads, group_size, qk_scale,
                    HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr):
-    """O and the LSE, BLOCK_M = 2 * ROWS query rows of one head a tile; program p takes tiles p,
-    p + grid, ... (a grid of one program per tile, or persistent: one per SM). The first consumer warp
-    group is the kernel's own warps (num_warps=4), the second and the producer warp are workers."""
+                   IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
+    """O and the LSE, BLOCK_M = 2 * ROWS query rows of one head a tile: one program per tile, or
+    PERSISTENT: one per SM, program p taking tile p and then the next untaken one (COUNTER, an int32
+    that is 0 at launch and again at the end). The first consumer warp group is the kernel's own warps
+    (num_warps=4), the second and the producer warp are workers."""
     gl.static_assert(num_warps == 4, "each consumer is one warp group")
     dtype: gl.constexpr = Q.dtype.element_ty
     n_m = gl.cdiv(seqlen_q, 2 * ROWS)
@@ -297,6 +324,7 @@ def _attn_fwd_sm90(Q, K, V, O, LSE,
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    next_tile = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_empty, count=2)                     # free once both consumers are done with it
     for i in gl.static_range(STAGES):
@@ -310,15 +338,15 @@ def _attn_fwd_sm90(Q, K, V, O, LSE,
 
     gl.warp_specialize([
         (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                     stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
-                     qk_scale, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+                     next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                     n_tiles, qk_scale, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT)),
         (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                     stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
-                     qk_scale, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-        (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-                     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                     next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                     n_tiles, qk_scale, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT)),
+        (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
+                     COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
-                     HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+                     HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -344,11 +372,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     n_tiles = cdiv(seqlen_q, BLOCK_M) * nheads * batch
     persistent = configs.ping_pong_persistent(head_dim, causal, max(seqlen_q, seqlen_k), q.device)
     grid = min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles
-    _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse,
+    # A counter per call (not one kept per device): launches on two streams may overlap.
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if persistent else lse
+    _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse, counter,
                      *strides(q), *strides(k), *strides(v), *strides(o),
                      batch, seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, ROWS=ROWS, BLOCK_N=BLOCK_N[head_dim], STAGES=STAGES[head_dim, causal],
-                     IS_CAUSAL=causal, num_warps=NUM_WARPS, num_stages=1)
+                     IS_CAUSAL=causal, PERSISTENT=persistent, num_warps=NUM_WARPS, num_stages=1)
     return o, lse
 
 
