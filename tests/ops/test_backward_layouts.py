@@ -1,10 +1,8 @@
 """The Triton backward's program layouts (configs.BackwardConfig) all give the right gradients: dK/dV
-and dQ in separate launches, in one grid, and dV and dK in programs of their own, each with delta from
-the preprocess launch or computed by the programs."""
+and dQ in separate launches, in one grid, and dV and dK in programs of their own."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -29,8 +27,6 @@ LAYOUTS = {  # small tiles under the interpreter, the table's sizes on a GPU
     "dk-apart": configs.BackwardConfig(kv=T(16, 32, 4, 1), q=T(32, 16, 4, 1), dk=T(32, 16, 4, 1)) if not HAS_CUDA
     else configs.BackwardConfig(kv=T(32, 64, 4, 2), q=T(64, 32, 4, 3), dk=T(64, 64, 4, 2)),
 }
-# The same layouts with delta computed by the programs (no preprocess launch).
-LAYOUTS.update({f"{name}-fused-delta": replace(cfg, fused_delta=True) for name, cfg in list(LAYOUTS.items())})
 SHAPES = ([Shape(1, 65, 33, 4, 2, 40), Shape(2, 17, 48, 2, 2, 64)] if not HAS_CUDA else
           [Shape(1, 1000, 777, 8, 2, 128), Shape(2, 513, 513, 4, 4, 256)])
 

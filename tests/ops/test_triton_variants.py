@@ -9,7 +9,6 @@ at small sizes; with CUDA the same tests run compiled.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -404,25 +403,17 @@ T = configs.TileConfig
 LAYOUTS = {  # the interpreter's sizes; on a GPU the table's shapes are kept
     "one-grid": configs.BackwardConfig(kv=T(32, 16, 4, 1), q=T(16, 32, 4, 1), one_launch=True),
     "dk-apart": configs.BackwardConfig(kv=T(16, 32, 4, 1), q=T(32, 16, 4, 1), dk=T(32, 16, 4, 1)),
-    "dk-apart-fused-delta": configs.BackwardConfig(kv=T(16, 32, 4, 1), q=T(32, 16, 4, 1), dk=T(32, 16, 4, 1),
-                                                   fused_delta=True),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_backward_layouts_with_every_option(layout, monkeypatch):
-    """One grid for dK/dV and dQ, dK in programs of its own (which then give the bias gradient), and
-    delta computed by the programs: right with every option."""
-    table = configs._table_config
-
-    def chosen(kind, *args):
-        if kind != "bwd":
-            return table(kind, *args)
-        if HAS_CUDA:
-            return replace(table(kind, *args), fused_delta=LAYOUTS[layout].fused_delta)
-        return LAYOUTS[layout]
-    monkeypatch.setattr(configs, "_table_config", chosen)
-    monkeypatch.setattr(configs, "_chosen", {})
+    """One grid for dK/dV and dQ, and dK in programs of its own (which then give the bias gradient):
+    right with every option."""
+    if not HAS_CUDA:
+        table = configs._table_config
+        monkeypatch.setattr(configs, "_table_config",
+                            lambda kind, *a: LAYOUTS[layout] if kind == "bwd" else table(kind, *a))
     shape = Shape(2, 33, 40, 2, 1, 16) if not HAS_CUDA else Shape(2, 400, 570, 8, 2, 64)
     kwargs, bias = _every_option(shape, (shape.batch, 1, shape.seqlen_q, shape.seqlen_k))
     kwargs["deterministic"] = False

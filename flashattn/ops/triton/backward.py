@@ -66,10 +66,10 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, DQ_ACC,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                  offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)                # [BLOCK_M, BLOCK_D]
+                  offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                    + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    delta = _row_delta(do, o)                                                     # [BLOCK_M]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                    # [BLOCK_M]
     row = (off_b * nheads + off_h) * seqlen_q + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
@@ -81,27 +81,7 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, DQ_ACC,
 
 
 @triton.jit
-def _row_delta(do, o):
-    """delta = rowsum(dO * O) in fp32 of a [rows, BLOCK_D] tile pair."""
-    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-
-
-@triton.jit
-def _delta(DELTA, O, do, offs_m, offs_d, stride_om, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-           MASK: tl.constexpr, FUSED_DELTA: tl.constexpr):
-    """delta of the rows offs_m (0 past seqlen_q): the preprocess kernel's, or with FUSED_DELTA computed
-    here from this head's O (no preprocess launch: a short backward's fixed cost)."""
-    if FUSED_DELTA:
-        o = load_tile(O + offs_m[:, None] * stride_om + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM,
-                      BLOCK_D, MASK)                                               # [BLOCK_M, BLOCK_D]
-        return _row_delta(do, o)
-    if MASK:
-        return tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
-    return tl.load(DELTA + offs_m)
-
-
-@triton.jit
-def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, O, stride_qm, stride_dom, stride_om,
+def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom,
                     offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, qk_scale,
                     softcap_scale, softcap_log2, slope_log2, window_left, window_right,
                     Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, Q_IDX,
@@ -111,7 +91,7 @@ def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, O, stride_qm, stride_do
                     HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
                     SPARSE_BLOCK: tl.constexpr, DBIAS: tl.constexpr, DBIAS_ROWS: tl.constexpr,
-                    DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr, FUSED_DELTA: tl.constexpr):
+                    DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr):
     """Add the query rows [lo, hi) of one head to dK_j, dV_j (and its bias gradient). MASK: diagonal,
     window edges or tail rows. BLOCK_SPARSE: [lo, hi) are positions in the walk over the listed
     query blocks. DKDV: 3 both, 1 only dV, 2 only dK (and the bias gradient)."""
@@ -127,11 +107,10 @@ def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, O, stride_qm, stride_do
                        HEAD_DIM, BLOCK_D, MASK)
         if MASK:
             lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
             lse = tl.load(LSE + offs_m)
-        if DKDV & 2:
-            delta = _delta(DELTA, O, do, offs_m, offs_d, stride_om, seqlen_q, HEAD_DIM, BLOCK_D, MASK,
-                           FUSED_DELTA)                                            # [BLOCK_M]
+            delta = tl.load(DELTA + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)                # [BLOCK_N, BLOCK_M]
         if SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or (MASK and HAS_WINDOW):
             sT, tT = scores(qkT, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, qk_scale,
@@ -180,12 +159,11 @@ def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, O, stride_qm, stride_do
 
 
 @triton.jit
-def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, O, DK, DV,
+def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
               stride_dob, stride_dom, stride_doh,
-              stride_ob, stride_om, stride_oh,
               stride_dkb, stride_dkn, stride_dkh,
               stride_dvb, stride_dvn, stride_dvh,
               seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
@@ -199,7 +177,7 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, O, DK, DV,
               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
               SPARSE_BLOCK: tl.constexpr, DBIAS: tl.constexpr, DBIAS_ROWS: tl.constexpr,
-              DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr, FUSED_DELTA: tl.constexpr):
+              DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr):
     """dK_j, dV_j (DKDV 3; 1: only dV_j, 2: only dK_j) for the key block `pid` of key/value head off_hk
     of batch off_b (both int64)."""
     start_n = pid * BLOCK_N
@@ -218,9 +196,6 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, O, DK, DV,
             off_h = off_hk * group_size + g
             q_base = Q + off_b * stride_qb + off_h * stride_qh
             do_base = DO + off_b * stride_dob + off_h * stride_doh
-            o_base = O
-            if FUSED_DELTA:
-                o_base = O + off_b * stride_ob + off_h * stride_oh
             row = (off_b * nheads + off_h) * seqlen_q
             # This head's slice of each option.
             slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
@@ -246,29 +221,26 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, O, DK, DV,
             # The fully visible query tiles first, then the diagonal/band edges, then the tail: with
             # the one-tile masked stage first the H100 ran this half up to 25% slower (causal).
             dk, dv, db = _bwd_dkdv_inner(
-                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, o_base, stride_qm, stride_dom, stride_om,
-                offs_n,
+                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
                 offs_d, q_full_lo, q_full_hi, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
                 slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
                 dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
                 HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
-                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, FUSED_DELTA)
+                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
             dk, dv, db = _bwd_dkdv_inner(
-                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, o_base, stride_qm, stride_dom, stride_om,
-                offs_n,
+                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
                 offs_d, q_lo, q_full_lo, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
                 slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
                 dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
-                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, FUSED_DELTA)
+                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
             dk, dv, db = _bwd_dkdv_inner(
-                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, o_base, stride_qm, stride_dom, stride_om,
-                offs_n,
+                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
                 offs_d, q_full_hi, q_hi, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
                 slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
                 dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
-                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, FUSED_DELTA)
+                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
             if DBIAS != 0 and not DBIAS_ROWS:
                 # The sum over this head's rows (padding keys excluded).
                 if DBIAS_COLS:
@@ -292,32 +264,26 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, O, DK, DV,
             off_h = off_hk * group_size + g
             q_base = Q + off_b * stride_qb + off_h * stride_qh
             do_base = DO + off_b * stride_dob + off_h * stride_doh
-            o_base = O
-            if FUSED_DELTA:
-                o_base = O + off_b * stride_ob + off_h * stride_oh
             row = (off_b * nheads + off_h) * seqlen_q
             # Unmasked tiles first, as above (causal, head dim 128: 2.62 -> 2.11 ms for this half).
             dk, dv, _ = _bwd_dkdv_inner(
-                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, o_base, stride_qm, stride_dom, stride_om,
-                offs_n,
+                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
                 offs_d, full_lo, full_hi, seqlen_q, seqlen_k, qk_scale, 0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0,
                 0.0, 0, Q_IDX, DBias, 0, 0,
                 HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, DOT_PRECISION, False, False, False, 0, False,
-                False, 0, 0, False, False, DKDV, FUSED_DELTA)
+                False, 0, 0, False, False, DKDV)
             dk, dv, _ = _bwd_dkdv_inner(
-                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, o_base, stride_qm, stride_dom, stride_om,
-                offs_n,
+                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
                 offs_d, lo, full_lo, seqlen_q, seqlen_k, qk_scale, 0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0, 0.0,
                 0, Q_IDX, DBias, 0, 0,
                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, False, False, False, 0, False,
-                False, 0, 0, False, False, DKDV, FUSED_DELTA)
+                False, 0, 0, False, False, DKDV)
             dk, dv, _ = _bwd_dkdv_inner(
-                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, o_base, stride_qm, stride_dom, stride_om,
-                offs_n,
+                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
                 offs_d, tl.maximum(full_lo, full_hi), seqlen_q, seqlen_q, seqlen_k, qk_scale, 0.0, 0.0, 0.0,
                 0, 0, Bias, 0, 0, 0, 0, 0.0, 0, Q_IDX, DBias, 0, 0,
                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, False, False, False, 0, False,
-                False, 0, 0, False, False, DKDV, FUSED_DELTA)
+                False, 0, 0, False, False, DKDV)
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
     if DKDV & 2:
@@ -370,12 +336,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, off
 
 
 @triton.jit
-def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, O, DQ,
+def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
             stride_qb, stride_qm, stride_qh,
             stride_kb, stride_kn, stride_kh,
             stride_vb, stride_vn, stride_vh,
             stride_dob, stride_dom, stride_doh,
-            stride_ob, stride_om, stride_oh,
             stride_dqb, stride_dqm, stride_dqh,
             seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
             Bias, stride_biasb, stride_biash, stride_biasq, stride_biask,
@@ -386,7 +351,7 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, O, DQ,
             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
             HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
             BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
-            SPARSE_BLOCK: tl.constexpr, FUSED_DELTA: tl.constexpr):
+            SPARSE_BLOCK: tl.constexpr):
     """dQ_i for the query block `pid` (of num_blocks) of query head off_h of batch off_b (int64)."""
     pid_m = pid
     if IS_CAUSAL:
@@ -403,10 +368,7 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, O, DQ,
                    + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     row = (off_b * nheads + off_h) * seqlen_q + offs_m
     lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E  # [BLOCK_M]
-    if FUSED_DELTA:
-        O += off_b * stride_ob + off_h * stride_oh
-    delta = _delta(DELTA + (off_b * nheads + off_h) * seqlen_q, O, do, offs_m, offs_d, stride_om, seqlen_q,
-                   HEAD_DIM, BLOCK_D, True, FUSED_DELTA)                           # [BLOCK_M]
+    delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
     K += off_b * stride_kb + off_hk * stride_kh
     V += off_b * stride_vb + off_hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -453,7 +415,6 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
          seed_lo=0, seed_hi=0, dropout_p=0.0,
          KV_NUM=None, KV_IDX=None, Q_NUM=None, Q_IDX=None, sparse_stride_b=0, sparse_stride_h=0,
          DBias=None, stride_dbb=0, stride_dbh=0, stride_dbq=0, stride_dbk=0,
-         O=None, stride_ob=0, stride_om=0, stride_oh=0,
          HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
          HAS_ALIBI: tl.constexpr = False, BIAS_KIND: tl.constexpr = 0,
          DROPOUT: tl.constexpr = False, BLOCK_SPARSE: tl.constexpr = False,
@@ -462,10 +423,7 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
          # The program shapes (configs.BackwardConfig): the dQ programs own DQ_ROWS query rows and step
          # over DQ_STEP keys (0: BLOCK_N and BLOCK_M, the dK/dV tiles swapped); DKDV: what the dK/dV
          # programs compute, 3 both, 1 only dV, 2 only dK.
-         DQ_ROWS: tl.constexpr = 0, DQ_STEP: tl.constexpr = 0, DKDV: tl.constexpr = 3,
-         # FUSED_DELTA: delta computed from O (its pointer and strides above) where it is needed,
-         # instead of read from DELTA (no preprocess launch).
-         FUSED_DELTA: tl.constexpr = False):
+         DQ_ROWS: tl.constexpr = 0, DQ_STEP: tl.constexpr = 0, DKDV: tl.constexpr = 3):
     """PART 0: one grid for both halves, programs [0, n_kv) compute dK/dV and the rest dQ; PART 1:
     only dK/dV; PART 2: only dQ.
 
@@ -486,10 +444,9 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     idx = pid if is_kv else pid - n_kv
     if is_kv:
         if off_h < nheads_k:
-            _bwd_dkdv(idx, off_h, off_b, Q, K, V, DO, LSE, DELTA, O, DK, DV,
+            _bwd_dkdv(idx, off_h, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
                       stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                       stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
-                      stride_ob, stride_om, stride_oh,
                       stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                       seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                       Bias, stride_biasb, stride_biash, stride_biasq, stride_biask,
@@ -499,13 +456,12 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                       DBias, stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, DOT_PRECISION,
                       HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK,
-                      DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, FUSED_DELTA)
+                      DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
     else:
         _bwd_dq(idx, tl.cdiv(seqlen_q, DQ_ROWS if DQ_ROWS else BLOCK_N), off_h, off_b, Q, K, V, DO, LSE,
-                DELTA, O, DQ,
+                DELTA, DQ,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                 stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
-                stride_ob, stride_om, stride_oh,
                 stride_dqb, stride_dqm, stride_dqh,
                 seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                 Bias, stride_biasb, stride_biash, stride_biasq, stride_biask,
@@ -513,8 +469,7 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                 window_left, window_right, seed_lo, seed_hi, dropout_p,
                 KV_NUM, KV_IDX, sparse_stride_b, sparse_stride_h,
                 HEAD_DIM, BLOCK_D, DQ_ROWS if DQ_ROWS else BLOCK_N, DQ_STEP if DQ_STEP else BLOCK_M, IS_CAUSAL,
-                DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK,
-                FUSED_DELTA)
+                DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
 
 
 _launch_preprocess = Launcher(_bwd_preprocess)
@@ -575,17 +530,13 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     one_pass = backward_sm90.applies(q, k, v, dout, variant, bias_grad)
     dq_acc = backward_sm90.dq_buffer(q) if one_pass else None
     delta = torch.empty_like(lse)
-
-    def preprocess():
-        _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),
-            out, dout, dlse if dlse is not None else lse, delta, dq_acc,
-            *strides(out), *strides(dout), seqlen_q, nheads,
-            HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None, ZERO_DQ=one_pass,
-            num_warps=4, num_stages=3,
-        )
-
+    _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),
+        out, dout, dlse if dlse is not None else lse, delta, dq_acc,
+        *strides(out), *strides(dout), seqlen_q, nheads,
+        HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None, ZERO_DQ=one_pass,
+        num_warps=4, num_stages=3,
+    )
     if one_pass:
-        preprocess()
         return (*backward_sm90.backward(dout, q, k, v, lse, delta, dq_acc, softmax_scale, variant.causal,
                                         variant.deterministic), None)
 
@@ -602,11 +553,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dkc = opts.tiles(cfg.dk) if cfg.dk is not None else None
         n_kv, n_q = cdiv(seqlen_k, kv.block_n), cdiv(seqlen_q, qc.block_m)
         kwargs = dict(opts.kwargs, DQ_ROWS=qc.block_m, DQ_STEP=qc.block_n)
-        if cfg.fused_delta and dlse is None:
-            kwargs.update(O=out, stride_ob=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2),
-                          FUSED_DELTA=True)
-        else:
-            preprocess()
         # The programs that compute dS (the dK ones) also give the bias gradient.
         ds_tiles = dkc or kv
         ds_kwargs = {}

@@ -44,15 +44,11 @@ class BackwardConfig:
                 keys owned) and the kv programs compute only dV: one accumulator per program instead
                 of two, which lets head dim 256 use 64-key tiles and warpgroup MMA.
     one_launch  kv and q programs in one grid (needs the same warps and stages, and no dk).
-    fused_delta the programs compute delta = rowsum(dO * O) of their query rows themselves instead of
-                reading it from a preprocess launch: one launch and one pass over O and dO fewer,
-                a load of O more per dK step (a call with a gradient for the LSE keeps the preprocess).
     """
     kv: TileConfig
     q: TileConfig
     dk: TileConfig | None = None
     one_launch: bool = False
-    fused_delta: bool = False
 
     def __post_init__(self):
         if self.one_launch and (self.dk is not None or (self.kv.num_warps, self.kv.num_stages)
@@ -301,7 +297,7 @@ def smaller(cfg: Config) -> Config | None:
     if all(p is None for p in stepped):
         return None
     kv, q, *dk = [new or old for new, old in zip(stepped, parts)]
-    return BackwardConfig(kv=kv, q=q, dk=dk[0] if dk else None, fused_delta=cfg.fused_delta)
+    return BackwardConfig(kv=kv, q=q, dk=dk[0] if dk else None)
 
 
 def candidates(kind: str, cfg: Config) -> list[Config]:
@@ -316,8 +312,7 @@ def candidates(kind: str, cfg: Config) -> list[Config]:
     elif kind == "fwd":
         others = around(cfg) + [replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4)]
     else:
-        others = ([replace(cfg, fused_delta=not cfg.fused_delta)] + [replace(cfg, kv=t) for t in around(cfg.kv)[:3]]
-                  + [replace(cfg, q=t) for t in around(cfg.q)[:2]])
+        others = [replace(cfg, kv=t) for t in around(cfg.kv)[:3]] + [replace(cfg, q=t) for t in around(cfg.q)[:3]]
     out = [cfg]
     for other in others:
         if other not in out:
@@ -370,8 +365,7 @@ def _from_json(fields: dict) -> Config:
         return TileConfig(**fields)
     dk = fields.get("dk")
     return BackwardConfig(kv=TileConfig(**fields["kv"]), q=TileConfig(**fields["q"]),
-                          dk=TileConfig(**dk) if dk else None, one_launch=fields.get("one_launch", False),
-                          fused_delta=fields.get("fused_delta", False))
+                          dk=TileConfig(**dk) if dk else None, one_launch=fields.get("one_launch", False))
 
 
 def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
