@@ -26,7 +26,10 @@ from flashattn.bench.peers import Peer, describe_error
 Tensor = torch.Tensor
 Timer = Callable[[list[Callable[[], object]], list[Tensor]], float]
 
-GPU_WARMUP_MS = 25
+# A long warm-up: the GPU idles while a new shape compiles and then needs time to come back to its
+# clocks; with 25 ms the first implementation timed on a new shape read 10-30% low in short cells
+# (this library and FlexAttention, which compile; benchmarks/results/h100-short-cells-2026-11-22.json).
+GPU_WARMUP_MS = 200
 GPU_REP_MS = 100
 ASSUMED_L2_BYTES = 50 * 2 ** 20  # H100; used when the device doesn't report its L2 size
 MAX_INPUT_SETS = 8

@@ -158,8 +158,10 @@ _FWD_WS = {
 #   D64 non-causal 2k 318 / 308 / 329, 4k 362 / 344 / 342, 8k 377 / 356 / 347, 16k 397 / 367 / 342
 #   D64 causal 2k 256 / 243 / 279, 4k 319 / 298 / 319, 8k 355 / 323 / 335, 16k 389 / 341 / 344
 # (head dim, causal) -> (from this length, and from this length with deterministic=True, or None).
+# D128 causal from 2k: 328 / 320 there in -b.json, 331 / 314 in -e-convert-head.json (its
+# onepass_convert_launch column is this build: 325).
 _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
-                (128, False): (2048, 2048), (128, True): (4096, 8192)}
+                (128, False): (2048, 2048), (128, True): (2048, 8192)}
 
 # The ping-pong forward for Hopper (forward_sm90: Gluon, FlashAttention-3's schedule), plain fp16/bf16
 # calls with a positive scale, from the length where it measured faster than the kernels above on the
