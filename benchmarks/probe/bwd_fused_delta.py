@@ -1,5 +1,6 @@
 """Probe: the portable backward (backward.py, the one-pass kernel switched off) with delta from the
-preprocess launch against delta computed by the programs (BackwardConfig.fused_delta), bf16, 16k
+preprocess launch against delta computed by the programs (BackwardConfig.fused_delta, which
+exists at commit 40b726b only: run it there), bf16, 16k
 tokens, H*D = 2048, TFLOP/s of the whole backward call; plus the preprocess launch alone (ms).
 DIMS=64,128 picks head dims; LENGTHS=512,1024 the sequence lengths."""
 import json, os, sys, time

@@ -26,9 +26,10 @@ from flashattn.bench.peers import Peer, describe_error
 Tensor = torch.Tensor
 Timer = Callable[[list[Callable[[], object]], list[Tensor]], float]
 
-# A long warm-up: the GPU idles while a new shape compiles and then needs time to come back to its
-# clocks; with 25 ms the first implementation timed on a new shape read 10-30% low in short cells
-# (this library and FlexAttention, which compile; benchmarks/results/h100-short-cells-2026-11-22.json).
+# A long warm-up: with 25 ms the first timing of a short cell right after its kernels compiled read
+# 10-30% below the next two (this library and FlexAttention, which compile; SDPA did not move:
+# benchmarks/results/h100-short-cells-2026-11-22.json). The grid run with 200 ms (s11-fp16) still had
+# its fp16 causal 512 forwards low, so the cause is not settled.
 GPU_WARMUP_MS = 200
 GPU_REP_MS = 100
 ASSUMED_L2_BYTES = 50 * 2 ** 20  # H100; used when the device doesn't report its L2 size
