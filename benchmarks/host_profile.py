@@ -11,6 +11,7 @@ the host cost of each layer of one short call (--layers: the Triton launcher alo
 autograd function, the public function, the backward), and cProfile's top entries for the
 slowest-host case. Usage:
     python benchmarks/host_profile.py --out host.json [--seqlens 512,1024,2048,4096] [--head-dims 64,128,256]
+        [--layers [--layers-seqlens 512,1024]]
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def layers(d: int = 128, n: int = 512, causal: bool = True) -> dict[str, float]:
         for _ in range(3):
             fn()
         result[name] = min(_host_us(fn) for _ in range(5))
-        print(f"layer {name:28s} {result[name]:8.1f} us", flush=True)
+        print(f"layer d{d} n{n} {name:28s} {result[name]:8.1f} us", flush=True)
+    result["cprofile flash_attn_func (grad)"] = _cprofile(calls["flash_attn_func (grad)"])
     return result
 
 
@@ -104,8 +106,10 @@ def main() -> None:
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--out", default="host_profile.json")
     ap.add_argument("--layers", action="store_true", help="only the per-layer host costs")
+    ap.add_argument("--layers-seqlens", default="512",
+                    help="the lengths of the per-layer costs (head dim 128, causal): 1024 runs the ping-pong forward")
     args = ap.parse_args()
-    report = {"layers_d128_n512_causal": layers()}
+    report = {f"layers_d128_n{n}_causal": layers(n=n) for n in map(int, args.layers_seqlens.split(","))}
     if args.layers:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

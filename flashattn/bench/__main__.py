@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from flashattn.bench import cases, peers, report, suite, variants
+from flashattn.bench import cases, measure, peers, report, suite, variants
 
 
 def _csv(convert: Callable[[str], object], choices: tuple[str, ...] | None = None):
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.cpu
 
     if gpu:
-        console.print(f"GPU: {torch.cuda.get_device_name()} - timing with triton do_bench.")
+        console.print(f"GPU: {torch.cuda.get_device_name()} - timing with triton do_bench, "
+                      f"{measure.GPU_ROUNDS} interleaved rounds per case.")
     else:
         reason = "--cpu given" if args.cpu else "No CUDA GPU found"
         console.print(f"[bold yellow]{reason}: running the CPU comparison[/] (flashattn's PyTorch "

@@ -3,7 +3,10 @@ back as a Measurement with status "error" or "oom" and a one-line message.
 
 GPU: triton.testing.do_bench, median, L2 flushed before every call by do_bench itself; on top of
 that, when the inputs of one call would fit in L2 several times over, the timed function cycles
-through several input sets. The forward runs on inputs that require grad (a training forward,
+through several input sets. `time_row` times every implementation of one case in GPU_ROUNDS
+rounds, interleaved (the order reversed every other round), and keeps the median round: clock and
+temperature drift and a slow first timing after a compile hit every implementation alike instead of
+whichever ran at that moment. The forward runs on inputs that require grad (a training forward,
 which saves what the backward needs, as in flash-attn's own benchmarks); the backward is timed as
 `out.backward(grad, retain_graph=True)` on a forward done beforehand.
 CPU: time.perf_counter median of a few repeats after one warm-up call.
@@ -26,12 +29,18 @@ from flashattn.bench.peers import Peer, describe_error
 Tensor = torch.Tensor
 Timer = Callable[[list[Callable[[], object]], list[Tensor]], float]
 
-# A long warm-up: with 25 ms the first timing of a short cell right after its kernels compiled read
-# 10-30% below the next two (this library and FlexAttention, which compile; SDPA did not move:
-# benchmarks/results/h100-short-cells-2026-11-22.json). The grid run with 200 ms (s11-fp16) still had
-# its fp16 causal 512 forwards low, so the cause is not settled.
-GPU_WARMUP_MS = 200
-GPU_REP_MS = 100
+# Rounds, not one long measurement: timed once each, the first timing of a short cell right after its
+# kernels compiled read 10-30% below the next two (this library and FlexAttention, which compile; SDPA
+# did not move: benchmarks/results/h100-short-cells-2026-11-22.json), a 200 ms warm-up did not settle
+# it (run s11-fp16), and in run s11 the deterministic=True entry of head dim 256, the very kernel of
+# the default entry timed just before it, read 0.91x of it at 4k-8k tokens. The calls of short cells
+# are bound by the host's time per call when the host slows: the rounds probe
+# (results/h100-rounds-probe-2026-11-22.json) saw this library's host time per forward call go from
+# 137 to 358 us for one 100 ms measurement (and FlexAttention's from 117 to 405 us) and its TFLOP/s
+# halve with it; three rounds had two such rounds in one cell of a grid run, hence five.
+GPU_ROUNDS = 5
+GPU_WARMUP_MS = 25
+GPU_REP_MS = 40
 ASSUMED_L2_BYTES = 50 * 2 ** 20  # H100; used when the device doesn't report its L2 size
 MAX_INPUT_SETS = 8
 
@@ -49,6 +58,7 @@ class Measurement:
     tflops: float | None = None
     peak_bytes: int | None = None
     error: str | None = None        # why it failed or was skipped
+    rounds_ms: list[float] | None = None  # each round's time when there were several (ms is their median)
 
     @property
     def ok(self) -> bool:
@@ -135,7 +145,8 @@ def cpu_timer(calls: list[Callable[[], object]], grad_to_none: list[Tensor]) -> 
     return statistics.median(times) * 1e3
 
 
-def _timed_ms(peer: Peer, case: Case, device: torch.device, timer: Timer) -> float:
+def _prepare(peer: Peer, case: Case, device: torch.device) -> tuple[list[Callable[[], object]], list[Tensor]]:
+    """What a timer takes: the calls to time (one per input set) and the tensors whose grads to clear."""
     attention = peer.build(case, device)
     sets = make_inputs(case, peer.layout, device, input_sets(case, device))
     if case.pass_ == "fwd":
@@ -145,24 +156,58 @@ def _timed_ms(peer: Peer, case: Case, device: torch.device, timer: Timer) -> flo
         grads = [torch.randn_like(out) for out in outs]
         calls = [lambda out=out, grad=grad: out.backward(grad, retain_graph=True)
                  for out, grad in zip(outs, grads)]
-    return timer(calls, [x for qkv in sets for x in qkv])
+    return calls, [x for qkv in sets for x in qkv]
 
 
-def time_case(peer: Peer, case: Case, device: torch.device, timer: Timer) -> Measurement:
-    """Median time of `peer` on `case`; FLOP/s from the case's nominal FLOPs."""
-    reason = peer.skip_reason(case)
-    if reason:
-        return Measurement("skipped", error=reason)
+def _attempt(fn: Callable[[], object]) -> tuple[object, Measurement | None]:
+    """fn()'s value, or the failure it raised as a Measurement."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SDPA explains its refusals in warnings, then raises
-            ms = _timed_ms(peer, case, device, timer)
+            return fn(), None
     except Exception as exc:
-        result = _failure(exc)
-    else:
-        result = Measurement("ok", ms=ms, tflops=case.flops / ms / 1e9)
+        return None, _failure(exc)
+
+
+def time_row(peers: list[Peer], case: Case, device: torch.device, timer: Timer,
+             rounds: int = 1) -> dict[str, Measurement]:
+    """Median time of every peer on `case` (FLOP/s from the case's nominal FLOPs), over `rounds`
+    rounds in which each peer is timed once, in the given order and then reversed, alternately.
+    Inputs of all peers stay allocated between rounds."""
+    results: dict[str, Measurement] = {}
+    prepared: dict[str, tuple] = {}
+    for peer in peers:
+        reason = peer.skip_reason(case)
+        if reason:
+            results[peer.name] = Measurement("skipped", error=reason)
+            continue
+        prepared[peer.name], failure = _attempt(lambda: _prepare(peer, case, device))
+        if failure is not None:
+            results[peer.name] = failure
+            del prepared[peer.name]
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for r in range(rounds):
+        for name in list(prepared) if r % 2 == 0 else list(reversed(prepared)):
+            if name in results:
+                continue  # failed in an earlier round
+            ms, failure = _attempt(lambda: timer(*prepared[name]))
+            if failure is not None:
+                results[name] = failure
+            else:
+                times[name].append(ms)
+    for name, ms in times.items():
+        if name not in results:
+            median = statistics.median(ms)
+            results[name] = Measurement("ok", ms=median, tflops=case.flops / median / 1e9,
+                                        rounds_ms=ms if len(ms) > 1 else None)
+    prepared.clear()
     _release(device)
-    return result
+    return {peer.name: results[peer.name] for peer in peers}
+
+
+def time_case(peer: Peer, case: Case, device: torch.device, timer: Timer, rounds: int = 1) -> Measurement:
+    """Median time of `peer` alone on `case` (`time_row` of one)."""
+    return time_row([peer], case, device, timer, rounds)[peer.name]
 
 
 def _peak_bytes(peer: Peer, case: Case, device: torch.device) -> int:

@@ -226,8 +226,10 @@ def to_json(results: Results, env: dict) -> dict:
         "environment": env,
         "method": {
             "flops": "fwd 4*B*H*N^2*D, halved when causal; bwd 2.5 x fwd",
-            "timing": (f"triton.testing.do_bench median, warmup {measure.GPU_WARMUP_MS} ms, "
-                       f"rep {measure.GPU_REP_MS} ms" if config.device.type == "cuda" else
+            "timing": (f"median of {measure.GPU_ROUNDS} rounds, the implementations of a case "
+                       f"interleaved (order reversed every other round); each a triton.testing.do_bench "
+                       f"median, warmup {measure.GPU_WARMUP_MS} ms, rep {measure.GPU_REP_MS} ms"
+                       if config.device.type == "cuda" else
                        f"time.perf_counter median of {measure.CPU_MIN_REPEATS}-"
                        f"{measure.CPU_MAX_REPEATS} repeats after one warm-up"),
             "backward": "out.backward(grad, retain_graph=True) on a forward done beforehand",

@@ -85,7 +85,9 @@ def _progress(console: Console) -> Progress:
 
 
 def run(config: Config, console: Console) -> Results:
-    timer = measure.cuda_timer if config.device.type == "cuda" else measure.cpu_timer
+    gpu = config.device.type == "cuda"
+    timer = measure.cuda_timer if gpu else measure.cpu_timer
+    rounds = measure.GPU_ROUNDS if gpu else 1
     cases = config.grid.cases()
     memory_peers = [p for p in config.peers if p.name in MEMORY_PEERS]
     memory_cases = config.memory.cases(config.grid.dtypes[0]) if config.memory else []
@@ -97,20 +99,17 @@ def run(config: Config, console: Console) -> Results:
         # plan caches, and GPU clocks settle before anything is timed (without it the first timed
         # cell of a run read up to 10x slow).
         if cases:
-            warm = progress.add_task("", section="warm-up", total=len(config.peers))
-            for peer in config.peers:
-                progress.update(warm, description=f"{peer.name}: {cases[0].label()}")
-                measure.time_case(peer, cases[0], config.device, timer)
-                progress.advance(warm)
+            warm = progress.add_task("", section="warm-up", total=1)
+            progress.update(warm, description=cases[0].label())
+            measure.time_row(config.peers, cases[0], config.device, timer)
+            progress.advance(warm)
             progress.update(warm, description="done")
-        timing = progress.add_task("", section="timing", total=len(cases) * len(config.peers))
+        timing = progress.add_task("", section="timing", total=len(cases))
         for case in cases:
-            row = Row(case)
-            for peer in config.peers:
-                progress.update(timing, description=f"{peer.name}: {case.label()}")
-                row.results[peer.name] = measure.time_case(peer, case, config.device, timer)
-                progress.advance(timing)
-            rows.append(row)
+            progress.update(timing, description=f"{case.label()} ({len(config.peers)} implementations"
+                                                + (f", {rounds} rounds)" if rounds > 1 else ")"))
+            rows.append(Row(case, measure.time_row(config.peers, case, config.device, timer, rounds)))
+            progress.advance(timing)
         progress.update(timing, description="done")
 
         if memory_cases:

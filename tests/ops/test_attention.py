@@ -243,6 +243,45 @@ def test_ping_pong_forward(shape, dtype, causal, ping_pong):
     _check_plain_forward(shape, dtype, causal)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="the ping-pong forward is a Hopper (sm_90) kernel")
+def test_persistent_tile_counter_is_kept_per_stream_and_reset_by_each_launch(monkeypatch):
+    """The persistent grid's tile counter, kept per (device, stream), is 0 after every launch: calls of
+    two sizes in turn on one stream, and on two streams at once, give bit for bit what a lone call
+    gives; a call captured in a CUDA graph gets a counter of its own and replays."""
+    from flashattn.ops.triton import configs, forward_sm90
+
+    monkeypatch.setattr(configs, "ping_pong_persistent", lambda *args: True)
+    big = [torch.randn(2, 1000, 8, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    small = [x[:1, :300, :2] for x in big]
+    expected = [forward_sm90.forward(*qkv, 0.1, True)[0] for qkv in (big, small)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            outs += [forward_sm90.forward(*qkv, 0.1, True)[0] for _ in range(3) for qkv in (big, small)]
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        assert torch.equal(out, expected[i % 2]), i
+    assert len(forward_sm90._counters) >= 3 and all(c.item() == 0 for c in forward_sm90._counters.values())
+
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_sm90.forward(*big, 0.1, True)          # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    kept = dict(forward_sm90._counters)
+    with torch.cuda.graph(graph):
+        captured, _ = forward_sm90.forward(*big, 0.1, True)
+    assert forward_sm90._counters.keys() == kept.keys()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expected[0])
+
+
 def test_ping_pong_forward_takes_only_plain_16_bit_calls(monkeypatch):
     """The ping-pong forward never takes an option, fp32, a head dim other than 64, 128 and 256, a
     scale that is not positive or inputs TMA cannot address; only sm_90's tables list it."""

@@ -70,6 +70,49 @@ def test_key_of_unspecialised_ints_keeps_only_their_width():
     assert _key(5, loose=True) != _key(2 ** 40, loose=True)
 
 
+class _Kernel:
+    """A kept kernel that records what it was run with."""
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args[9:])   # the kernel's arguments, past the grid, stream and metadata
+
+
+def test_keyword_constexprs_are_bound_once_per_call_site(monkeypatch):
+    """A call that passes only constexprs as keywords binds and keys them once: a later call runs the
+    kept kernel with every parameter in order; another constexpr value is a kernel of its own; a
+    runtime int passed by keyword takes the general path, which finds the same kernel."""
+    from flashattn.ops.triton import launch
+
+    class Driver:
+        class active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 0)
+
+    monkeypatch.setattr(launch, "driver", Driver)
+    launcher = Launcher(_JIT)
+    made = []
+
+    class Fn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: made.append(_Kernel()) or made[-1]
+
+    launcher.fn = Fn()
+    x, y = torch.zeros(4), torch.zeros(4)
+    for n in (4, 4, 5, 4):
+        launcher((1, 1, 1), x, y, n, 2.0, BLOCK=64, num_warps=4, num_stages=1)
+    assert len(made) == 2 and len(launcher.tails) == 1   # n=4 and n=5: two kernels, one call site
+    assert made[0].runs == [(x, y, 4, 2.0, 1, 64)] * 2
+    launcher((1, 1, 1), x, y, 4, 2.0, BLOCK=32, num_warps=4, num_stages=1)
+    assert len(made) == 3 and len(launcher.tails) == 2
+    launcher((1, 1, 1), x, y, factor=2.0, n=4, BLOCK=64, num_warps=4, num_stages=1)
+    assert len(made) == 3 and len(launcher.tails) == 2    # the general path finds the first kernel
+    assert made[0].runs == [(x, y, 4, 2.0, 1, 64)] * 3
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="launches need a GPU")
 def test_kept_kernels_match_tritons_own_choice():
     """Aligned and misaligned pointers, lengths that are and are not multiples of 16, strides as

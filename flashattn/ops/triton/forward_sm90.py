@@ -372,14 +372,29 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     n_tiles = cdiv(seqlen_q, BLOCK_M) * nheads * batch
     persistent = configs.ping_pong_persistent(head_dim, causal, max(seqlen_q, seqlen_k), q.device)
     grid = min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles
-    # A counter per call (not one kept per device): launches on two streams may overlap.
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if persistent else lse
+    counter = _tile_counter(q.device) if persistent else lse
     _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse, counter,
                      *strides(q), *strides(k), *strides(v), *strides(o),
                      batch, seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, ROWS=ROWS, BLOCK_N=BLOCK_N[head_dim], STAGES=STAGES[head_dim, causal],
                      IS_CAUSAL=causal, PERSISTENT=persistent, num_warps=NUM_WARPS, num_stages=1)
     return o, lse
+
+
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _tile_counter(device: torch.device) -> torch.Tensor:
+    """The persistent grid's tile counter: an int32 that is 0 between launches (the launch's last fetch
+    resets it), so one is kept per (device, stream) (launches on two streams may overlap) and no call
+    pays a fill launch. While a CUDA graph is captured a fresh one: the graph owns its memory."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,6 +60,12 @@ class Launcher:
         self.loose = [p.do_not_specialize and not p.is_constexpr for p in params]
         self.defaults = [p.default for p in params]
         self.compiled: dict[tuple, object] = {}
+        # (device, num_warps, num_stages, positional count, keyword arguments) -> the values and key
+        # entries of the parameters past the positional ones. When only constexprs come as keywords
+        # (the plain calls), a call site passes the same ones call after call: they are bound and
+        # keyed once, and a call binds and keys only its positional arguments.
+        self.tails: dict[tuple, tuple[list, list] | None] = {}
+        self.constexprs = frozenset(p.name for p in params if p.is_constexpr)
 
     def _values(self, args: tuple, kwargs: dict, num_warps: int) -> list | None:
         """Every parameter's value in order, or None when the call does not bind (Triton's path then
@@ -74,6 +80,16 @@ class Launcher:
             values.append(value)
         bound = len(values) == len(self.names) and self.name_set.issuperset(kwargs)
         return values if bound else None
+
+    def _tail(self, sig: tuple, n_args: int, kwargs: dict, num_warps: int) -> tuple[list, list] | None:
+        """The values and key entries of the parameters after the first n_args, or None when the
+        call does not bind (see _values)."""
+        values = self._values((None,) * n_args, kwargs, num_warps)
+        tail = None if values is None else (values[n_args:], self.key(values)[n_args:])
+        if len(self.tails) >= MAX_KEPT:
+            self.tails.clear()
+        self.tails[sig] = tail
+        return tail
 
     def key(self, values: list) -> list:
         """What of each argument Triton's choice of kernel depends on, or more: a tensor's dtype and
@@ -108,11 +124,21 @@ class Launcher:
         if not self.direct or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
             self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
             return
-        values = self._values(args, kwargs, num_warps)
         device = driver.active.get_current_device()
-        key = None
-        if values is not None:
-            key = (device, num_warps, num_stages, *self.key(values))
+        key = values = None
+        if self.constexprs.issuperset(kwargs):
+            sig = (device, num_warps, num_stages, len(args), *kwargs.items())
+            tail = self.tails.get(sig)
+            if tail is None and sig not in self.tails:
+                tail = self._tail(sig, len(args), kwargs, num_warps)
+            if tail is not None:
+                values = [*args, *tail[0]]
+                key = (device, num_warps, num_stages, *self.key(args), *tail[1])
+        else:
+            values = self._values(args, kwargs, num_warps)
+            if values is not None:
+                key = (device, num_warps, num_stages, *self.key(values))
+        if key is not None:
             kernel = self.compiled.get(key)
             if kernel is not None:
                 kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
