@@ -14,7 +14,9 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests bench)
 {
     date -u +%FT%TZ
-    git rev-parse HEAD 2>/dev/null || true
+    # The device's copy of the tree may carry git metadata older than its files: FLASHATTN_COMMIT
+    # (which the benchmark records too) names the tree when set.
+    echo "tree: ${FLASHATTN_COMMIT:-unnamed (set FLASHATTN_COMMIT)}; git metadata of the copy: $(git rev-parse --short HEAD 2>/dev/null)"
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
         --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
