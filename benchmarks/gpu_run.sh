@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the benchmark.
+# Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the host profile, an A/B
+# comparison of two trees, the benchmark.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [sweep] [ablation] [profile] [compare] [bench] [bench-quick]   (default: tests bench)
+#     bash benchmarks/gpu_run.sh [tests] [sweep] [host] [compare] [bench] [bench-quick]   (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,22 +37,18 @@ for step in "${steps[@]}"; do
             summary+=("tests: rc=$rc $(grep -cE ' PASSED ' "$LOG") passed, $(grep -cE ' FAILED ' "$LOG") failed")
             grep -E ' FAILED ' "$LOG" | sed 's/.*FAILED //' | sort -u | head -30;;
         sweep)
-            timeout 560 python3 benchmarks/sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
+            timeout 560 python3 -m flashattn.bench.sweep --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
             summary+=("sweep: rc=$?")
             grep BEST "$LOG" | tail -40;;
         compare)
-            # BASELINE: a directory holding an exported flashattn tree (see benchmarks/compare.py).
-            timeout 500 python3 benchmarks/compare.py --baseline "${BASELINE:?set BASELINE}" ${COMPARE_ARGS:-} \
+            # BASELINE: a directory holding an exported flashattn tree (see flashattn/bench/compare.py).
+            timeout 500 python3 -m flashattn.bench.compare --baseline "${BASELINE:?set BASELINE}" ${COMPARE_ARGS:-} \
                 --out "$OUT/compare.json" >>"$LOG" 2>&1
             summary+=("compare: rc=$?")
             grep -A20 "^cell" "$LOG" | tail -14;;
-        ablation)
-            timeout 300 python3 benchmarks/ablation.py --out "$OUT/ablation.json" ${ABLATION_ARGS:-} >>"$LOG" 2>&1
-            summary+=("ablation: rc=$?")
-            grep -E "^d[0-9]+ n" "$LOG" | tail -12;;
-        profile)
-            timeout 400 python3 benchmarks/host_profile.py --out "$OUT/host_profile.json" ${PROFILE_ARGS:-} >>"$LOG" 2>&1
-            summary+=("profile: rc=$?")
+        host)
+            timeout 400 python3 -m flashattn.bench.host --out "$OUT/host.json" ${HOST_ARGS:-} >>"$LOG" 2>&1
+            summary+=("host: rc=$?")
             grep -E "^(d[0-9]+ (full|causal)|layer )" "$LOG" | tail -60;;
         bench)
             timeout 540 python3 -m flashattn.bench --out "$OUT" ${BENCH_ARGS:-} >>"$LOG" 2>&1

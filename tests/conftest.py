@@ -15,10 +15,6 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; full-size shapes (run with -m gpu)")
-
-
 @pytest.fixture
 def device():
     return DEVICE

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from flashattn.bench import cases, measure, peers, report, suite, variants
+from flashattn.bench import cases, measure, panels, peers, report, suite
 
 
 def _csv(convert: Callable[[str], object], choices: tuple[str, ...] | None = None):
@@ -68,22 +68,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
     parser.add_argument("--cpu", action="store_true",
                         help="run the CPU comparison even when a GPU is present")
-    panels = parser.add_argument_group(
-        "option panels (flashattn/bench/variants.py): flashattn with the option beside dense attention")
-    panels.add_argument("--block-sparse", action="store_true",
+    group = parser.add_argument_group(
+        "option panels (flashattn/bench/panels.py): flashattn with the option beside dense attention")
+    group.add_argument("--block-sparse", action="store_true",
                         help="block-sparse time at density 1, 0.5, 0.25, 0.1 (GPU: bf16, hdim 128, "
                              "seqlen 16k; CPU: tiny) -> block_sparse.png")
-    panels.add_argument("--sparse-pattern", choices=variants.PATTERNS, default="random",
+    group.add_argument("--sparse-pattern", choices=panels.PATTERNS, default="random",
                         help="random blocks (the same count per row) or local + global (default random)")
-    panels.add_argument("--sparse-seqlen", type=cases.parse_seqlen, metavar="N",
+    group.add_argument("--sparse-seqlen", type=cases.parse_seqlen, metavar="N",
                         help="sequence length of the block-sparse panel (GPU default 16k)")
-    panels.add_argument("--window", action="store_true",
+    group.add_argument("--window", action="store_true",
                         help="sliding-window time vs seqlen, beside dense (GPU: 2k..32k) -> window.png")
-    panels.add_argument("--window-size", type=_csv(int), metavar="L,R",
+    group.add_argument("--window-size", type=_csv(int), metavar="L,R",
                         help="the window (default 256,256 on GPU, 32,32 on CPU; R=0 is causal)")
-    panels.add_argument("--window-seqlens", type=_csv(cases.parse_seqlen), metavar="LIST",
+    group.add_argument("--window-seqlens", type=_csv(cases.parse_seqlen), metavar="LIST",
                         help="sequence lengths of the window panel")
-    panels.add_argument("--no-grid", dest="grid", action="store_false",
+    group.add_argument("--no-grid", dest="grid", action="store_false",
                         help="skip the main grid and the memory section (only the option panels)")
     args = parser.parse_args(argv)
     if args.window_size is not None and (len(args.window_size) != 2 or min(args.window_size) < -1):
@@ -91,18 +91,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_panels(args: argparse.Namespace, gpu: bool, device: torch.device) -> variants.Panels:
+def build_panels(args: argparse.Namespace, gpu: bool, device: torch.device) -> panels.Panels:
     """The option panels asked for (none: an empty Panels)."""
-    panels = variants.Panels(mode="gpu" if gpu else "cpu", device=device)
+    chosen = panels.Panels(mode="gpu" if gpu else "cpu", device=device)
     if args.block_sparse:
-        sparse = variants.GPU_SPARSE if gpu else variants.CPU_SPARSE
-        panels.sparse = replace(sparse, pattern=args.sparse_pattern,
+        sparse = panels.GPU_SPARSE if gpu else panels.CPU_SPARSE
+        chosen.sparse = replace(sparse, pattern=args.sparse_pattern,
                                 seqlen=args.sparse_seqlen or sparse.seqlen)
     if args.window:
-        window = variants.GPU_WINDOW if gpu else variants.CPU_WINDOW
-        panels.window = replace(window, seqlens=tuple(args.window_seqlens or window.seqlens),
+        window = panels.GPU_WINDOW if gpu else panels.CPU_WINDOW
+        chosen.window = replace(window, seqlens=tuple(args.window_seqlens or window.seqlens),
                                 window=tuple(args.window_size or window.window))
-    return panels
+    return chosen
 
 
 def build_config(args: argparse.Namespace, gpu: bool) -> suite.Config:
@@ -160,30 +160,30 @@ def main(argv: list[str] | None = None) -> int:
                           f"{', '.join(wrong_mode)}[/]")
     for name, reason in config.unavailable.items():
         console.print(f"[dim]{name} not measured: {escape(reason)}[/]")
-    panels = build_panels(args, gpu, config.device)
+    option_panels = build_panels(args, gpu, config.device)
     if args.grid:
         console.print(f"{len(config.grid.cases())} cases x {len(config.peers)} implementations "
                       f"({', '.join(p.name for p in config.peers)}).")
         results = suite.run(config, console)
     else:
         results = suite.Results(config, [], [])
-    panels = variants.run(panels, console)
+    option_panels = panels.run(option_panels, console)
 
     args.out.mkdir(parents=True, exist_ok=True)
     env = report.environment(config.device)
     if args.grid:
         report.print_report(results, console)
-    variants.print_panels(panels, console)
+    panels.print_panels(option_panels, console)
     written = [args.out / "bench.json", args.out / "summary.md"]
     report.write_json(results, env, written[0])
-    variants.extend_json(panels, written[0])
+    panels.extend_json(option_panels, written[0])
     report.write_markdown(results, env, written[1])
     with written[1].open("a") as summary:
-        summary.write(variants.markdown(panels))
+        summary.write(panels.markdown(option_panels))
     if args.plots:
         from flashattn.bench import plots  # matplotlib only when plotting
         written += plots.write_plots(results, args.out)
-        written += variants.write_plots(panels, args.out)
+        written += panels.write_plots(option_panels, args.out)
     console.print(f"\nWrote {', '.join(str(p) for p in written)}")
     return 0
 

@@ -29,15 +29,10 @@ from flashattn.bench.peers import Peer, describe_error
 Tensor = torch.Tensor
 Timer = Callable[[list[Callable[[], object]], list[Tensor]], float]
 
-# Rounds, not one long measurement: timed once each, the first timing of a short cell right after its
-# kernels compiled read 10-30% below the next two (this library and FlexAttention, which compile; SDPA
-# did not move: benchmarks/results/h100-short-cells-2026-11-22.json), a 200 ms warm-up did not settle
-# it (run s11-fp16), and in run s11 the deterministic=True entry of head dim 256, the very kernel of
-# the default entry timed just before it, read 0.91x of it at 4k-8k tokens. The calls of short cells
-# are bound by the host's time per call when the host slows: the rounds probe
-# (results/h100-rounds-probe-2026-11-22.json) saw this library's host time per forward call go from
-# 137 to 358 us for one 100 ms measurement (and FlexAttention's from 117 to 405 us) and its TFLOP/s
-# halve with it; three rounds had two such rounds in one cell of a grid run, hence five.
+# Rounds, not one long measurement: the first timing of a short cell right after its kernels compiled
+# can read low, and the host's time per call of short (host-bound) cells moves 2-3x between two
+# measurements a fraction of a second apart; a cell's figure is the median of five interleaved rounds
+# (benchmarks/TUNING.md, § benchmark-method).
 GPU_ROUNDS = 5
 GPU_WARMUP_MS = 25
 GPU_REP_MS = 40

@@ -1,3 +1,4 @@
-"""Kernels and their declarations: the PyTorch reference (reference.py), the Triton kernels (triton/),
-the options and their semantics (variant.py, philox.py for dropout), the custom-operator
-registration (custom_ops.py) and the backend boundary (dispatch.py)."""
+"""Below the public functions: the backend choice and launch boundary (dispatch.py), autograd and the
+custom operators (custom_ops.py), what each backend supports (capabilities.py), the options and
+their exact semantics (variant.py; philox.py for dropout's random numbers), the algorithm in PyTorch
+(reference.py) and the Triton kernels (triton/)."""

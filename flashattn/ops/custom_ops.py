@@ -10,11 +10,9 @@ Under torch.compile, or any tracing or dispatch mode (make_fx, FakeTensorMode, F
 with tensor subclasses, the function calls the registered custom operators `flashattn::attention_
 forward` / `attention_backward`, which have fake (meta) implementations, so torch.compile(fullgraph=
 True) traces a model that calls flashattn without graph breaks. In plain eager mode it calls the
-backend directly. On the H100 machine's host (head dim 128, 512 tokens; benchmarks/host_profile.py
---layers, results/h100-host-layers-2026-11-22-final.json) the custom operator costs 138 us per call
-against 79 us for the same launch called directly, and before this layout torch.library's autograd
-layer (which rebuilds the schema's argument list for every argument) added about 330 us more with
-gradients: more than the forward kernel's 0.17 ms.
+backend directly: a custom operator's dispatch, and torch.library's autograd layer (which rebuilds
+the schema's argument list for every argument), cost the host more per call than a short kernel
+takes on the GPU (benchmarks/TUNING.md, § host-cost).
 
 Both operators take the options as the same explicit arguments, in this order (VARIANT_ARGS):
 causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, attn_bias, block_mask,

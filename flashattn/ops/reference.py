@@ -25,6 +25,26 @@ Glossary (Dao et al., 2022, Algorithm 1 and 2; flash-attn 2.x conventions):
                  key gets O = 0 and lse = +inf, which makes every recomputed probability of that
                  row exactly 0.
 
+NaN and inf are never hidden. "The row saw no key" is the test l_i == 0 (every score -inf), never
+l_i > 0, which is False for NaN too: a NaN or inf in q, k or v that reaches a row's scores or sum
+(NaN in the row's scores or the keys it sees, +inf and -inf scores from an inf in q against keys of
+both signs) makes l_i, O and lse of that row NaN, so the backward's P = exp(S - lse) is NaN too and
+the gradients that depend on it are NaN, as in standard attention (torch SDPA). The masks replace a
+masked score by -inf (masked_fill here, tl.where in the kernels; adding -inf would turn a NaN score
+into NaN, not -inf), so a NaN key does not reach the rows that may not see it. Where standard
+attention differs or cannot be matched without cost:
+  - a row whose every score is -inf because of an inf input (inf in q against keys whose entry in
+    that dimension is negative) is indistinguishable from a row that sees no key: O = 0 and
+    lse = +inf here and in attention_standard (torch SDPA's math path gives 0 too); the plain
+    Triton kernels give 0 or NaN for it, depending on the tiles;
+  - where logsumexp of a row is +inf (a +inf score) lse is NaN, as its probabilities are (inf - inf),
+    so that +inf keeps meaning "no key" (attention_standard reports it the same way);
+  - within one tile the products multiply a NaN or inf input by exact zeros (a masked P, a zero dS)
+    and IEEE gives NaN (0 * inf, 0 * NaN): a NaN in v (or in k, for dQ; in q, for dK) also reaches
+    the rows or keys that share a visited tile with it, and so the outputs and gradients derived from
+    those. Dense standard attention multiplies every row by every key and so spreads it further (a
+    NaN in v makes every output row of that head NaN); tiles never visited stay clean.
+
 The loops visit only the tiles that can hold an allowed score: those that meet the window band
 (causal is the band with window_right = 0), and with a block mask only the listed blocks; so a
 fixed window costs time linear in the sequence length, and a block mask time proportional to its
@@ -76,11 +96,6 @@ def window_mask(rows: Tensor, cols: Tensor, offset: int, window_left: int, windo
     return allowed
 
 
-def causal_mask(rows: Tensor, cols: Tensor, offset: int) -> Tensor:
-    """True where query `rows[i]` may see key `cols[j]` (bottom-right aligned). (len(rows), len(cols))"""
-    return window_mask(rows, cols, offset, -1, 0)
-
-
 # ------------------------------------------------------------------------------------------------
 # The standard (dense) attention: O(N^2) memory, written independently of the tiled loops below.
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +132,8 @@ def _dense_scores(q: Tensor, k: Tensor, softmax_scale: float, dtype: torch.dtype
 
 
 def _softmax_rows_may_be_empty(s: Tensor) -> Tensor:
-    """softmax over the last dim; a row of only -inf (no key) gives 0, with a zero (not NaN) gradient."""
+    """softmax over the last dim; a row of only -inf (no key) gives 0, with a zero (not NaN) gradient.
+    A row with a NaN or a +inf score is not empty: its probabilities are NaN, as torch.softmax's."""
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     return torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
 
@@ -158,6 +174,9 @@ def attention_standard(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, ca
         p = torch.where(dropout_mask, p / (1.0 - dropout_p), 0.0)
     vh = v.repeat_interleave(h // v.shape[2], dim=2).transpose(1, 2)  # (B, H, Sk, D)
     o = torch.matmul(p, vh.to(p.dtype)).transpose(1, 2)              # (B, Sq, H, D)
+    # The kernels' conventions: +inf = the row sees no key (logsumexp -inf); a row with a +inf score
+    # has NaN probabilities (inf - inf), and its lse is NaN too (logsumexp says +inf).
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     return o, lse
 
@@ -367,7 +386,9 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: floa
                     P_ij = torch.where(Z_ij, P_ij * (1.0 / (1.0 - variant.dropout_p)), 0.0)
                 acc = alpha[..., None] * acc + torch.matmul(P_ij, V_j)
                 m_i = m_new
-            seen = l_i > 0
+            # The row saw no key exactly when l_i == 0 (every score -inf): O = 0 and lse = +inf. A NaN
+            # l_i (a NaN or inf in the inputs) is not 0 and reaches O and lse (`l_i > 0` would hide it).
+            seen = l_i != 0
             O[rows_i] = torch.where(seen[..., None], acc / torch.where(seen, l_i, 1.0)[..., None], 0.0)
             lse[rows_i] = torch.where(seen, m_i + torch.log(torch.where(seen, l_i, 1.0)), float("inf"))
     return _ungrouped(O).to(q.dtype), lse.reshape(b, h, sq)

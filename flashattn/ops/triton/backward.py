@@ -1,8 +1,8 @@
 """FlashAttention backward in Triton: recompute P from Q, K and lse, tile by tile, never storing it.
 
-backward() sends plain fp16/bf16 calls at head dims 64 and 128 on Hopper to the one-pass Gluon kernel
-(backward_sm90.py, from the lengths in configs._BWD_ONEPASS); every other call runs the portable
-kernels here, which use no atomics, so their gradients are bit-identical run to run:
+Plain fp16/bf16 calls at head dims 64 and 128 on Hopper may run the one-pass Gluon kernel
+(backward_sm90.py; choice.kernel_for decides); every other call runs the portable kernels here, which
+use no atomics (but for a broadcast bias's gradient), so their gradients are bit-identical run to run:
     _bwd_preprocess   delta = rowsum(dO * O) - dlse                 one program per (query block, head, batch)
                       (and zeros for backward_sm90's dQ buffer when that kernel takes the call)
     _bwd              the programs below, in one grid or in separate launches (configs.BackwardConfig):
@@ -11,9 +11,8 @@ kernels here, which use no atomics, so their gradients are bit-identical run to 
                       dK_j (DKDV = 1 or 2), when dK has programs of its own (BackwardConfig.dk)
       _bwd_dq         dQ_i for one query block, looping over key blocks as the forward does
 This costs 7 matrix products per tile against 5 for a one-pass backward that adds dS K into an fp32
-dQ; written in plain `tl` that one-pass kernel measured slower on the H100 (342 against 384 TFLOP/s
-at head dim 128, 4k; benchmarks/results/h100-sweep-onepass-bwd-2026-11-22.json): it takes the
-explicit asynchrony of backward_sm90's Gluon to win.
+dQ; written in plain `tl` that one-pass kernel was slower than these (benchmarks/TUNING.md,
+§ not-kept): it takes the explicit asynchrony of backward_sm90's Gluon to win.
 
 Glossary (flashattn/ops/reference.py has the same steps in PyTorch):
     qkT, pT      scores and probabilities transposed, keys on rows           [BLOCK_N, BLOCK_M]
@@ -41,17 +40,15 @@ import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
-    options as common_options, query_block_bounds, query_tiles, scores, sparse_tile_start, store_tile,
-    strides, tile_mask,
+    LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
+    options as common_options, query_tiles, scores, sparse_tile_start, store_tile, strides, tile_mask,
 )
-from flashattn.ops.triton import backward_sm90, configs
+from flashattn.ops.triton import backward_sm90, choice, configs
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
 
 PREPROCESS_ROWS = 64
-from flashattn.ops.triton.forward import block_d
 
 
 @triton.jit
@@ -189,101 +186,62 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if HAS_WINDOW or BLOCK_SPARSE or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or DROPOUT:
-        lo, full_lo, full_hi, hi = query_tiles(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                               BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-        for g in range(group_size):
-            off_h = off_hk * group_size + g
-            q_base = Q + off_b * stride_qb + off_h * stride_qh
-            do_base = DO + off_b * stride_dob + off_h * stride_doh
-            row = (off_b * nheads + off_h) * seqlen_q
-            # This head's slice of each option.
-            slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
-            bias_h = Bias
-            if BIAS_KIND != 0:
-                bias_h = Bias + off_b * stride_biasb + off_h * stride_biash
-            bh = (off_b * nheads + off_h).to(tl.int32)
-            q_lo, q_full_lo, q_full_hi, q_hi = lo, full_lo, full_hi, hi
-            q_idx = Q_IDX
-            if BLOCK_SPARSE:
-                # The query blocks listed for this key block; the stages become positions in their walk.
-                q_idx, q_lo, q_full_lo, q_full_hi, q_hi = listed_walk(Q_NUM, Q_IDX, off_b, off_h, sparse_stride_b,
-                                                                      sparse_stride_h, start_n, seqlen_k, seqlen_q,
-                                                                      lo, full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_M)
-            db_h = DBias
-            db = 0.0
-            if DBIAS != 0:
-                db_h = DBias + off_b * stride_dbb + off_h * stride_dbh
-                if not DBIAS_COLS:
-                    db_h += pid * stride_dbk                  # one column per key block
-                if not DBIAS_ROWS:
-                    db = tl.zeros([BLOCK_N], dtype=tl.float32)
-            # The fully visible query tiles first, then the diagonal/band edges, then the tail: with
-            # the one-tile masked stage first the H100 ran this half up to 25% slower (causal).
+    lo, full_lo, full_hi, hi = query_tiles(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                           BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row = (off_b * nheads + off_h) * seqlen_q
+        # This head's slice of each option.
+        slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
+        bias_h = Bias
+        if BIAS_KIND != 0:
+            bias_h = Bias + off_b * stride_biasb + off_h * stride_biash
+        bh = (off_b * nheads + off_h).to(tl.int32)
+        q_lo, q_full_lo, q_full_hi, q_hi = lo, full_lo, full_hi, hi
+        q_idx = Q_IDX
+        if BLOCK_SPARSE:
+            # The query blocks listed for this key block; the stages become positions in their walk.
+            q_idx, q_lo, q_full_lo, q_full_hi, q_hi = listed_walk(Q_NUM, Q_IDX, off_b, off_h, sparse_stride_b,
+                                                                  sparse_stride_h, start_n, seqlen_k, seqlen_q,
+                                                                  lo, full_lo, full_hi, hi, SPARSE_BLOCK, BLOCK_M)
+        db_h = DBias
+        db = 0.0
+        if DBIAS != 0:
+            db_h = DBias + off_b * stride_dbb + off_h * stride_dbh
+            if not DBIAS_COLS:
+                db_h += pid * stride_dbk                  # one column per key block
+            if not DBIAS_ROWS:
+                db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # The fully visible query tiles first, then the diagonal / band's edge, then the far edge and
+        # the tail (benchmarks/TUNING.md, § backward-tiles: the masked stage first ran slower).
+        for stage in tl.static_range(3):
             dk, dv, db = _bwd_dkdv_inner(
                 dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
-                offs_d, q_full_lo, q_full_hi, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
+                offs_d, (q_full_lo, q_lo, tl.maximum(q_full_lo, q_full_hi))[stage],
+                (q_full_hi, q_full_lo, q_hi)[stage], seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
                 slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
                 dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
-                HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
+                HEAD_DIM, BLOCK_D, BLOCK_M, stage != 0, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
                 BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
-            dk, dv, db = _bwd_dkdv_inner(
-                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
-                offs_d, q_lo, q_full_lo, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
-                slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
-                dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
-                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
-            dk, dv, db = _bwd_dkdv_inner(
-                dk, dv, db, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
-                offs_d, q_full_hi, q_hi, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
-                slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
-                dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
-                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
-            if DBIAS != 0 and not DBIAS_ROWS:
-                # The sum over this head's rows (padding keys excluded).
-                if DBIAS_COLS:
-                    db_ptrs = db_h + offs_n * stride_dbk
-                    db_mask = offs_n < seqlen_k
-                    if DBIAS == 1:
-                        tl.store(db_ptrs, db, mask=db_mask)
-                    else:
-                        tl.atomic_add(db_ptrs, db, mask=db_mask)
+        if DBIAS != 0 and not DBIAS_ROWS:
+            # The sum over this head's rows (padding keys excluded).
+            if DBIAS_COLS:
+                db_ptrs = db_h + offs_n * stride_dbk
+                db_mask = offs_n < seqlen_k
+                if DBIAS == 1:
+                    tl.store(db_ptrs, db, mask=db_mask)
                 else:
-                    db_sum = tl.sum(tl.where(offs_n < seqlen_k, db, 0.0), 0)
-                    if DBIAS == 1:
-                        tl.store(db_h, db_sum)
-                    else:
-                        tl.atomic_add(db_h, db_sum)
-        if DROPOUT:
-            dv = dv * (1.0 / (1.0 - dropout_p))
-    else:
-        lo, full_lo, full_hi = query_block_bounds(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        for g in range(group_size):
-            off_h = off_hk * group_size + g
-            q_base = Q + off_b * stride_qb + off_h * stride_qh
-            do_base = DO + off_b * stride_dob + off_h * stride_doh
-            row = (off_b * nheads + off_h) * seqlen_q
-            # Unmasked tiles first, as above (causal, head dim 128: 2.62 -> 2.11 ms for this half).
-            dk, dv, _ = _bwd_dkdv_inner(
-                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
-                offs_d, full_lo, full_hi, seqlen_q, seqlen_k, qk_scale, 0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0,
-                0.0, 0, Q_IDX, DBias, 0, 0,
-                HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_CAUSAL, DOT_PRECISION, False, False, False, 0, False,
-                False, 0, 0, False, False, DKDV)
-            dk, dv, _ = _bwd_dkdv_inner(
-                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
-                offs_d, lo, full_lo, seqlen_q, seqlen_k, qk_scale, 0.0, 0.0, 0.0, 0, 0, Bias, 0, 0, 0, 0, 0.0,
-                0, Q_IDX, DBias, 0, 0,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, False, False, False, 0, False,
-                False, 0, 0, False, False, DKDV)
-            dk, dv, _ = _bwd_dkdv_inner(
-                dk, dv, 0.0, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qm, stride_dom, offs_n,
-                offs_d, tl.maximum(full_lo, full_hi), seqlen_q, seqlen_q, seqlen_k, qk_scale, 0.0, 0.0, 0.0,
-                0, 0, Bias, 0, 0, 0, 0, 0.0, 0, Q_IDX, DBias, 0, 0,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_CAUSAL, DOT_PRECISION, False, False, False, 0, False,
-                False, 0, 0, False, False, DKDV)
+                    tl.atomic_add(db_ptrs, db, mask=db_mask)
+            else:
+                db_sum = tl.sum(tl.where(offs_n < seqlen_k, db, 0.0), 0)
+                if DBIAS == 1:
+                    tl.store(db_h, db_sum)
+                else:
+                    tl.atomic_add(db_h, db_sum)
+    if DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
     if DKDV & 2:
@@ -434,8 +392,8 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     halves keep the same tile areas.
     """
     # The GPU starts programs axis-0-fastest: every block of one head runs before the next head's,
-    # sharing that head's tensors in L2. (Orders that start the heaviest causal blocks of several
-    # heads first measured no faster on the H100 and slower at head dim 64.)
+    # sharing that head's tensors in L2 (orders that start the heaviest causal blocks of several
+    # heads first were no faster: benchmarks/TUNING.md, § not-kept).
     pid = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -527,7 +485,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     opts = common_options(variant, q, k, softmax_scale)
     extra = opts.extra + ("+dbias" if bias_grad else "")
 
-    one_pass = backward_sm90.applies(q, k, v, dout, variant, bias_grad)
+    one_pass = choice.kernel_for("bwd", q, k, v, variant, softmax_scale, dout, bias_grad) == choice.ONE_PASS
     dq_acc = backward_sm90.dq_buffer(q) if one_pass else None
     delta = torch.empty_like(lse)
     _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),

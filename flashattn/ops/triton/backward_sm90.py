@@ -26,7 +26,7 @@ preprocess); offset = seqlen_k - seqlen_q (query i sees key j <= i + offset when
 the tiles of Q_i / dO_i a program has loaded, which gives each tile its ring slot and mbarrier phase.
 
 Only the plain attention (causal or not, GQA, any lengths) at head dim 64 and 128 in fp16/bf16 on
-sm_90; backward.backward() sends every other call to the portable kernels.
+sm_90; choice.kernel_for sends every other call to the portable kernels.
 """
 import torch
 import triton
@@ -39,15 +39,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from flashattn.ops.triton import configs
-from flashattn.ops.triton.common import LOG2E, cdiv, strides, tma_ready
+from flashattn.ops.triton.common import LOG2E, cdiv, strides
 from flashattn.ops.triton.launch import Launcher
-from flashattn.ops.variant import Variant
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128)
 # Query rows per step, per head dim: at head dim 64 a 64-row step is too little matrix work for the
-# exponentials and barriers around it, and 128 rows still fit (229 KB of shared memory).
+# exponentials and barriers around it, and 128 rows still fit (229 KB of shared memory; benchmarks/
+# TUNING.md, § one-pass-backward).
 BLOCK_M = {64: 128, 128: 64}
 BLOCK_N = 128       # keys per program (two warp groups of 64)
 STAGES = 2          # Q_i / dO_i tiles in flight
@@ -399,17 +398,6 @@ _launch_dq_convert = Launcher(_dq_convert)
 CONVERT_ROWS = 64
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variant: Variant,
-            bias_grad: bool) -> bool:
-    """Whether backward() takes this call: a plain fp16/bf16 backward at a head dim of HEAD_DIMS on a
-    GPU whose tables list the kernel (sm_90), with TMA-addressable inputs."""
-    return (variant.is_plain and not bias_grad and q.dtype in DTYPES
-            and q.shape[-1] in HEAD_DIMS
-            and configs.one_pass_backward(q.shape[-1], q.dtype, variant.causal,
-                                          max(q.shape[1], k.shape[1]), q.device, variant.deterministic)
-            and tma_ready(q, k, v, dout))
-
-
 def dq_buffer(q: torch.Tensor) -> torch.Tensor:
     """The fp32 dQ accumulator, (B, H, Sq, head dim), uninitialised (backward.py's preprocess zeroes it)."""
     batch, seqlen_q, nheads, head_dim = q.shape
@@ -419,7 +407,7 @@ def dq_buffer(q: torch.Tensor) -> torch.Tensor:
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, dq_acc: torch.Tensor, softmax_scale: float, causal: bool,
              deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of a call that `applies`, from lse and the preprocess's delta (both (B, H, Sq) fp32),
+    """dq, dk, dv of a call that choice.kernel_for gives this kernel, from lse and the preprocess's delta (both (B, H, Sq) fp32),
     with dq_acc (dq_buffer) zeroed. `deterministic` orders the adds into dq_acc (bit-identical
     results run to run) by a semaphore per (batch, head, query block)."""
     batch, seqlen_q, nheads, head_dim = q.shape

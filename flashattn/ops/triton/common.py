@@ -52,6 +52,12 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def block_d(head_dim: int) -> int:
+    """The tiles' width: the head dim rounded up to a power of two, at least 16 (tl.dot's minimum);
+    the columns past the head dim are loaded as zeros."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b); triton.cdiv is a jit function, ten times slower to call from the host."""
     return -(-a // b)
@@ -214,7 +220,8 @@ def key_tiles(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: t
 def query_tiles(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """(lo, full_lo, full_hi, hi) over query rows for the keys [start_n, start_n + BLOCK_N), as
-    key_tiles does for keys (Variant.query_range)."""
+    key_tiles does for keys (Variant.query_range), except that [full_lo, full_hi) may be empty with
+    full_hi < full_lo (causal): the masked tail then starts at max(full_lo, full_hi)."""
     if HAS_WINDOW:
         offset = seqlen_k - seqlen_q
         last_col = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
@@ -224,7 +231,6 @@ def query_tiles(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M:
                                                last_col - offset + window_left + 1, seqlen_q, BLOCK_M)
     else:
         lo, full_lo, full_hi = query_block_bounds(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        full_hi = tl.maximum(full_lo, full_hi)
         hi = seqlen_q
     return lo, full_lo, full_hi, hi
 

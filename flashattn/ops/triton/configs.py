@@ -1,9 +1,9 @@
 """Tile shapes per GPU architecture, head dim and dtype: a table, so a new shape never waits on autotuning.
 
 How a launch gets its tile shape (`run`):
-1. The table for the GPU's architecture (measured on an H100 for sm_90; other architectures start from
-   the same shapes). Shapes for the CPU interpreter are small, so that the tests at tiny sequence
-   lengths still cross several tiles and the causal diagonal.
+1. The table for the GPU's architecture (sm_90's measured on Hopper, benchmarks/TUNING.md; other
+   architectures start from the same shapes). Shapes for the CPU interpreter are small, so that the
+   tests at tiny sequence lengths still cross several tiles and the causal diagonal.
 2. If the shape does not fit the GPU (Triton raises OutOfResources: shared memory or registers), it
    steps down (fewer pipeline stages, then smaller tiles) until one does, and remembers the result:
    correct on any GPU Triton supports, tuned where a table was measured.
@@ -65,9 +65,8 @@ def _bucket(head_dim: int) -> int:
     return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-# (head dim bucket, 16-bit?, causal) -> config, measured on an H100 with benchmarks/sweep.py (bf16,
-# 16k tokens, seqlen 2k and 8k; benchmarks/results/ holds the sweep). Other GPUs reuse them: correct
-# everywhere, untuned elsewhere.
+# (head dim bucket, 16-bit?, causal) -> config (benchmarks/TUNING.md, § forward-tiles). Other GPUs
+# reuse them: correct everywhere, untuned elsewhere.
 _FWD = {
     (64, True, False): TileConfig(128, 64, 8, 3),
     (64, True, True): TileConfig(128, 64, 8, 3),
@@ -83,14 +82,13 @@ _FWD = {
     (256, False, False): TileConfig(32, 16, 4, 2),
     (256, False, True): TileConfig(32, 16, 4, 2),
 }
-# Backward, measured on an H100 at 8k tokens per sequence (benchmarks/results/h100-backward-experiments-
-# 2026-11-22.md); the dQ programs own twice the rows of the dK/dV ones.
+# Backward (§ backward-tiles): the dQ programs own twice the rows of the dK/dV ones.
 _T = TileConfig
 _BWD = {
     (64, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(128, 64, 8, 3)),
     (64, True, True): BackwardConfig(kv=_T(64, 64, 4, 3), q=_T(128, 64, 8, 3)),
     # Head dim 128: dK/dV and dQ programs in one grid (no launch gap, and the dQ programs fill the
-    # SMs as the dK/dV ones drain): +2-11% over two launches (results/h100-sweep-bwd-d128-2026-11-22).
+    # SMs as the dK/dV ones drain).
     (128, True, False): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(64, 64, 4, 2), one_launch=True),
     (128, True, True): BackwardConfig(kv=_T(64, 64, 4, 2), q=_T(64, 64, 4, 2), one_launch=True),
     (256, True, False): BackwardConfig(kv=_T(32, 64, 4, 2), q=_T(64, 32, 4, 3), dk=_T(64, 64, 4, 2)),
@@ -105,8 +103,7 @@ _BWD = {
 
 
 # Forwards up to 1k tokens per sequence run faster with 64-row query tiles (twice the programs: less
-# of a tail on 132 SMs): +4-12% at head dim 64 and 128 (results/h100-sweep-fwd-2026-11-22-s3.json);
-# from 2k the 128-row tiles win. (key) -> (up to this sequence length, shape).
+# of a tail on 132 SMs). (key) -> (up to this sequence length, shape). § forward-tiles.
 _FWD_SHORT = {
     (64, True, False): (1024, TileConfig(64, 64, 4, 3)),
     (64, True, True): (1024, TileConfig(64, 64, 4, 3)),
@@ -114,31 +111,17 @@ _FWD_SHORT = {
     (128, True, True): (1024, TileConfig(64, 64, 4, 3)),
 }
 
-# Backwards of head dim 64 up to these lengths (B*N = 16k, so 16-32 sequences) run faster with 32-row
-# steps in the dK/dV programs and 64-row dQ programs (bf16, benchmarks/sweep.py ->
-# results/h100-sweep-bwd-short-2026-11-22.json, TFLOP/s against the main table's shape): 512 249.8 /
-# 241.2, 1k 282.0 / 290.9; causal 512 174.0 / 165.9, 1k 231.1 / 225.1. Head dim 128 kept its
-# shape at 1k and 2k (the best of ten).
+# Backwards of head dim 64 up to these lengths (16-32 sequences of a 16k-token batch) run faster with
+# 32-row steps in the dK/dV programs and 64-row dQ programs. § backward-tiles.
 _BWD_SHORT = {
     (64, True, False): (512, BackwardConfig(kv=_T(32, 64, 4, 3), q=_T(64, 64, 4, 2))),
     (64, True, True): (1024, BackwardConfig(kv=_T(32, 64, 4, 3), q=_T(64, 64, 4, 2))),
 }
 
 # The warp-specialized forward (forward._attn_fwd_ws: TMA loads, a producer warp group and two
-# consumer warp groups), plain calls only, Hopper only, from the length where it measured faster than
-# _FWD's shapes on the H100 (bf16, 16k tokens; benchmarks/probe/fwd_threshold.py, fwd_ws_tiles.py,
-# fwd_d256_probe.py and fwd_ws_short.py -> results/h100-fwd-ws-2026-11-22.json). TMA-fed tiles of
-# the head dim's exact width: head dims 64, 128 and 256. TFLOP/s, warp-specialized / other kernel:
-#   D128 non-causal 512 328 / 346, 1k 431 / 411, 2k 505 / 456, 4k 537 / 474, 8k 555 / 496, 16k 573 / 451
-#   D128 causal (every tile masked: the loop may not branch) 1k 285 / 321, 2k 374 / 371, 4k 441 / 419,
-#   8k 468 / 449, 16k 508 / 466
-#   D64 non-causal, 256-row tiles: 1k 348 / 408, 2k 399 / 428 (a tie in fwd_ws_short.py's three
-#   rounds), 4k 442-462 / 431-440, 8k 473 / 442, 16k 448 / 429; D64 causal was slower at every length
-#   (358 / 425 at 16k)
-#   D256 (O stored by pointers, see the kernel) non-causal 512 406-407 / 322-324, 1k 520 / 405,
-#   2k 565 / 467, 4k 589 / 495, 8k 579 / 511, 16k 598 / 508; causal 512 247-250 / 209-211,
-#   1k 366 / 292, 2k 450 / 369, 4k 514 / 433, 8k 542 / 477, 16k 590 / 501
-# (key) -> (from this sequence length, shape); num_warps=4 is what the warp specialization needs.
+# consumer warp groups), from the length where it measured faster than _FWD's shapes (§ warp-specialized-
+# forward): (key) -> (from this sequence length, shape); num_warps=4 is what the warp specialization
+# needs. Tiles of the head dim's exact width (TMA): head dims 64, 128 and 256.
 _FWD_WS = {
     (64, True, False): (4096, TileConfig(256, 128, 4, 2)),
     (128, True, False): (1024, TileConfig(128, 128, 4, 2)),
@@ -147,41 +130,16 @@ _FWD_WS = {
     (256, True, True): (512, TileConfig(128, 64, 4, 2)),
 }
 
-# The one-pass backward for Hopper (backward_sm90: Gluon, 5 products, dQ added into fp32), plain
-# fp16/bf16 calls at head dims 64 and 128, from the length where it measured faster than the portable
-# backward on the H100 (bf16, 16k tokens, the whole backward call; benchmarks/probe/bwd_sm90.py ->
-# results/h100-bwd-sm90-2026-11-22-b.json (head dim 128) and -c.json (head dim 64, 128-row steps)).
-# TFLOP/s, one-pass / its deterministic=True build / portable (deterministic either way):
-#   D128 non-causal 1k 343 / 323 / 352, 2k 425 / 390 / 372, 4k 452 / 424 / 383, 8k 505 / 437 / 388,
-#                   16k 506 / 465 / 408
-#   D128 causal 2k 328 / 256 / 320, 4k 402 / 328 / 336, 8k 431 / 388 / 369, 16k 493 / 400 / 373
-#   D64 non-causal 2k 318 / 308 / 329, 4k 362 / 344 / 342, 8k 377 / 356 / 347, 16k 397 / 367 / 342
-#   D64 causal 2k 256 / 243 / 279, 4k 319 / 298 / 319, 8k 355 / 323 / 335, 16k 389 / 341 / 344
-# (head dim, causal) -> (from this length, and from this length with deterministic=True, or None).
-# D128 causal from 2k: 328 / 320 there in -b.json, 331 / 314 in -e-convert-head.json (its
-# onepass_convert_launch column is this build: 325).
+# The one-pass backward (backward_sm90), from the length where it measured faster than the portable
+# backward (§ one-pass-backward): (head dim, causal) -> (from this length, and from this length with
+# deterministic=True, or None).
 _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
                 (128, False): (2048, 2048), (128, True): (2048, 8192)}
 
-# The ping-pong forward for Hopper (forward_sm90: Gluon, FlashAttention-3's schedule), plain fp16/bf16
-# calls with a positive scale, from the length where it measured faster than the kernels above on the
-# H100, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
-# the length where that measured faster than one program per tile (bf16, 16k tokens;
-# benchmarks/probe/fwd_sm90.py -> results/h100-fwd-sm90-2026-11-22-d.json). TFLOP/s, ping-pong
-# persistent / one program per tile / the kernel the tables chose before / cuDNN in the same run:
-#   D128 non-causal 512 392 / 297 / 344 / 511, 1k 486 / 412 / 442 / 584, 2k 550-575 / 512 / 489 / 612,
-#                   4k 588-596 / 550 / 524 / 605, 8k 583 / 593 / 554 / 624, 16k 626 / 614 / 572 / 643
-#   D128 causal 512 215 / 172 / 228 / 318, 1k 341 / 281 / 316 / 426, 2k 441-469 / 401 / 383 / 491,
-#               4k 516-528 / 483 / 428 / 529, 8k 540-558 / 550 / 463 / 556, 16k 613-637 / 593 / 509 / 558
-#   D256 non-causal 512 373 / 361 / 412 / 499, 1k 485 / 479 / 506 / 595, 2k 555-580 / 582 / 557 / 644,
-#                   4k 599 / 617 / 587 / 662, 8k 602-621 / 645 / 592 / 671, 16k 669-688 / 661 / 629 / 691
-#   D256 causal 512 229 / 211 / 250 / 308, 1k 355-359 / 327 / 361 / 440, 2k 462-476 / 450 / 441 / 523,
-#               4k 527-531 / 505 / 501 / 565, 8k 564-584 / 565 / 530 / 588, 16k 671-681 / 651 / 582 / 594
-#   (a range: the same build timed twice in that run). With the tiles in a fixed order instead
-#   (program p took p, p + grid, ...) persistent D128 causal 16k measured 454 against 608 (-c.json).
-#   D64 (one program per tile, -b.json) non-causal 2k 357 / 429, 16k 429 / 482 (ping-pong / before);
-#   causal 2k 276 / 356, 16k 423 / 413: not listed (a 64-wide step is too little matrix work for its
-#   softmax and barriers)
+# The ping-pong forward (forward_sm90), from the length where it measured faster than the kernels
+# above, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
+# the length where that measured faster than one program per tile (§ ping-pong-forward). Head dim 64
+# is not listed: a 64-wide step is too little matrix work for its softmax and barriers.
 # (head dim, causal) -> (from this sequence length, persistent up to this one or None).
 _FWD_PINGPONG = {(128, False): (512, 4096), (128, True): (1024, math.inf),
                  (256, False): (2048, None), (256, True): (2048, math.inf)}

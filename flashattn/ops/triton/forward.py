@@ -15,20 +15,19 @@ BLOCK_D is HEAD_DIM rounded up to a power of two (>= 16); the extra columns are 
 The options (window, softcap, ALiBi, bias or mask, dropout, block mask) are constexpr flags, off by
 default, documented in common.py; with all of them off this is the plain kernel, unchanged.
 
-Two kernels: `_attn_fwd`, every option, any GPU; and `_attn_fwd_ws`, the plain forward on Hopper (TMA
-loads and Triton's automatic warp specialization: a producer warp group, two consumer warp groups),
-which configs._FWD_WS picks for the head dims and lengths where it measured faster. forward_sm90.py
-holds a third, in Gluon, for plain calls on Hopper where configs._FWD_PINGPONG lists it.
+Two kernels: `_attn_fwd`, every option, any GPU; and `_attn_fwd_ws`, the plain forward for Hopper
+(TMA loads and Triton's automatic warp specialization: a producer warp group, two consumer warp
+groups). forward_sm90.py holds a third, in Gluon. choice.kernel_for decides which one runs a call.
 """
 import torch
 import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
-    LN2, LOG2E, alibi_slope_log2, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
-    options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask, tma_ready,
+    LN2, LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
+    options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask,
 )
-from flashattn.ops.triton import configs, forward_sm90
+from flashattn.ops.triton import choice, configs, forward_sm90
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
@@ -49,8 +48,10 @@ def _program_block(group_size, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _normalize(acc, l_i, m_i):
-    """O = acc / l and the natural-log LSE; a row that saw no key gets O = 0 and LSE = +inf."""
-    seen = l_i > 0.0
+    """O = acc / l and the natural-log LSE; a row that saw no key gets O = 0 and LSE = +inf.
+    "Saw no key" is l == 0 exactly: a NaN l (a NaN or inf in the inputs) gives NaN in O and the LSE,
+    never the +inf that would zero its P in the backward (reference.py: NaN and inf are never hidden)."""
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
     return acc, tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
@@ -194,10 +195,12 @@ def _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seq
     if IS_CAUSAL or MASK_TAIL:
         # Only tile-local aranges against scalars: Triton 3.6's split of the rows between the two
         # consumer warp groups offsets the second group's `start_m + tl.arange(...)` twice (the same
-        # fault as at the LSE store below; a mask on those indices gave wrong results on the H100).
+        # fault as at the LSE store below: a mask on those indices gave wrong results).
         if IS_CAUSAL:
             diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]   # i - j, tile-local
-            qk = qk * qk_scale + tl.where(diag >= start_n - start_m - offset, 0.0, float("-inf"))
+            # -inf replaces a masked score (adding it would turn a NaN score, from a NaN key this row
+            # may not see, into NaN instead of hiding it).
+            qk = tl.where(diag >= start_n - start_m - offset, qk * qk_scale, float("-inf"))
         else:
             in_bounds = start_n + tl.arange(0, BLOCK_N) < seqlen_k                      # [BLOCK_N]
             qk = qk * qk_scale + tl.where(in_bounds, 0.0, float("-inf"))[None, :]
@@ -258,23 +261,18 @@ _launch_fwd = Launcher(_attn_fwd)
 _launch_fwd_ws = Launcher(_attn_fwd_ws, scratch=True)
 
 
-def block_d(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
             variant: Variant | bool = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q (B, Sq, H, D), k/v (B, Sk, Hk, D), last dim contiguous; `variant` holds
-    the options (flashattn/ops/variant.py; a bool means plain causal or not). A plain call on sm_90
-    with TMA-addressable inputs (tma_ready) runs forward_sm90's kernel where configs._FWD_PINGPONG
-    lists its head dim, causality and length, else _attn_fwd_ws where configs._FWD_WS does; every
-    other call runs _attn_fwd.
+    the options (flashattn/ops/variant.py; a bool means plain causal or not). choice.kernel_for says
+    which kernel runs it.
 
     Returns O (B, Sq, H, D) contiguous in q's dtype and lse (B, H, Sq) float32.
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
-    if forward_sm90.applies(q, k, v, variant, softmax_scale):
+    kernel = choice.kernel_for("fwd", q, k, v, variant, softmax_scale)
+    if kernel == choice.PING_PONG:
         return forward_sm90.forward(q, k, v, softmax_scale, variant.causal)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -284,8 +282,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     args = (q, k, v, o, lse, *strides(q), *strides(k), *strides(v), *strides(o),
             seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value)
 
-    if (variant is PLAIN or variant.is_plain) and configs.warp_specialized(
-            head_dim, q.dtype, variant.causal, seqlen, q.device) and tma_ready(q, k, v):
+    if kernel == choice.WARP_SPECIALIZED:
         def launch_ws(cfg):
             _launch_fwd_ws((cdiv(seqlen_q, cfg.block_m), nheads, batch), *args,
                            HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,

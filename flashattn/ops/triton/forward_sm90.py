@@ -32,7 +32,7 @@ Rows past seqlen_q and keys past seqlen_k are read as zeros (4-D descriptors ove
 each sequence); a row that sees no key gets O = 0 and LSE = +inf, as in forward.py.
 
 Only plain attention (causal or not, GQA, any lengths, a positive softmax scale) at head dims 64,
-128 and 256 in fp16/bf16 on sm_90; forward.forward() sends every other call to the other kernels.
+128 and 256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the other kernels.
 """
 import functools
 
@@ -44,9 +44,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashattn.ops.triton import configs
-from flashattn.ops.triton.common import LN2, LOG2E, cdiv, strides, tma_ready
+from flashattn.ops.triton.common import LN2, LOG2E, cdiv, strides
 from flashattn.ops.triton.launch import Launcher
-from flashattn.ops.variant import Variant
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128, 256)
@@ -55,8 +54,8 @@ BLOCK_M = 2 * ROWS
 # Keys per block: at head dim 256 the accumulator alone takes 128 registers a thread, and S of
 # 64 x 128 would take 64 more.
 BLOCK_N = {64: 128, 128: 128, 256: 64}
-# K and V ring slots per (head dim, causal), measured on the H100 (configs._FWD_PINGPONG's note);
-# 128 x 3 takes 225 KB of shared memory, 256 x 3 would not fit.
+# K and V ring slots per (head dim, causal), the fastest that fit (benchmarks/TUNING.md,
+# § ping-pong-forward); 128 x 3 takes 225 KB of shared memory, 256 x 3 would not fit.
 STAGES = {(64, False): 3, (64, True): 3, (128, False): 3, (128, True): 2, (256, False): 2, (256, True): 2}
 NUM_WARPS = 4                               # each partition's warp group; the producer adds one warp
 CONSUMER_REGS = gl.constexpr(240)
@@ -275,7 +274,7 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
         else:
             mbarrier.arrive(q_empty, count=1)
 
-        seen = l_i > 0.0
+        seen = l_i != 0.0                       # l == 0: no key; a NaN l reaches O and the LSE
         l_safe = gl.where(seen, l_i, 1.0)
         acc = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
         lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("inf"))        # [ROWS]
@@ -353,18 +352,9 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
 _launch_fwd_sm90 = Launcher(_attn_fwd_sm90, scratch=True)
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant, softmax_scale: float) -> bool:
-    """Whether forward.forward() sends this call here: a plain fp16/bf16 forward with a positive
-    scale at a head dim of HEAD_DIMS, on a GPU whose tables list the kernel (sm_90) at this length,
-    with TMA-addressable inputs."""
-    return (variant.is_plain and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and softmax_scale > 0
-            and configs.ping_pong_forward(q.shape[-1], variant.causal, max(q.shape[1], k.shape[1]), q.device)
-            and tma_ready(q, k, v))
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """O (B, Sq, H, D) and lse (B, H, Sq) float32 of a call that `applies`."""
+    """O (B, Sq, H, D) and lse (B, H, Sq) float32 of a call that choice.kernel_for gives this kernel."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)

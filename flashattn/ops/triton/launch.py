@@ -2,10 +2,8 @@
 
 Triton's JITFunction.run binds every argument, asks its specialiser about each one, hashes the
 result and builds launch metadata on every call: work proportional to the parameter count, and our
-kernels have about 50 (most of them option parameters left at their defaults). On the H100 machine's
-host the forward launcher (this package's Python, then the launch) took 133 us of CPU per call
-through Triton's path and 66 us with this one and the other host-side trims of the same change, for a
-kernel of 0.17 ms at 512 tokens (benchmarks/host_profile.py --layers).
+kernels have about 50 (most of them option parameters left at their defaults). For short sequences
+that host work, not the kernel, bounds a call's time (benchmarks/TUNING.md, § host-cost).
 
 `Launcher` keeps the compiled kernels of one jit function under a key that determines Triton's
 specialisation (see `Launcher.key`), and launches a kept kernel directly through its compiled

@@ -1,0 +1,62 @@
+"""Which Triton kernel runs a call: the one place that decides.
+
+Four kernel families serve the Triton backend:
+    portable          forward.py `_attn_fwd` and backward.py `_bwd`: every option, every dtype and
+                      head dim, any GPU Triton supports (and the CPU interpreter)
+    ping-pong         forward_sm90.py: FlashAttention-3's schedule in Gluon, plain forward, Hopper
+    warp-specialized  forward.py `_attn_fwd_ws`: Triton's automatic warp specialization, plain
+                      forward, Hopper
+    one-pass          backward_sm90.py: 5 products per tile with dQ added into fp32, plain
+                      backward, Hopper
+
+`kernel_for` gives the family for one pass of one call. The Hopper kernels take only what they
+implement (`forward_sm90.DTYPES` / `HEAD_DIMS` and their peers): plain attention (causal or not, GQA,
+any lengths; no option, no bias gradient), inputs that TMA descriptors can address (common.tma_ready),
+and only where the GPU architecture's own tables in configs.py list them for this head dim, causal
+flag and length: those tables hold where each kernel measured faster than the portable one
+(benchmarks/TUNING.md). Everything else runs the portable kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashattn.ops.triton import backward_sm90, configs, forward_sm90
+from flashattn.ops.triton.common import tma_ready
+from flashattn.ops.variant import Variant
+
+PORTABLE = "portable"
+PING_PONG = "ping-pong"
+WARP_SPECIALIZED = "warp-specialized"
+ONE_PASS = "one-pass"
+
+
+def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant,
+               softmax_scale: float, dout: torch.Tensor | None = None, bias_grad: bool = False) -> str:
+    """The kernel family that runs `pass_` ("fwd" or "bwd") of this call; inputs as the launchers
+    receive them ((B, S, H, D), last dim contiguous). In order:
+
+    forward   ping-pong        plain, fp16/bf16, head dim 64/128/256, softmax_scale > 0 (the kernel
+                               takes the row max before scaling), listed in configs' ping-pong table
+              warp-specialized plain, listed in configs' warp-specialized table (fp16/bf16, head
+                               dims 64/128/256)
+    backward  one-pass         plain, no bias gradient, fp16/bf16, head dim 64/128, listed in
+                               configs' one-pass table (its deterministic column with
+                               variant.deterministic)
+    and for both, TMA-addressable q, k, v (and dout); otherwise portable.
+    """
+    if not variant.is_plain:
+        return PORTABLE
+    head_dim, causal, device = q.shape[-1], variant.causal, q.device
+    seqlen = max(q.shape[1], k.shape[1])
+    if pass_ == "fwd":
+        if (q.dtype in forward_sm90.DTYPES and head_dim in forward_sm90.HEAD_DIMS and softmax_scale > 0
+                and configs.ping_pong_forward(head_dim, causal, seqlen, device) and tma_ready(q, k, v)):
+            return PING_PONG
+        if configs.warp_specialized(head_dim, q.dtype, causal, seqlen, device) and tma_ready(q, k, v):
+            return WARP_SPECIALIZED
+        return PORTABLE
+    if (not bias_grad and q.dtype in backward_sm90.DTYPES and head_dim in backward_sm90.HEAD_DIMS
+            and configs.one_pass_backward(head_dim, q.dtype, causal, seqlen, device, variant.deterministic)
+            and tma_ready(q, k, v, dout)):
+        return ONE_PASS
+    return PORTABLE
