@@ -2,8 +2,11 @@
 from flashattn.interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from flashattn.sparse import (BlockMask, butterfly_block_mask, local_global_block_mask,
                               strided_block_mask)
+from flashattn.varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                              flash_attn_varlen_qkvpacked_func)
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "BlockMask",
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "BlockMask",
            "local_global_block_mask", "strided_block_mask", "butterfly_block_mask", "__version__"]

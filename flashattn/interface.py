@@ -38,9 +38,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_alibi(alibi_slopes, q: Tensor) -> None:
+def _check_alibi(alibi_slopes, q: Tensor, batch: int) -> None:
     _check_tensor("alibi_slopes", alibi_slopes)
-    batch, _, nheads, _ = q.shape
+    nheads = q.shape[2]
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32 (flash-attn's convention), got {alibi_slopes.dtype}; "
                         "pass alibi_slopes.float()")
@@ -106,8 +106,10 @@ def _check_block_mask(block_mask, q: Tensor, seqlen_k: int) -> None:
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal, window_size,
-              softcap, alibi_slopes, deterministic, return_attn_probs, attn_bias, block_mask) -> _Call:
-    """Check every argument; return the backend, the softmax scale and the normalised options."""
+              softcap, alibi_slopes, deterministic, return_attn_probs, attn_bias, block_mask,
+              n_seq: int | None = None) -> _Call:
+    """Check every argument; return the backend, the softmax scale and the normalised options.
+    `n_seq`: the number of packed sequences (varlen.py, q (1, total_q, H, D)); None when dense."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
         if x.dim() != 4:
@@ -142,7 +144,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
     if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     if alibi_slopes is not None:
-        _check_alibi(alibi_slopes, q)
+        _check_alibi(alibi_slopes, q, q.shape[0] if n_seq is None else n_seq)
     if attn_bias is not None:
         attn_bias = _check_attn_bias(attn_bias, q, k.shape[1])
     if block_mask is not None:
@@ -251,7 +253,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                float(dropout_p), seed, call.attn_bias,
                *((bm.mask, bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices) if bm is not None
                  else (None,) * 5),
-               bm.block_size if bm is not None else 0, deterministic)
+               bm.block_size if bm is not None else 0, deterministic, None, None, 0, 0)
     out, lse = custom_ops.attention(q, k, v, call.softmax_scale, *options, call.backend)
     if not return_attn_probs:
         return out

@@ -56,12 +56,16 @@ def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window
                  softcap: float, alibi_slopes: Tensor | None, dropout_p: float, seed: Tensor | None,
                  attn_bias: Tensor | None, block_mask: Tensor | None, kv_num_blocks: Tensor | None,
                  kv_indices: Tensor | None, q_num_blocks: Tensor | None, q_indices: Tensor | None,
-                 block_size: int, deterministic: bool) -> Variant:
-    """Pack the custom operators' explicit arguments (already validated) into one Variant."""
+                 block_size: int, deterministic: bool, cu_seqlens_q: Tensor | None = None,
+                 cu_seqlens_k: Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> Variant:
+    """Pack the custom operators' explicit arguments (already validated) into one Variant. `batch`
+    is q's batch size; with packed sequences the number of sequences is taken from cu_seqlens_q."""
     if (alibi_slopes is None and dropout_p == 0.0 and attn_bias is None and block_mask is None
             and softcap == 0.0 and not deterministic and window_left == -1
-            and window_right == (0 if causal else -1)):
+            and window_right == (0 if causal else -1) and cu_seqlens_q is None):
         return from_causal(causal)   # the common call: no new Variant
+    if cu_seqlens_q is not None:
+        batch = cu_seqlens_q.numel() - 1
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32).expand(batch, nheads)  # (H,) -> stride-0 view
     is_mask = attn_bias is not None and attn_bias.dtype == torch.bool
@@ -72,7 +76,8 @@ def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window
         bias=None if is_mask else attn_bias, mask=attn_bias if is_mask else None,
         block_mask=None if block_mask is None else BlockMask(
             block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size),
-        deterministic=deterministic,
+        deterministic=deterministic, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )
 
 

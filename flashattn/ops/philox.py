@@ -112,9 +112,11 @@ def head_counters(batch: int, nheads: int, device: torch.device | str = "cpu") -
 
 
 def dropout_keep_mask(seed: int, dropout_p: float, batch: int, nheads: int, seqlen_q: int,
-                      seqlen_k: int, device: torch.device | str = "cpu") -> Tensor:
+                      seqlen_k: int, device: torch.device | str = "cpu", first_batch: int = 0) -> Tensor:
     """The whole keep mask Z (batch, nheads, seqlen_q, seqlen_k) bool: O(N^2), for tests and the
-    return_attn_probs debugging aid only; the tiled paths generate it tile by tile."""
+    return_attn_probs debugging aid only; the tiled paths generate it tile by tile. `first_batch`:
+    the batch index b of the first entry (a packed sequence's index)."""
     rows = torch.arange(seqlen_q, device=device)
     cols = torch.arange(seqlen_k, device=device)
-    return keep_mask(seed, dropout_p, rows, cols, head_counters(batch, nheads, device))
+    heads = head_counters(batch, nheads, device) + first_batch * nheads
+    return keep_mask(seed, dropout_p, rows, cols, heads)

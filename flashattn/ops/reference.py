@@ -57,7 +57,7 @@ the bias, when the bias needs a gradient).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -191,6 +191,15 @@ def attention_probs(q: Tensor, k: Tensor, softmax_scale: float, variant: Variant
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
+    if variant.varlen:
+        # Packed sequences: (B, H, max_seqlen_q, max_seqlen_k), zero past each sequence's lengths.
+        n_seq = variant.cu_seqlens_q.numel() - 1
+        probs = torch.zeros((n_seq, q.shape[2], variant.max_seqlen_q, variant.max_seqlen_k),
+                            dtype=_accumulator_dtype(q.dtype), device=q.device)
+        for b, rows_q, rows_k, dense in _sequences(variant):
+            part = attention_probs(q[:, rows_q], k[:, rows_k], softmax_scale, dense)[0]
+            probs[b, :, :part.shape[1], :part.shape[2]] = part
+        return probs
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     s = _dense_scores(q, k, softmax_scale, _accumulator_dtype(q.dtype),
@@ -199,7 +208,8 @@ def attention_probs(q: Tensor, k: Tensor, softmax_scale: float, variant: Variant
                       mask=variant.mask, block_mask=variant.block_mask)
     p = _softmax_rows_may_be_empty(s)
     if variant.dropout_p > 0.0:
-        keep = philox.dropout_keep_mask(variant.seed, variant.dropout_p, b, h, sq, sk, q.device)
+        keep = philox.dropout_keep_mask(variant.seed, variant.dropout_p, b, h, sq, sk, q.device,
+                                        variant.batch_index)
         p = torch.where(keep, p, -p)
     return p
 
@@ -239,7 +249,7 @@ def _lists(num: Tensor, indices: Tensor) -> list[list[int]]:
 def _groups(variant: Variant, b: int, h: int, hk: int, sq: int, sk: int, device: torch.device,
             dtype: torch.dtype) -> list[_Group]:
     g = h // hk
-    heads = philox.head_counters(b, h, device).view(b, hk, g)
+    heads = (philox.head_counters(b, h, device) + variant.batch_index * h).view(b, hk, g)
     slopes = None if variant.alibi_slopes is None else variant.alibi_slopes.to(dtype).reshape(b, hk, g)
     bias = None if variant.bias is None else _broadcast_view(variant.bias, b, hk, g, sq, sk)
     mask = None if variant.mask is None else _broadcast_view(variant.mask, b, hk, g, sq, sk)
@@ -343,6 +353,18 @@ def _tiles_source(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     return _grouped(q, groups, acc_dtype), _grouped(k, 1, acc_dtype), _grouped(v, 1, acc_dtype)
 
 
+def _sequences(variant: Variant):
+    """Packed sequences, one at a time: (b, rows of q, rows of k, the dense Variant of sequence b)."""
+    cu_q, cu_k = variant.cu_seqlens_q.tolist(), variant.cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        slopes = variant.alibi_slopes
+        if slopes is not None:
+            slopes = slopes[b:b + 1]                                   # (B, H) -> (1, H)
+        dense = replace(variant, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+                        alibi_slopes=slopes, batch_index=b)
+        yield b, slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1]), dense
+
+
 def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
                             variant: Variant | bool = False, block_m: int = 128, block_n: int = 128,
                             ) -> tuple[Tensor, Tensor]:
@@ -352,6 +374,14 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: floa
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
+    if variant.varlen:
+        # Packed sequences (q (1, total_q, H, D)): each is a dense problem of its own.
+        out = torch.empty_like(q)
+        lse = torch.empty((1, q.shape[2], q.shape[1]), dtype=_accumulator_dtype(q.dtype), device=q.device)
+        for _, rows_q, rows_k, dense in _sequences(variant):
+            out[:, rows_q], lse[:, :, rows_q] = flash_attention_forward(
+                q[:, rows_q], k[:, rows_k], v[:, rows_k], softmax_scale, dense, block_m, block_n)
+        return out, lse
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     Q, K, V = _tiles_source(q, k, v)
@@ -426,6 +456,13 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
+    if variant.varlen:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for _, rows_q, rows_k, dense in _sequences(variant):
+            dq[:, rows_q], dk[:, rows_k], dv[:, rows_k], _ = flash_attention_backward(
+                dout[:, rows_q], q[:, rows_q], k[:, rows_k], v[:, rows_k], out[:, rows_q], lse[:, :, rows_q],
+                softmax_scale, dense, None if dlse is None else dlse[:, :, rows_q], block_m, block_n)
+        return dq, dk, dv, None
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     Q, K, V = _tiles_source(q, k, v)

@@ -33,6 +33,13 @@ queries / keys, and the block mask's kv_indices (forward, dQ) / q_indices (dK, d
 ascending. The PyTorch path uses block_size x block_size tiles with a block mask; a kernel whose
 tiles are smaller walks each listed block in sub-tiles (block_size is a power of two >= 16).
 
+Packed sequences (varlen): with cu_seqlens_q / cu_seqlens_k (int32, B + 1 entries, cumulative from
+0), q is (1, total_q, H, D) and k, v are (1, total_k, Hk, D); sequence b is rows
+cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q against rows cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v,
+and every rule above applies within each sequence with its own Sq, Sk and offset, b being the
+sequence index (ALiBi's batch row, dropout's counter b * H + h) and i, j positions within the
+sequence. The lse is (1, H, total_q). Bias, bool masks and block masks take no packed form.
+
 Numerics a kernel must match: the dropout test is float32 uniform >= float32(dropout_p) (see
 philox.py) and kept values are scaled by 1 / (1 - dropout_p); tanh, ALiBi and the bias are applied
 in float32 (float64 for float64 inputs) after the scale and before the base-2 conversion a kernel
@@ -63,6 +70,10 @@ class Variant:
     mask              bool tensor of 4 dims, like bias (True = may attend), or None.
     block_mask        a flashattn.BlockMask, or None.
     deterministic     the backward must be bitwise reproducible (the PyTorch path always is).
+    cu_seqlens_q/k    packed sequences (see the module docstring): int32 (B + 1,), or None (dense).
+    max_seqlen_q/k    the longest sequence of each side (the grid's size); 0 when dense.
+    batch_index       the sequence index b of the first batch entry (dropout's counters): the
+                      PyTorch path runs packed sequences one at a time.
     """
 
     causal: bool = False
@@ -76,11 +87,20 @@ class Variant:
     mask: Tensor | None = None
     block_mask: BlockMask | None = None
     deterministic: bool = False
+    cu_seqlens_q: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    batch_index: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
 
     @property
     def is_plain(self) -> bool:
-        """Only causal (or nothing): the Triton kernels then run with every option flag off."""
-        return (self.window_left == -1 and self.window_right == (0 if self.causal else -1)
+        """Only causal (or nothing), dense: the Triton kernels then run with every option flag off."""
+        return (self.cu_seqlens_q is None and self.window_left == -1 and self.window_right == (0 if self.causal else -1)
                 and self.softcap == 0.0 and self.alibi_slopes is None and self.dropout_p == 0.0
                 and self.bias is None and self.mask is None and self.block_mask is None)
 

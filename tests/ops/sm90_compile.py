@@ -44,7 +44,9 @@ def _on_cuda(fn):
     return lambda *args, **kwargs: fn(*(CUDA if isinstance(x, torch.device) else x for x in args), **kwargs)
 
 
-def main() -> None:
+def _compile_instead_of_launch() -> list[dict]:
+    """Replace every launch by a compile for sm_90 and the device checks by an H100's answers; the
+    rows of what was compiled accumulate in the returned list."""
     compiled = []
 
     def compile_instead(self, grid, args, num_warps, num_stages, kwargs):
@@ -60,7 +62,11 @@ def main() -> None:
     for name in ("_table_config", "warp_specialized", "ping_pong_forward", "ping_pong_persistent",
                  "one_pass_backward"):
         setattr(configs, name, _on_cuda(getattr(configs, name)))
+    return compiled
 
+
+def main() -> None:
+    compiled = _compile_instead_of_launch()
     for head_dim in (64, 128, 256):
         for seqlen in (512, 4096):
             for causal in (False, True):
@@ -70,6 +76,24 @@ def main() -> None:
                 backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, causal)
                 for row in compiled[start:]:
                     print(json.dumps(dict(head_dim=head_dim, seqlen=seqlen, causal=causal, **row)), flush=True)
+
+
+def varlen() -> None:
+    """The packed-sequence builds (VARLEN) of the portable kernels, bf16, causal or not."""
+    from flashattn.ops.variant import Variant
+
+    compiled = _compile_instead_of_launch()
+    cu = torch.tensor([0, 300, 1000], dtype=torch.int32)
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            q = torch.zeros(1, 1000, 2, head_dim, dtype=torch.bfloat16)
+            variant = Variant(causal=causal, window_right=0 if causal else -1, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                              max_seqlen_q=700, max_seqlen_k=700)
+            start = len(compiled)
+            out, lse = forward.forward(q, q, q, head_dim ** -0.5, variant)
+            backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, variant)
+            for row in compiled[start:]:
+                print(json.dumps(dict(head_dim=head_dim, causal=causal, **row)), flush=True)
 
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16",
@@ -101,4 +125,4 @@ def gluon_builds() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(gluon_builds() if sys.argv[1:] == ["gluon"] else main())
+    sys.exit({"gluon": gluon_builds, "varlen": varlen}.get(sys.argv[1] if sys.argv[1:] else "", main)())

@@ -64,3 +64,12 @@ def test_sm90_kernels_compile_and_fit():
     one_pass = {(d, n, causal) for (d, causal), (start, _) in configs._BWD_ONEPASS.items() for n in lengths
                 if n >= start}
     assert shapes("_attn_bwd_sm90", 8) == one_pass
+
+
+def test_varlen_builds_compile_and_fit():
+    """Packed sequences run the portable kernels with VARLEN (early exits, sequence offsets)."""
+    rows = _compiled("varlen")
+    assert {row["kernel"] for row in rows} == {"_attn_fwd", "_bwd_preprocess", "_bwd"}
+    assert len({(row["head_dim"], row["causal"]) for row in rows}) == 6
+    too_big = [row for row in rows if row["shared"] > H100_SHARED]
+    assert not too_big, too_big

@@ -35,13 +35,16 @@ The options are the forward's constexpr flags (common.py), plus for the bias gra
                  key block, one value per key block, summed by torch afterwards)
 With every flag off the kernels are the plain ones, unchanged.
 """
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
 from flashattn.ops.triton.common import (
     LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
-    options as common_options, query_tiles, scores, sparse_tile_start, store_tile, strides, tile_mask,
+    options as common_options, packed_sequence, query_tiles, scores, sparse_tile_start, store_tile, strides,
+    tile_mask,
 )
 from flashattn.ops.triton import backward_sm90, choice, configs
 from flashattn.ops.triton.launch import Launcher
@@ -174,10 +177,21 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
               SPARSE_BLOCK: tl.constexpr, DBIAS: tl.constexpr, DBIAS_ROWS: tl.constexpr,
-              DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr):
+              DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN: tl.constexpr):
     """dK_j, dV_j (DKDV 3; 1: only dV_j, 2: only dK_j) for the key block `pid` of key/value head off_hk
-    of batch off_b (both int64)."""
+    of batch off_b (both int64; with VARLEN, of packed sequence off_b)."""
     start_n = pid * BLOCK_N
+    if VARLEN:
+        total_q = seqlen_q
+        q_start, k_start, seqlen_q, seqlen_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_n >= seqlen_k:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        DK += k_start * stride_dkn
+        DV += k_start * stride_dvn
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
@@ -192,7 +206,10 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
         off_h = off_hk * group_size + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        row = (off_b * nheads + off_h) * seqlen_q
+        if VARLEN:
+            row = off_h * total_q + q_start              # the LSE and delta are (H, total_q)
+        else:
+            row = (off_b * nheads + off_h) * seqlen_q
         # This head's slice of each option.
         slope_log2 = alibi_slope_log2(Alibi, off_b, off_h, stride_alibib, stride_alibih, HAS_ALIBI)
         bias_h = Bias
@@ -309,13 +326,24 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
             HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
             BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
-            SPARSE_BLOCK: tl.constexpr):
-    """dQ_i for the query block `pid` (of num_blocks) of query head off_h of batch off_b (int64)."""
+            SPARSE_BLOCK: tl.constexpr, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN: tl.constexpr):
+    """dQ_i for the query block `pid` (of num_blocks) of query head off_h of batch off_b (int64; with
+    VARLEN, of packed sequence off_b)."""
     pid_m = pid
     if IS_CAUSAL:
         # The last query blocks visit the most keys: start them first.
         pid_m = num_blocks - 1 - pid_m
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        total_q = seqlen_q
+        q_start, k_start, seqlen_q, seqlen_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_m >= seqlen_q:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        DQ += q_start * stride_dqm
+        K += k_start * stride_kn
+        V += k_start * stride_vn
     off_hk = off_h // group_size
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -324,7 +352,10 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)             # [BLOCK_M, BLOCK_D]
     do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                    + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    row = (off_b * nheads + off_h) * seqlen_q + offs_m
+    if VARLEN:
+        row = off_h * total_q + q_start + offs_m
+    else:
+        row = (off_b * nheads + off_h) * seqlen_q + offs_m
     lse = tl.load(LSE + row, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E  # [BLOCK_M]
     delta = tl.load(DELTA + row, mask=offs_m < seqlen_q, other=0.0)
     K += off_b * stride_kb + off_hk * stride_kh
@@ -381,7 +412,9 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
          # The program shapes (configs.BackwardConfig): the dQ programs own DQ_ROWS query rows and step
          # over DQ_STEP keys (0: BLOCK_N and BLOCK_M, the dK/dV tiles swapped); DKDV: what the dK/dV
          # programs compute, 3 both, 1 only dV, 2 only dK.
-         DQ_ROWS: tl.constexpr = 0, DQ_STEP: tl.constexpr = 0, DKDV: tl.constexpr = 3):
+         DQ_ROWS: tl.constexpr = 0, DQ_STEP: tl.constexpr = 0, DKDV: tl.constexpr = 3,
+         # Packed sequences (common.py, VARLEN): the grid spans the longest of them.
+         CU_SEQLENS_Q=None, CU_SEQLENS_K=None, max_seqlen_q=0, max_seqlen_k=0, VARLEN: tl.constexpr = False):
     """PART 0: one grid for both halves, programs [0, n_kv) compute dK/dV and the rest dQ; PART 1:
     only dK/dV; PART 2: only dQ.
 
@@ -397,7 +430,7 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
     pid = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    n_kv = 0 if PART == 2 else tl.cdiv(seqlen_k, BLOCK_N)
+    n_kv = 0 if PART == 2 else tl.cdiv(max_seqlen_k if VARLEN else seqlen_k, BLOCK_N)
     is_kv = PART == 1 or (PART == 0 and pid < n_kv)
     idx = pid if is_kv else pid - n_kv
     if is_kv:
@@ -414,9 +447,10 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                       DBias, stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, DOT_PRECISION,
                       HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK,
-                      DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
+                      DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN)
     else:
-        _bwd_dq(idx, tl.cdiv(seqlen_q, DQ_ROWS if DQ_ROWS else BLOCK_N), off_h, off_b, Q, K, V, DO, LSE,
+        _bwd_dq(idx, tl.cdiv(max_seqlen_q if VARLEN else seqlen_q, DQ_ROWS if DQ_ROWS else BLOCK_N), off_h, off_b,
+                Q, K, V, DO, LSE,
                 DELTA, DQ,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                 stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
@@ -427,7 +461,8 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                 window_left, window_right, seed_lo, seed_hi, dropout_p,
                 KV_NUM, KV_IDX, sparse_stride_b, sparse_stride_h,
                 HEAD_DIM, BLOCK_D, DQ_ROWS if DQ_ROWS else BLOCK_N, DQ_STEP if DQ_STEP else BLOCK_M, IS_CAUSAL,
-                DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
+                DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK,
+                CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN)
 
 
 _launch_preprocess = Launcher(_bwd_preprocess)
@@ -502,14 +537,20 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dbias = []
+    packed = variant.varlen
     args = (q, k, v, dout, lse, delta, dq, dk, dv,
-            *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq), *strides(dk), *strides(dv),
+            *(x for t in (q, k, v, dout, dq, dk, dv) for x in strides(t, packed)),
             seqlen_q, seqlen_k, nheads, nheads_k, group_size, softmax_scale, qk_scale)
+    # Packed sequences: a grid over the sequences, as long as the longest (seqlen_q/k: the totals).
+    rows_q, rows_k, n_seq = seqlen_q, seqlen_k, batch
+    if packed:
+        rows_q, rows_k, n_seq = variant.max_seqlen_q, variant.max_seqlen_k, variant.cu_seqlens_q.numel() - 1
+        opts = replace(opts, kwargs=dict(opts.kwargs, max_seqlen_q=rows_q, max_seqlen_k=rows_k))
 
     def launch(cfg: configs.BackwardConfig):
         kv, qc = opts.tiles(cfg.kv), opts.tiles(cfg.q)
         dkc = opts.tiles(cfg.dk) if cfg.dk is not None else None
-        n_kv, n_q = cdiv(seqlen_k, kv.block_n), cdiv(seqlen_q, qc.block_m)
+        n_kv, n_q = cdiv(rows_k, kv.block_n), cdiv(rows_q, qc.block_m)
         kwargs = dict(opts.kwargs, DQ_ROWS=qc.block_m, DQ_STEP=qc.block_n)
         # The programs that compute dS (the dK ones) also give the bias gradient.
         ds_tiles = dkc or kv
@@ -526,16 +567,15 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         else:
             launches = [(1, n_kv, nheads_k, kv, dict(DKDV=1) if dkc else ds_kwargs)]
             if dkc is not None:
-                launches.append((1, cdiv(seqlen_k, dkc.block_n), nheads_k, dkc, dict(DKDV=2, **ds_kwargs)))
+                launches.append((1, cdiv(rows_k, dkc.block_n), nheads_k, dkc, dict(DKDV=2, **ds_kwargs)))
             launches.append((2, n_q, nheads, qc, {}))
         for part, programs, heads, tiles, more in launches:
-            _launch_bwd((programs, heads, batch), *args,
+            _launch_bwd((programs, heads, n_seq), *args,
                 HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=kv.block_m if part == 2 else tiles.block_m,
                 BLOCK_N=kv.block_n if part == 2 else tiles.block_n, IS_CAUSAL=variant.causal,
                 DOT_PRECISION=precision, PART=part, **kwargs, **more,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
 
-    configs.run("bwd", head_dim, q.dtype, variant.causal, max(seqlen_q, seqlen_k), q.device, launch,
-                extra=extra)
+    configs.run("bwd", head_dim, q.dtype, variant.causal, max(rows_q, rows_k), q.device, launch, extra=extra)
     return dq, dk, dv, (_reduce_bias_grad(dbias[0], variant.bias) if bias_grad else None)

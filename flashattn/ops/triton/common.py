@@ -23,6 +23,11 @@ plain code (the option branches below are never generated):
     DROPOUT      keep P_ij iff uniform(Philox(seed, j, i, b * H + h)) >= dropout_p (philox.py)
     BLOCK_SPARSE the tiles walked are those of the listed blocks (SPARSE_BLOCK rows/columns each,
                  cut into tiles that divide it), found by sparse_tiles_before
+    VARLEN       packed sequences (variant.py): the grid's batch axis runs over the sequences of
+                 CU_SEQLENS_Q / CU_SEQLENS_K; a program reads its sequence's bounds,
+                 moves its bases to the sequence's first rows (`packed_sequence`) (the batch strides are 0) and exits
+                 when its block lies past the sequence; seqlen_q / seqlen_k arrive as the totals
+                 (the LSE's rows are (H, total_q)) and become the sequence's lengths
 """
 from dataclasses import dataclass, replace
 
@@ -36,9 +41,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def strides(t) -> tuple[int, int, int]:
-    """Batch, sequence and head strides of a (B, S, H, D) tensor whose last dim is contiguous."""
-    return t.stride()[:3]
+def strides(t, packed: bool = False) -> tuple[int, int, int]:
+    """Batch, sequence and head strides of a (B, S, H, D) tensor whose last dim is contiguous; with
+    packed sequences ((1, total, H, D)) the batch stride is 0: a program's sequence offset does it."""
+    return (0, *t.stride()[1:3]) if packed else t.stride()[:3]
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
@@ -129,6 +135,9 @@ def options(variant: Variant, q: torch.Tensor, k: torch.Tensor, softmax_scale: f
         seed_lo, seed_hi = _seed_halves(variant.seed)
         kw.update(seed_lo=seed_lo, seed_hi=seed_hi, dropout_p=variant.dropout_p, DROPOUT=True)
         names.append("dropout")
+    if variant.cu_seqlens_q is not None:
+        kw.update(CU_SEQLENS_Q=variant.cu_seqlens_q, CU_SEQLENS_K=variant.cu_seqlens_k, VARLEN=True)
+        names.append("varlen")
     block_size = 0
     bm = variant.block_mask
     if bm is not None:
@@ -140,6 +149,21 @@ def options(variant: Variant, q: torch.Tensor, k: torch.Tensor, softmax_scale: f
                   BLOCK_SPARSE=True, SPARSE_BLOCK=block_size)
         names.append(f"sparse{block_size}")
     return Options(kw, "+".join(names), block_size)
+
+
+@triton.jit
+def _sequence(CU_SEQLENS, b):
+    start = tl.load(CU_SEQLENS + b)
+    return start.to(tl.int64), tl.load(CU_SEQLENS + b + 1) - start
+
+
+@triton.jit
+def packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, b):
+    """Packed sequence b: its first query row and first key row (int64: the offsets of a large batch
+    pass 2^31) and its query and key lengths."""
+    q_start, seqlen_q = _sequence(CU_SEQLENS_Q, b)
+    k_start, seqlen_k = _sequence(CU_SEQLENS_K, b)
+    return q_start, k_start, seqlen_q, seqlen_k
 
 
 @triton.jit

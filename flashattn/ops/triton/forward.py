@@ -25,7 +25,7 @@ import triton.language as tl
 
 from flashattn.ops.triton.common import (
     LN2, LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
-    options as common_options, scores, sparse_tile_start, store_tile, strides, tile_mask,
+    options as common_options, packed_sequence, scores, sparse_tile_start, store_tile, strides, tile_mask,
 )
 from flashattn.ops.triton import choice, configs, forward_sm90
 from flashattn.ops.triton.launch import Launcher
@@ -135,10 +135,22 @@ def _attn_fwd(Q, K, V, O, LSE,
               HAS_WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
               HAS_ALIBI: tl.constexpr = False, BIAS_KIND: tl.constexpr = 0,
               DROPOUT: tl.constexpr = False, BLOCK_SPARSE: tl.constexpr = False,
-              SPARSE_BLOCK: tl.constexpr = 0):
+              SPARSE_BLOCK: tl.constexpr = 0,
+              CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: tl.constexpr = False):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_D >= 16)
     start_m, off_h, off_hk, off_b = _program_block(group_size, BLOCK_M, IS_CAUSAL)
+    if VARLEN:
+        # Sequence off_b of the packed batch (common.py, VARLEN); the LSE is (H, total_q).
+        lse_row = off_h * seqlen_q
+        q_start, k_start, seqlen_q, seqlen_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_m >= seqlen_q:
+            return
+        lse_row += q_start
+        Q += q_start * stride_qm
+        O += q_start * stride_om
+        K += k_start * stride_kn
+        V += k_start * stride_vn
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -180,7 +192,10 @@ def _attn_fwd(Q, K, V, O, LSE,
         acc = acc * (1.0 / (1.0 - dropout_p))
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
-    lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
+    if VARLEN:
+        lse_ptrs = LSE + lse_row + offs_m
+    else:
+        lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
@@ -276,11 +291,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         return forward_sm90.forward(q, k, v, softmax_scale, variant.causal)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    seqlen = max(seqlen_q, seqlen_k)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    args = (q, k, v, o, lse, *strides(q), *strides(k), *strides(v), *strides(o),
+    packed = variant.varlen
+    args = (q, k, v, o, lse, *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(o, packed),
             seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value)
+    # Packed sequences: a grid over the sequences, as long as the longest (seqlen_q/k: the totals).
+    rows, batch = (variant.max_seqlen_q, variant.cu_seqlens_q.numel() - 1) if packed else (seqlen_q, batch)
+    seqlen = max(variant.max_seqlen_q, variant.max_seqlen_k) if packed else max(seqlen_q, seqlen_k)
 
     if kernel == choice.WARP_SPECIALIZED:
         def launch_ws(cfg):
@@ -297,7 +315,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
 
     def launch(cfg):
         cfg = opts.tiles(cfg)
-        _launch_fwd((cdiv(seqlen_q, cfg.block_m), nheads, batch), *args,
+        _launch_fwd((cdiv(rows, cfg.block_m), nheads, batch), *args,
             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             IS_CAUSAL=variant.causal, DOT_PRECISION=dot_precision(q.dtype), **opts.kwargs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

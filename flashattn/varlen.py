@@ -1,0 +1,137 @@
+"""Packed batches (varlen), with flash-attn 2.x's names and signatures: sequences of different
+lengths concatenated without padding, described by cumulative sequence lengths.
+
+A thin layer over the dense path: the packed tensors travel as one batch entry, (1, total, H, D), and
+the kernels run one grid over the sequences, as long as the longest, each program reading its
+sequence's bounds from cu_seqlens (flashattn/ops/variant.py, "Packed sequences"). Time follows the
+real work: no sequence is padded to the longest. flashattn.bert_padding turns a padded batch and its
+key-padding mask into this layout and back.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashattn.interface import _check_tensor, _is_int, _validate
+from flashattn.ops import custom_ops, dispatch, philox, reference
+
+Tensor = torch.Tensor
+
+
+def _check_cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device: torch.device) -> None:
+    """cu_seqlens: int32 (B + 1,) on q's device, from 0, non-decreasing, ending at the total; its
+    longest sequence within max_seqlen. The values are read on the host (one device sync) except
+    while a CUDA graph is being captured or torch.compile traces, where they cannot be."""
+    _check_tensor(name, cu)
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be an int32 tensor of shape (batch + 1,) with batch >= 1, got "
+                         f"dtype {cu.dtype} and shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    if not _is_int(max_seqlen) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
+    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    problems = []
+    if values[0] != 0:
+        problems.append(f"it starts at {values[0]}, not 0")
+    if any(n < 0 for n in lengths):
+        b = next(i for i, n in enumerate(lengths) if n < 0)
+        problems.append(f"it decreases at entry {b + 1} ({values[b]} -> {values[b + 1]})")
+    if values[-1] != total:
+        problems.append(f"it ends at {values[-1]}, but the packed tensor has {total} rows")
+    if max(lengths) > max_seqlen:
+        problems.append(f"its longest sequence has {max(lengths)} rows, more than {max_name}={max_seqlen}")
+    if problems:
+        raise ValueError(f"{name} = {values if len(values) <= 16 else str(values[:16])[:-1] + ', ...]'} "
+                         f"is not a cumulative length list: {'; '.join(problems)}")
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Tensor | None = None):
+    """Exact attention over packed sequences: sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]
+    of q against rows cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v.
+
+    Args:
+        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim) (MQA/GQA as in
+            flash_attn_func).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths from 0 to total_q /
+            total_k, on q's device. Checked on the host (one device sync) outside graph capture.
+        max_seqlen_q, max_seqlen_k: the longest sequence of each side (the grid's size).
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as in
+            flash_attn_func, applied within each sequence: causal and windows are aligned to the
+            bottom-right corner of each sequence's own score matrix; alibi_slopes (nheads,) or
+            (batch, nheads) with batch the number of sequences; dropout's counters use the
+            sequence index as the batch index.
+        return_attn_probs: also return the log-sum-exp (nheads, total_q) float32 and the
+            probabilities (batch, nheads, max_seqlen_q, max_seqlen_k), zero past each sequence
+            (O(N^2): a debugging aid).
+        block_table: a paged KV cache is not implemented in this function yet (NotImplementedError).
+
+    Returns:
+        out (total_q, nheads, headdim), or (out, softmax_lse, attn_probs) when return_attn_probs.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have 3 dims (total_tokens, nheads, headdim), got shape "
+                             f"{tuple(x.shape)}")
+    if block_table is not None:
+        raise NotImplementedError("flash_attn_varlen_func: a paged KV cache (block_table) is not "
+                                  "implemented yet; pass contiguous k and v")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    n_seq = cu_seqlens_q.numel() - 1
+    q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)       # (1, total, H, D)
+    call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                     deterministic, return_attn_probs, None, None, n_seq=n_seq)
+    seed = philox.draw_seed() if dropout_p > 0.0 else None
+    options = (call.causal, call.window_left, call.window_right, float(softcap), alibi_slopes, float(dropout_p),
+               seed, None, None, None, None, None, None, 0, deterministic, cu_seqlens_q, cu_seqlens_k,
+               max_seqlen_q, max_seqlen_k)
+    out, lse = custom_ops.attention(q4, k4, v4, call.softmax_scale, *options, call.backend)
+    out = out[0]                                                       # (total_q, H, D)
+    if not return_attn_probs:
+        return out
+    with torch.no_grad():
+        variant = dispatch.make_variant(1, q.shape[1], *options)
+        probs = reference.attention_probs(q4, k4, call.softmax_scale, variant)
+    return out, lse[0], probs
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: float | None = None, causal: bool = False,
+                                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                                     return_attn_probs: bool = False):
+    """flash_attn_varlen_func with q, k, v packed as qkv (total, 3, nheads, headdim) (strided views,
+    not copies; the gradient arrives as one tensor) and one cu_seqlens for both sides."""
+    _check_tensor("qkv", qkv)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
+                                  max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: float | None = None, causal: bool = False,
+                                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                    alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                                    return_attn_probs: bool = False):
+    """flash_attn_varlen_func with k, v packed as kv (total_k, 2, nheads_k, headdim)."""
+    _check_tensor("kv", kv)
+    if kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_attn_probs)

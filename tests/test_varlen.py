@@ -1,0 +1,234 @@
+"""Packed sequences (flash_attn_varlen_func and its packed forms): each sequence gives exactly what a
+dense call on it alone gives, forward and backward, with every option that takes a packed form; the
+float64 reference bounds the error; bad cu_seqlens never reach a kernel."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA
+from errors import assert_within_factor
+from flashattn import (flash_attn_func, flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                       flash_attn_varlen_qkvpacked_func)
+from flashattn.bert_padding import pad_input, unpad_input
+from flashattn.ops.reference import attention_standard
+
+BACKENDS = ["triton", "reference"]
+# Lengths per sequence (q, k): an empty query sequence, an empty key sequence (its rows see no key),
+# seqlen_q != seqlen_k both ways, one row, lengths across several tiles of the interpreter's 32 x 16.
+LENS_CPU = ([5, 33, 0, 17, 1, 40], [7, 33, 4, 40, 0, 19])
+LENS_GPU = ([700, 1025, 0, 17, 1, 333, 2048], [700, 900, 64, 1500, 0, 333, 2048])
+LENS = LENS_GPU if HAS_CUDA else LENS_CPU
+OPTIONS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "window": dict(window_size=(9, 3)),
+    "softcap-alibi": dict(softcap=5.0, causal=True),
+    "alibi-per-sequence": dict(alibi=True),
+}
+
+
+def _dtypes(backend):
+    return [torch.float16, torch.float32] if not HAS_CUDA else [torch.bfloat16, torch.float32]
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def _packed(lens_q, lens_k, nheads, nheads_k, head_dim, dtype):
+    q = torch.randn(sum(lens_q), nheads, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(sum(lens_k), nheads_k, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn_like(k)
+    return q, k, v
+
+
+def _kwargs(name, nseq, nheads):
+    kw = dict(OPTIONS[name])
+    if kw.pop("alibi", False) or name == "softcap-alibi":
+        kw["alibi_slopes"] = torch.rand(nseq, nheads, device=DEVICE) if name == "alibi-per-sequence" \
+            else torch.rand(nheads, device=DEVICE)
+    return kw
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_sequence_equals_its_dense_call(backend, option, use_backend):
+    use_backend(backend)
+    torch.manual_seed(0)
+    lens_q, lens_k = LENS
+    nheads, nheads_k, head_dim = 4, 2, 40
+    for dtype in _dtypes(backend):
+        q, k, v = _packed(lens_q, lens_k, nheads, nheads_k, head_dim, dtype)
+        kw = _kwargs(option, len(lens_q), nheads)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = flash_attn_varlen_func(*leaves, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), **kw)
+        assert out.shape == q.shape
+        do = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, leaves, do)
+        cq, ck = _cu(lens_q).tolist(), _cu(lens_k).tolist()
+        for b in range(len(lens_q)):
+            rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            dense_kw = dict(kw)
+            if dense_kw.get("alibi_slopes") is not None and dense_kw["alibi_slopes"].dim() == 2:
+                dense_kw["alibi_slopes"] = dense_kw["alibi_slopes"][b]
+            one = [x[r].unsqueeze(0).clone().requires_grad_() for x, r in ((q, rq), (k, rk), (v, rk))]
+            if lens_q[b] == 0:
+                continue
+            ref = flash_attn_func(*one, **dense_kw)
+            grads = torch.autograd.grad(ref, one, do[rq].unsqueeze(0))
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(out[rq], ref[0], **tol)
+            for ours, theirs, r in zip((dq, dk, dv), grads, (rq, rk, rk)):
+                torch.testing.assert_close(ours[r], theirs[0], **tol)
+        # A key sequence of length 0 gives its query rows no key: output 0, no gradient.
+        for b in range(len(lens_q)):
+            if lens_k[b] == 0 and lens_q[b] > 0:
+                assert not out[cq[b]:cq[b + 1]].any() and not dq[cq[b]:cq[b + 1]].any()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_float64_reference(backend, causal, use_backend):
+    """The error rule of every kernel test (tests/errors.py), sequence by sequence."""
+    use_backend(backend)
+    torch.manual_seed(1)
+    lens_q, lens_k = LENS
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    head_dim = 64
+    q, k, v = _packed(lens_q, lens_k, 4, 2, head_dim, dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_attn_varlen_func(*leaves, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k), causal=causal,
+                                 return_attn_probs=True)
+    out, lse, probs = out
+    assert lse.shape == (4, sum(lens_q)) and probs.shape == (len(lens_q), 4, max(lens_q), max(lens_k))
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    scale = 1 / math.sqrt(head_dim)
+    cq, ck = _cu(lens_q).tolist(), _cu(lens_k).tolist()
+    for b in range(len(lens_q)):
+        rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if lens_q[b] == 0 or lens_k[b] == 0:
+            continue
+        results = []
+        for ref_dtype in (torch.float64, dtype):
+            ref_leaves = [x[r].unsqueeze(0).to(ref_dtype).requires_grad_() for x, r in ((q, rq), (k, rk), (v, rk))]
+            ref_out, ref_lse = attention_standard(*ref_leaves, scale, causal)
+            results.append((ref_out[0], ref_lse[0], *(g[0] for g in torch.autograd.grad(
+                ref_out, ref_leaves, do[rq].unsqueeze(0).to(ref_dtype)))))
+        ours = (out[rq], lse[:, rq], grads[0][rq], grads[1][rk], grads[2][rk])
+        for name, o, same, r64 in zip(("out", "lse", "dq", "dk", "dv"), ours, results[1], results[0]):
+            assert_within_factor(name, o, same, r64, dtype, head_dim)
+        assert torch.allclose(probs[b, :, :lens_q[b], :lens_k[b]].double(),
+                              torch.softmax(_scores(q[rq], k[rk], scale, causal), -1).nan_to_num(0.0), atol=1e-3)
+        assert not probs[b, :, lens_q[b]:].any() and not probs[b, :, :, lens_k[b]:].any()
+
+
+def _scores(q, k, scale, causal):
+    """(H, Sq, Sk) float64 scores of one sequence, GQA broadcast, bottom-right causal mask."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    if causal:
+        sq, sk = q.shape[0], k.shape[0]
+        keep = torch.arange(sk, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + sk - sq
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_equals_the_dense_batch_of_equal_lengths(backend, use_backend):
+    """Dropout's counters are (sequence index, head): with equal lengths, the packed call draws the
+    same mask as the dense batched call, forward and backward."""
+    use_backend(backend)
+    torch.manual_seed(2)
+    batch, seqlen, nheads, head_dim = 3, 48, 2, 32
+    dtype = torch.float32
+    q, k, v = (torch.randn(batch, seqlen, nheads, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    cu = _cu([seqlen] * batch)
+    torch.manual_seed(5)
+    dense = flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    torch.manual_seed(5)
+    packed = flash_attn_varlen_func(*(x.flatten(0, 1) for x in (q, k, v)), cu, cu, seqlen, seqlen, dropout_p=0.3,
+                                    causal=True)
+    torch.testing.assert_close(packed, dense.flatten(0, 1), atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(dense)
+    g_dense = torch.autograd.grad(dense, (q, k, v), do)
+    g_packed = torch.autograd.grad(packed, (q, k, v), do.flatten(0, 1))
+    for a, b in zip(g_dense, g_packed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_forms_equal_unpacked(backend, use_backend):
+    use_backend(backend)
+    torch.manual_seed(3)
+    lens = LENS[0]
+    qkv = torch.randn(sum(lens), 3, 2, 32, device=DEVICE, dtype=torch.float32)
+    cu = _cu(lens)
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, max(lens), causal=True)
+    ref = flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, max(lens), max(lens), causal=True)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    out = flash_attn_varlen_kvpacked_func(qkv[:, 0], qkv[:, 1:], cu, cu, max(lens), max(lens), causal=True)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_padding_mask_reaches_the_varlen_path(backend, use_backend):
+    """bert_padding: unpad a padded batch by its key-padding mask, attend packed, pad back: the real
+    rows equal the dense call with the same mask as a bool attn_bias."""
+    use_backend(backend)
+    torch.manual_seed(4)
+    batch, seqlen, nheads, head_dim = 3, 40, 2, 32
+    x = [torch.randn(batch, seqlen, nheads, head_dim, device=DEVICE) for _ in range(3)]
+    mask = torch.ones(batch, seqlen, dtype=torch.bool, device=DEVICE)
+    mask[0, 25:] = False
+    mask[2, 7:] = False
+    unpadded = [unpad_input(t, mask) for t in x]
+    (q, indices, cu, max_len, _), (k, *_), (v, *_) = unpadded
+    out = pad_input(flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len), indices, batch, seqlen)
+    ref = flash_attn_func(*x, attn_bias=mask[:, None, None, :])
+    torch.testing.assert_close(out[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    assert not out[~mask].any()
+
+
+def _good():
+    lens = [3, 5]
+    q = torch.randn(8, 2, 16, device=DEVICE)
+    return q, q.clone(), q.clone(), _cu(lens), _cu(lens), 5, 5
+
+
+BAD = {
+    "not monotone": (lambda a: a.__setitem__(3, torch.tensor([0, 6, 3, 8], dtype=torch.int32, device=DEVICE)),
+                     "decreases"),
+    "not from 0": (lambda a: a.__setitem__(3, torch.tensor([1, 3, 8], dtype=torch.int32, device=DEVICE)),
+                   "starts at 1"),
+    "wrong total": (lambda a: a.__setitem__(4, torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)),
+                    "ends at 7"),
+    "int64": (lambda a: a.__setitem__(3, a[3].long()), "int32"),
+    "2-D": (lambda a: a.__setitem__(3, a[3][None]), "shape"),
+    "max too small": (lambda a: a.__setitem__(5, 4), "more than max_seqlen_q=4"),
+    "max not int": (lambda a: a.__setitem__(6, 5.0), "max_seqlen_k must be an int"),
+    "different counts": (lambda a: a.__setitem__(4, torch.tensor([0, 2, 5, 8], dtype=torch.int32, device=DEVICE)),
+                         "same number of sequences"),
+    "4-D q": (lambda a: a.__setitem__(0, a[0][None]), "3 dims"),
+    "alibi of the wrong batch": (None, "alibi_slopes must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_before_any_kernel(case):
+    args = list(_good())
+    change, message = BAD[case]
+    kwargs = {}
+    if change is None:
+        kwargs["alibi_slopes"] = torch.rand(3, 2, device=DEVICE)
+    else:
+        change(args)
+    with pytest.raises((ValueError, TypeError), match=message):
+        flash_attn_varlen_func(*args, **kwargs)
+
+
+def test_paged_kv_is_refused_by_name():
+    with pytest.raises(NotImplementedError, match="block_table"):
+        flash_attn_varlen_func(*_good(), block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
