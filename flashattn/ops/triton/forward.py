@@ -213,8 +213,8 @@ def _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seq
         # fault as at the LSE store below: a mask on those indices gave wrong results).
         if IS_CAUSAL:
             diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]   # i - j, tile-local
-            # -inf replaces a masked score (adding it would turn a NaN score, from a NaN key this row
-            # may not see, into NaN instead of hiding it).
+            # -inf replaces a masked score: added, it would leave a NaN score (a NaN key this row may
+            # not see) NaN instead of masking it.
             qk = tl.where(diag >= start_n - start_m - offset, qk * qk_scale, float("-inf"))
         else:
             in_bounds = start_n + tl.arange(0, BLOCK_N) < seqlen_k                      # [BLOCK_N]
