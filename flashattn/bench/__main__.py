@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the window (default 256,256 on GPU, 32,32 on CPU; R=0 is causal)")
     group.add_argument("--window-seqlens", type=_csv(cases.parse_seqlen), metavar="LIST",
                         help="sequence lengths of the window panel")
+    group.add_argument("--varlen", action="store_true",
+                       help="a packed batch of random sequence lengths (flash_attn_varlen_func) beside the "
+                            "dense call on as many tokens")
     group.add_argument("--no-grid", dest="grid", action="store_false",
                         help="skip the main grid and the memory section (only the option panels)")
     args = parser.parse_args(argv)
@@ -102,6 +105,8 @@ def build_panels(args: argparse.Namespace, gpu: bool, device: torch.device) -> p
         window = panels.GPU_WINDOW if gpu else panels.CPU_WINDOW
         chosen.window = replace(window, seqlens=tuple(args.window_seqlens or window.seqlens),
                                 window=tuple(args.window_size or window.window))
+    if args.varlen:
+        chosen.varlen = panels.GPU_VARLEN if gpu else panels.CPU_VARLEN
     return chosen
 
 

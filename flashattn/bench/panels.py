@@ -11,9 +11,15 @@ window        forward and backward time of a sliding window (default (256, 256);
               time grows like seqlen^2, the window's like seqlen: the table shows the time per 1k
               tokens, flat for the window.
 
+varlen        forward and backward TFLOP/s of a packed batch (flash_attn_varlen_func) of random
+              sequence lengths (GPU: 64 to 8k tokens, 16k tokens in all, bf16, head dim 128, H=16)
+              beside the dense call on the same number of tokens in sequences of one length (4k),
+              causal or not: packing should cost nothing beyond the real work. FLOPs are counted
+              per sequence (4 H n^2 D each, halved when causal; backward 2.5x).
+
 CPU mode runs the same panels at tiny sizes on the PyTorch path (which skips the same tiles).
-Results go to the terminal, to bench.json (keys "block_sparse" and "window"), to summary.md and to
-block_sparse.png / window.png.
+Results go to the terminal, to bench.json (keys "block_sparse", "window" and "varlen"), to
+summary.md and to block_sparse.png / window.png.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flashattn import BlockMask, flash_attn_func, local_global_block_mask
+from flashattn import BlockMask, flash_attn_func, flash_attn_varlen_func, local_global_block_mask
 from flashattn.bench import measure
 from flashattn.bench.cases import DTYPES, format_seqlen
 from flashattn.bench.peers import describe_error
@@ -61,10 +67,34 @@ class WindowConfig:
     window: tuple[int, int] = (256, 256)
 
 
+@dataclass(frozen=True)
+class VarlenConfig:
+    dtype: str
+    nheads: int
+    headdim: int
+    total: int                   # tokens in the packed batch
+    min_len: int                 # sequence lengths drawn uniformly from [min_len, max_len]
+    max_len: int
+    dense_seqlen: int            # the dense call's sequence length (total / dense_seqlen sequences)
+    seed: int = 0
+
+
+def varlen_lengths(cfg: VarlenConfig) -> list[int]:
+    """Random lengths in [min_len, max_len] (seeded) summing to total; the last is what remains."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    lengths = []
+    while sum(lengths) < cfg.total:
+        n = int(torch.randint(cfg.min_len, cfg.max_len + 1, (1,), generator=g))
+        lengths.append(min(n, cfg.total - sum(lengths)))
+    return lengths
+
+
 GPU_SPARSE = SparseConfig("bf16", batch=1, nheads=16, headdim=128, seqlen=16384, block_size=128)
 CPU_SPARSE = SparseConfig("fp32", batch=1, nheads=2, headdim=32, seqlen=512, block_size=64)
 GPU_WINDOW = WindowConfig("bf16", batch=1, nheads=16, headdim=128, seqlens=(2048, 4096, 8192, 16384, 32768))
 CPU_WINDOW = WindowConfig("fp32", batch=1, nheads=2, headdim=32, seqlens=(256, 512, 1024), window=(32, 32))
+GPU_VARLEN = VarlenConfig("bf16", nheads=16, headdim=128, total=16384, min_len=64, max_len=8192, dense_seqlen=4096)
+CPU_VARLEN = VarlenConfig("fp32", nheads=2, headdim=32, total=512, min_len=16, max_len=128, dense_seqlen=128)
 
 
 @dataclass
@@ -111,6 +141,25 @@ class WindowRow:
 
 
 @dataclass
+class VarlenRow:
+    causal: bool
+    pass_: str
+    varlen: Timing
+    dense: Timing
+    varlen_flops: float
+    dense_flops: float
+
+    def tflops(self, t: Timing, flops: float) -> float | None:
+        return flops / (t.ms * 1e-3) / 1e12 if t.ms else None
+
+    def as_dict(self) -> dict:
+        ours, dense = self.tflops(self.varlen, self.varlen_flops), self.tflops(self.dense, self.dense_flops)
+        return {"causal": self.causal, "pass": self.pass_, "varlen": self.varlen.as_dict(),
+                "dense": self.dense.as_dict(), "varlen_tflops": ours, "dense_tflops": dense,
+                "varlen_over_dense_tflops": ours / dense if ours and dense else None}
+
+
+@dataclass
 class Panels:
     mode: str
     device: torch.device
@@ -118,6 +167,8 @@ class Panels:
     sparse_rows: list[SparseRow] = field(default_factory=list)
     window: WindowConfig | None = None
     window_rows: list[WindowRow] = field(default_factory=list)
+    varlen: VarlenConfig | None = None
+    varlen_rows: list[VarlenRow] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -220,6 +271,34 @@ def run_window(cfg: WindowConfig, device: torch.device, timer, progress: Callabl
     return rows
 
 
+def _attention_flops(lengths: list[int], cfg: VarlenConfig, causal: bool, pass_: str) -> float:
+    forward = sum(4.0 * cfg.nheads * n * n * cfg.headdim for n in lengths) / (2 if causal else 1)
+    return forward * (2.5 if pass_ == "bwd" else 1.0)
+
+
+def run_varlen(cfg: VarlenConfig, device: torch.device, timer, progress: Callable[[str], None]) -> list[VarlenRow]:
+    dtype = DTYPES[cfg.dtype]
+    lengths = varlen_lengths(cfg)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    dense_lengths = [cfg.dense_seqlen] * (cfg.total // cfg.dense_seqlen)
+    rows = []
+    for causal in (False, True):
+        def packed(q, k, v, causal=causal):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+
+        def dense(q, k, v, causal=causal):
+            return flash_attn_func(q, k, v, causal=causal)
+
+        for pass_ in ("fwd", "bwd"):
+            progress(f"{'causal' if causal else 'non-causal'} {pass_}")
+            rows.append(VarlenRow(
+                causal, pass_, _time(packed, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timer),
+                _time(dense, (len(dense_lengths), cfg.dense_seqlen, cfg.nheads, cfg.headdim), dtype, pass_, device,
+                      timer),
+                _attention_flops(lengths, cfg, causal, pass_), _attention_flops(dense_lengths, cfg, causal, pass_)))
+    return rows
+
+
 def run(panels: Panels, console: Console) -> Panels:
     timer = measure.cuda_timer if panels.device.type == "cuda" else measure.cpu_timer
     torch.manual_seed(0)
@@ -230,6 +309,9 @@ def run(panels: Panels, console: Console) -> Panels:
         if panels.window is not None:
             panels.window_rows = run_window(panels.window, panels.device, timer,
                                             lambda text: status.update(f"window: {text}"))
+        if panels.varlen is not None:
+            panels.varlen_rows = run_varlen(panels.varlen, panels.device, timer,
+                                            lambda text: status.update(f"varlen: {text}"))
     return panels
 
 
@@ -252,6 +334,27 @@ def _sparse_title(cfg: SparseConfig) -> str:
 def _window_title(cfg: WindowConfig) -> str:
     return (f"Sliding window {cfg.window} vs dense, ms (lower is better) - {cfg.dtype} B={cfg.batch} "
             f"H={cfg.nheads} D={cfg.headdim}")
+
+
+def _varlen_title(cfg: VarlenConfig) -> str:
+    return (f"Packed batch (varlen) vs dense, TFLOP/s (higher is better) - {cfg.dtype} H={cfg.nheads} "
+            f"D={cfg.headdim}, {cfg.total} tokens: {len(varlen_lengths(cfg))} sequences of {cfg.min_len} to "
+            f"{cfg.max_len} tokens against {cfg.total // cfg.dense_seqlen} of {cfg.dense_seqlen}")
+
+
+def _tflops(x: float | None) -> str:
+    return "err" if x is None else f"{x:.1f}" if x >= 1 else f"{x:.4f}"
+
+
+def varlen_table(panels: Panels) -> Table:
+    table = Table(title=_varlen_title(panels.varlen), title_justify="left")
+    for header in ("causal", "pass", "varlen ms", "dense ms", "varlen TFLOP/s", "dense TFLOP/s", "varlen / dense"):
+        table.add_column(header, justify="right")
+    for row in panels.varlen_rows:
+        d = row.as_dict()
+        table.add_row("yes" if row.causal else "no", row.pass_, _ms(row.varlen), _ms(row.dense),
+                      _tflops(d["varlen_tflops"]), _tflops(d["dense_tflops"]), _ratio(d["varlen_over_dense_tflops"]))
+    return table
 
 
 def sparse_table(panels: Panels) -> Table:
@@ -278,12 +381,14 @@ def window_table(panels: Panels) -> Table:
 
 
 def print_panels(panels: Panels, console: Console) -> None:
-    for rows, make in ((panels.sparse_rows, sparse_table), (panels.window_rows, window_table)):
+    for rows, make in ((panels.sparse_rows, sparse_table), (panels.window_rows, window_table),
+                       (panels.varlen_rows, varlen_table)):
         if rows:
             console.print()
             console.print(make(panels))
     errors = {t.error for r in panels.sparse_rows for t in (r.sparse, r.dense) if t.error}
     errors |= {t.error for r in panels.window_rows for t in (r.window, r.dense) if t.error}
+    errors |= {t.error for r in panels.varlen_rows for t in (r.varlen, r.dense) if t.error}
     for error in sorted(errors):
         console.print(f"[red]err[/]: {error}")
 
@@ -296,6 +401,9 @@ def to_json(panels: Panels) -> dict:
     if panels.window is not None:
         out["window"] = {"config": asdict(panels.window),
                          "rows": [row.as_dict() for row in panels.window_rows]}
+    if panels.varlen is not None:
+        out["varlen"] = {"config": asdict(panels.varlen), "lengths": varlen_lengths(panels.varlen),
+                         "rows": [row.as_dict() for row in panels.varlen_rows]}
     return out
 
 
@@ -319,6 +427,15 @@ def markdown(panels: Panels) -> str:
                   "| seqlen | pass | window | dense | dense / window |", "| ---: | :--- | ---: | ---: | ---: |"]
         lines += [f"| {format_seqlen(r.seqlen)} | {r.pass_} | {_ms(r.window)} | {_ms(r.dense)} | "
                   f"{_ratio(r.as_dict()['dense_over_window'])} |" for r in panels.window_rows]
+    if panels.varlen_rows:
+        lines += ["", _varlen_title(panels.varlen) + ":", "",
+                  "| causal | pass | varlen ms | dense ms | varlen TFLOP/s | dense TFLOP/s | varlen / dense |",
+                  "| :--- | :--- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in panels.varlen_rows:
+            d = r.as_dict()
+            lines.append(f"| {'yes' if r.causal else 'no'} | {r.pass_} | {_ms(r.varlen)} | {_ms(r.dense)} | "
+                         f"{_tflops(d['varlen_tflops'])} | {_tflops(d['dense_tflops'])} | "
+                         f"{_ratio(d['varlen_over_dense_tflops'])} |")
     return "\n".join(lines) + "\n" if lines else ""
 
 

@@ -72,3 +72,23 @@ def test_local_global_masks_are_near_the_density():
     for density in panels.DENSITIES:
         bm = panels.local_global_mask(16384, density, 128, "cpu")
         assert abs(bm.density() - density) < 0.03 and bm.mask.dtype == torch.bool
+
+
+def test_varlen_panel_counts_each_sequence_and_compares_with_dense(tmp_path):
+    done = run_bench("--cpu", "--no-grid", "--varlen", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Packed batch (varlen) vs dense" in done.stdout
+    varlen = json.loads((tmp_path / "bench.json").read_text())["varlen"]
+    cfg = panels.CPU_VARLEN
+    lengths = varlen["lengths"]
+    assert sum(lengths) == cfg.total and all(0 < n <= cfg.max_len for n in lengths)
+    assert lengths == panels.varlen_lengths(cfg)          # seeded: the same batch every run
+    rows = varlen["rows"]
+    assert [(r["causal"], r["pass"]) for r in rows] == [(c, p) for c in (False, True) for p in ("fwd", "bwd")]
+    for row in rows:
+        assert row["varlen"]["ms"] > 0 and row["dense"]["ms"] > 0 and row["varlen_over_dense_tflops"] > 0
+        # FLOPs per sequence: 4 H n^2 D, halved when causal, 2.5x for the backward.
+        flops = sum(4.0 * cfg.nheads * n * n * cfg.headdim for n in lengths) / (2 if row["causal"] else 1)
+        flops *= 2.5 if row["pass"] == "bwd" else 1.0
+        assert row["varlen_tflops"] == pytest.approx(flops / (row["varlen"]["ms"] * 1e-3) / 1e12)
+    assert "| yes | bwd |" in (tmp_path / "summary.md").read_text()
