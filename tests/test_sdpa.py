@@ -1,0 +1,81 @@
+"""flashattn.scaled_dot_product_attention against torch's own function: same signature, layout and
+results (outputs and gradients, masks included), on both backends."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, HAS_CUDA
+from flashattn import scaled_dot_product_attention
+
+BACKENDS = ["triton", "reference"]
+# (L, S): equal, more queries than keys, fewer queries than keys (top-left causal needs a mask then).
+LENGTHS = [(33, 33), (40, 17), (9, 50)]
+MASKS = ["none", "causal", "bool", "float"]
+
+
+def _dtype():
+    return torch.bfloat16 if HAS_CUDA else torch.float32
+
+
+def _tolerance(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda x: f"L{x[0]}-S{x[1]}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch(backend, lengths, mask, use_backend):
+    use_backend(backend)
+    torch.manual_seed(0)
+    L, S = lengths
+    dtype = _dtype()
+    batch, heads, heads_kv, dim = 2, 4, 2, 32
+    q = torch.randn(batch, heads, L, dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, heads_kv, S, dim, device=DEVICE, dtype=dtype)
+    v = torch.randn_like(k)
+    kwargs = dict(enable_gqa=True, scale=0.3)
+    if mask == "causal":
+        kwargs["is_causal"] = True
+    elif mask == "bool":
+        keep = torch.rand(batch, 1, L, S, device=DEVICE) > 0.3
+        keep[0, 0, 1] = False                               # a row that may attend to nothing: 0
+        kwargs["attn_mask"] = keep
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(1, heads, L, S, device=DEVICE, dtype=dtype, requires_grad=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ours = scaled_dot_product_attention(*leaves, **kwargs)
+    torch_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    theirs = F.scaled_dot_product_attention(*torch_leaves, **kwargs)
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(ours, theirs, **tol)
+    do = torch.randn_like(ours)
+    wrt = leaves + ([kwargs["attn_mask"]] if mask == "float" else [])
+    torch_wrt = torch_leaves + ([kwargs["attn_mask"]] if mask == "float" else [])
+    for a, b in zip(torch.autograd.grad(ours, wrt, do), torch.autograd.grad(theirs, torch_wrt, do)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_keeps_the_expectation_and_zero_dropout_is_exact(backend, use_backend):
+    """torch's dropout draws other random numbers: compare the mean over many draws instead."""
+    use_backend(backend)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 16, 16, device=DEVICE) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, dropout_p=0.0), exact, atol=1e-5, rtol=1e-5)
+    mean = torch.stack([scaled_dot_product_attention(q, k, v, dropout_p=0.2) for _ in range(200)]).mean(0)
+    assert (mean - exact).abs().mean() < 0.05
+
+
+def test_refuses_what_torch_refuses_and_what_it_cannot_do():
+    q = torch.randn(1, 4, 8, 16, device=DEVICE)
+    kv = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        scaled_dot_product_attention(q, kv, kv)
+    with pytest.raises(ValueError, match="both given"):
+        scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE),
+                                     is_causal=True)
+    with pytest.raises(ValueError, match="4 dims"):
+        scaled_dot_product_attention(q[0], q[0], q[0])
+    with pytest.raises(NotImplementedError, match="head dim"):
+        scaled_dot_product_attention(q, q, torch.randn(1, 4, 8, 32, device=DEVICE))
