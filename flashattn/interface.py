@@ -247,13 +247,21 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
     """
     call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                      deterministic, return_attn_probs, attn_bias, block_mask)
+    return _attend(q, k, v, call, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, call: _Call, dropout_p, softcap, alibi_slopes, deterministic,
+            return_attn_probs, packed: tuple = (None, None, 0, 0)):
+    """The one call into the custom operators of every public function, after _validate: the options
+    in VARIANT_ARGS order (`packed`: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k of packed
+    sequences), and the probabilities when return_attn_probs. Returns out, or (out, lse, probs)."""
     seed = philox.draw_seed() if dropout_p > 0.0 else None
     bm = call.block_mask
     options = (call.causal, call.window_left, call.window_right, float(softcap), alibi_slopes,
                float(dropout_p), seed, call.attn_bias,
                *((bm.mask, bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices) if bm is not None
                  else (None,) * 5),
-               bm.block_size if bm is not None else 0, deterministic, None, None, 0, 0)
+               bm.block_size if bm is not None else 0, deterministic, *packed)
     out, lse = custom_ops.attention(q, k, v, call.softmax_scale, *options, call.backend)
     if not return_attn_probs:
         return out
@@ -263,10 +271,10 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
     return out, lse, probs
 
 
-def _check_packed(name: str, x, dim: int, count: int) -> None:
+def _check_packed(name: str, x, layout: str, dim: int, count: int) -> None:
+    """x has the dims of `layout` (a shape written out) and `count` entries along dim `dim`."""
     _check_tensor(name, x)
-    if x.dim() != 5 or x.shape[dim] != count:
-        layout = "(batch, seqlen, 3, nheads, headdim)" if count == 3 else "(batch, seqlen_k, 2, nheads_k, headdim)"
+    if x.dim() != layout.count(",") + 1 or x.shape[dim] != count:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
 
 
@@ -280,7 +288,7 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
     The three are strided views of qkv, not copies; the gradient arrives as one (batch, seqlen, 3,
     nheads, headdim) tensor. Same options and return values as flash_attn_func.
     """
-    _check_packed("qkv", qkv, 2, 3)
+    _check_packed("qkv", qkv, "(batch, seqlen, 3, nheads, headdim)", 2, 3)
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
                            attn_bias=attn_bias, block_mask=block_mask)
@@ -296,7 +304,7 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
 
     Same options and return values as flash_attn_func.
     """
-    _check_packed("kv", kv, 2, 2)
+    _check_packed("kv", kv, "(batch, seqlen_k, 2, nheads_k, headdim)", 2, 2)
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs,
                            attn_bias=attn_bias, block_mask=block_mask)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flashattn.interface import _check_tensor, _is_int, _validate
-from flashattn.ops import custom_ops, dispatch, philox, reference
+from flashattn.interface import _attend, _check_packed, _check_tensor, _is_int, _validate
 
 Tensor = torch.Tensor
 
@@ -93,18 +92,12 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)       # (1, total, H, D)
     call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                      deterministic, return_attn_probs, None, None, n_seq=n_seq)
-    seed = philox.draw_seed() if dropout_p > 0.0 else None
-    options = (call.causal, call.window_left, call.window_right, float(softcap), alibi_slopes, float(dropout_p),
-               seed, None, None, None, None, None, None, 0, deterministic, cu_seqlens_q, cu_seqlens_k,
-               max_seqlen_q, max_seqlen_k)
-    out, lse = custom_ops.attention(q4, k4, v4, call.softmax_scale, *options, call.backend)
-    out = out[0]                                                       # (total_q, H, D)
+    result = _attend(q4, k4, v4, call, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs,
+                     packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     if not return_attn_probs:
-        return out
-    with torch.no_grad():
-        variant = dispatch.make_variant(1, q.shape[1], *options)
-        probs = reference.attention_probs(q4, k4, call.softmax_scale, variant)
-    return out, lse[0], probs
+        return result[0]                                               # (total_q, H, D)
+    out, lse, probs = result
+    return out[0], lse[0], probs
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
@@ -114,9 +107,7 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      return_attn_probs: bool = False):
     """flash_attn_varlen_func with q, k, v packed as qkv (total, 3, nheads, headdim) (strided views,
     not copies; the gradient arrives as one tensor) and one cu_seqlens for both sides."""
-    _check_tensor("qkv", qkv)
-    if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv must have shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    _check_packed("qkv", qkv, "(total, 3, nheads, headdim)", 1, 3)
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
                                   max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs)
@@ -129,9 +120,7 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
                                     return_attn_probs: bool = False):
     """flash_attn_varlen_func with k, v packed as kv (total_k, 2, nheads_k, headdim)."""
-    _check_tensor("kv", kv)
-    if kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"kv must have shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    _check_packed("kv", kv, "(total_k, 2, nheads_k, headdim)", 1, 2)
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                   deterministic, return_attn_probs)

@@ -539,7 +539,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dbias = []
     packed = variant.varlen
     args = (q, k, v, dout, lse, delta, dq, dk, dv,
-            *(x for t in (q, k, v, dout, dq, dk, dv) for x in strides(t, packed)),
+            *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(dout, packed),
+            *strides(dq, packed), *strides(dk, packed), *strides(dv, packed),
             seqlen_q, seqlen_k, nheads, nheads_k, group_size, softmax_scale, qk_scale)
     # Packed sequences: a grid over the sequences, as long as the longest (seqlen_q/k: the totals).
     rows_q, rows_k, n_seq = seqlen_q, seqlen_k, batch
