@@ -24,8 +24,8 @@ plain code (the option branches below are never generated):
     BLOCK_SPARSE the tiles walked are those of the listed blocks (SPARSE_BLOCK rows/columns each,
                  cut into tiles that divide it), found by sparse_tiles_before
     VARLEN       packed sequences (variant.py): the grid's batch axis runs over the sequences of
-                 CU_SEQLENS_Q / CU_SEQLENS_K; a program reads its sequence's bounds,
-                 moves its bases to the sequence's first rows (`packed_sequence`) (the batch strides are 0) and exits
+                 CU_SEQLENS_Q / CU_SEQLENS_K; a program reads its sequence's bounds (packed_sequence),
+                 moves its bases to the sequence's first rows (the batch strides are 0) and exits
                  when its block lies past the sequence; seqlen_q / seqlen_k arrive as the totals
                  (the LSE's rows are (H, total_q)) and become the sequence's lengths
 """
