@@ -105,6 +105,28 @@ def _check_block_mask(block_mask, q: Tensor, seqlen_k: int) -> None:
                              "BlockMask.from_dense or a flashattn.sparse helper")
 
 
+def _check_scores(softmax_scale, causal, window_size, softcap, head_dim: int) -> tuple[float, bool, int, int]:
+    """Check the score options every entry point shares; return (softmax_scale, causal, window_left,
+    window_right) normalised: the scale defaults to 1 / sqrt(head_dim), and causal is folded into the
+    window (flash-attn's rule: causal means window_right = 0; conversely any window whose right bound
+    is 0 is causal: window (-1, 0) is exactly causal, and the plain causal kernels take it)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(_is_int(w) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    window_left, window_right = window_size
+    if causal:
+        window_right = 0
+    return float(softmax_scale), window_right == 0, window_left, window_right
+
+
 def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal, window_size,
               softcap, alibi_slopes, deterministic, return_attn_probs, attn_bias, block_mask,
               n_seq: int | None = None) -> _Call:
@@ -132,34 +154,19 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
     if nheads % nheads_k:
         raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) "
                          "(MQA/GQA)")
-    for name, flag in (("causal", causal), ("deterministic", deterministic),
-                       ("return_attn_probs", return_attn_probs)):
+    for name, flag in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(_is_int(w) and w >= -1 for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0.0):
-        raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    softmax_scale, causal, window_left, window_right = _check_scores(softmax_scale, causal, window_size, softcap,
+                                                                     head_dim)
     if alibi_slopes is not None:
         _check_alibi(alibi_slopes, q, q.shape[0] if n_seq is None else n_seq)
     if attn_bias is not None:
         attn_bias = _check_attn_bias(attn_bias, q, k.shape[1])
     if block_mask is not None:
         _check_block_mask(block_mask, q, k.shape[1])
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-
-    # flash-attn's rule: causal means window_right = 0; conversely any window whose right bound is 0
-    # is causal (window (-1, 0) is exactly causal, and the plain causal kernels take it).
-    window_left, window_right = window_size
-    if causal:
-        window_right = 0
-    causal = window_right == 0
 
     backend = dispatch.select_backend(q.device)
     if backend == "triton":

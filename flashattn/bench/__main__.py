@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--varlen", action="store_true",
                        help="a packed batch of random sequence lengths (flash_attn_varlen_func) beside the "
                             "dense call on as many tokens")
+    group.add_argument("--decode", action="store_true",
+                       help="one query token against a KV cache (flash_attn_with_kvcache), contiguous and "
+                            "paged, beside SDPA cuDNN and FlashAttention-4: us per step and K/V TB/s")
     group.add_argument("--no-grid", dest="grid", action="store_false",
                         help="skip the main grid and the memory section (only the option panels)")
     args = parser.parse_args(argv)
@@ -107,6 +110,8 @@ def build_panels(args: argparse.Namespace, gpu: bool, device: torch.device) -> p
                                 window=tuple(args.window_size or window.window))
     if args.varlen:
         chosen.varlen = panels.GPU_VARLEN if gpu else panels.CPU_VARLEN
+    if args.decode:
+        chosen.decode = panels.decode_panel.GPU_DECODE if gpu else panels.decode_panel.CPU_DECODE
     return chosen
 
 

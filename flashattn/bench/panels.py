@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flashattn import BlockMask, flash_attn_func, flash_attn_varlen_func, local_global_block_mask
+from flashattn.bench import decode as decode_panel
 from flashattn.bench import measure
 from flashattn.bench.cases import DTYPES, format_seqlen
 from flashattn.bench.peers import describe_error
@@ -169,6 +170,8 @@ class Panels:
     window_rows: list[WindowRow] = field(default_factory=list)
     varlen: VarlenConfig | None = None
     varlen_rows: list[VarlenRow] = field(default_factory=list)
+    decode: decode_panel.DecodeConfig | None = None
+    decode_rows: list[decode_panel.DecodeRow] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -312,6 +315,9 @@ def run(panels: Panels, console: Console) -> Panels:
         if panels.varlen is not None:
             panels.varlen_rows = run_varlen(panels.varlen, panels.device, timer,
                                             lambda text: status.update(f"varlen: {text}"))
+        if panels.decode is not None:
+            panels.decode_rows = decode_panel.run_decode(panels.decode, panels.device,
+                                                         lambda text: status.update(f"decode: {text}"))
     return panels
 
 
@@ -386,9 +392,13 @@ def print_panels(panels: Panels, console: Console) -> None:
         if rows:
             console.print()
             console.print(make(panels))
+    if panels.decode_rows:
+        console.print()
+        console.print(decode_panel.table(panels.decode, panels.decode_rows))
     errors = {t.error for r in panels.sparse_rows for t in (r.sparse, r.dense) if t.error}
     errors |= {t.error for r in panels.window_rows for t in (r.window, r.dense) if t.error}
     errors |= {t.error for r in panels.varlen_rows for t in (r.varlen, r.dense) if t.error}
+    errors |= {f"{n}: {e}" for r in panels.decode_rows for n, e in r.errors.items()}
     for error in sorted(errors):
         console.print(f"[red]err[/]: {error}")
 
@@ -404,6 +414,8 @@ def to_json(panels: Panels) -> dict:
     if panels.varlen is not None:
         out["varlen"] = {"config": asdict(panels.varlen), "lengths": varlen_lengths(panels.varlen),
                          "rows": [row.as_dict() for row in panels.varlen_rows]}
+    if panels.decode is not None:
+        out["decode"] = decode_panel.to_json(panels.decode, panels.decode_rows)
     return out
 
 
@@ -436,7 +448,10 @@ def markdown(panels: Panels) -> str:
             lines.append(f"| {'yes' if r.causal else 'no'} | {r.pass_} | {_ms(r.varlen)} | {_ms(r.dense)} | "
                          f"{_tflops(d['varlen_tflops'])} | {_tflops(d['dense_tflops'])} | "
                          f"{_ratio(d['varlen_over_dense_tflops'])} |")
-    return "\n".join(lines) + "\n" if lines else ""
+    text = "\n".join(lines) + "\n" if lines else ""
+    if panels.decode_rows:
+        text += decode_panel.markdown(panels.decode, panels.decode_rows)
+    return text
 
 
 def write_plots(panels: Panels, out: Path) -> list[Path]:

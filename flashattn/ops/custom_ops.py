@@ -102,6 +102,33 @@ def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
+@torch.library.custom_op("flashattn::kv_cache_attention", mutates_args=("k_cache", "v_cache"))
+def kv_cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
+                       rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: Tensor,
+                       cache_leftpad: Tensor | None, cache_batch_idx: Tensor | None, block_table: Tensor | None,
+                       softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                       alibi_slopes: Tensor | None, rotary_interleaved: bool, num_splits: int, backend: str,
+                       ) -> tuple[Tensor, Tensor]:
+    """flash_attn_with_kvcache below validation: appends to k_cache/v_cache in place, then attends
+    (dispatch.kv_cache_forward). No gradient: an inference operator."""
+    return dispatch.kv_cache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                     cache_leftpad, cache_batch_idx, block_table, softmax_scale, causal,
+                                     window_left, window_right, softcap, alibi_slopes, rotary_interleaved,
+                                     num_splits, backend)
+
+
+@kv_cache_attention.register_fake
+def _(q, k_cache, v_cache, *rest):
+    batch, seqlen_q, nheads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=dispatch.lse_dtype(q.dtype))
+
+
+def kv_cache(q: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """The cache operator: the registered custom operator when traced, dispatch directly in eager."""
+    op = kv_cache_attention if _traced(q) else dispatch.kv_cache_forward
+    return op(q, *args)
+
+
 def _traced(q: Tensor) -> bool:
     """Whether the call must appear as the custom operators (see the module docstring)."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0

@@ -11,7 +11,7 @@ import os
 import torch
 
 from flashattn.ops import capabilities, reference
-from flashattn.ops.variant import Variant, from_causal
+from flashattn.ops.variant import KVCache, Variant, from_causal
 from flashattn.sparse import BlockMask
 
 Tensor = torch.Tensor
@@ -114,3 +114,34 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                                         bias_grad=bias_grad)
     return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
                                               bias_grad=bias_grad)
+
+
+def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
+                     rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: Tensor,
+                     cache_leftpad: Tensor | None, cache_batch_idx: Tensor | None, block_table: Tensor | None,
+                     softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                     alibi_slopes: Tensor | None, rotary_interleaved: bool, num_splits: int, backend: str,
+                     ) -> tuple[Tensor, Tensor]:
+    """Append k, v to the cache (in place), then attend: O (B, Sq, H, D) and lse (B, H, Sq). The
+    arguments are validated (flashattn/kvcache.py); the semantics are variant.KVCache's."""
+    batch, seqlen_q, nheads, _ = q.shape
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 0
+    cache = KVCache(cache_seqlens, k.shape[1] if k is not None else 0, cache_leftpad, cache_batch_idx,
+                    block_table, page_size, block_table.shape[1] * page_size if paged else k_cache.shape[1])
+    variant = make_variant(batch, nheads, causal, window_left, window_right, softcap, alibi_slopes, 0.0, None,
+                           None, None, None, None, None, None, 0, False)
+    # flash-attn's rule: with a causal or windowed mask each query row is its own position (cache
+    # length + i); otherwise all of them are at the cache length.
+    q_all_positions = window_left >= 0 or window_right >= 0
+    if backend == "triton":
+        from flashattn.ops.triton import decode
+        q = decode.append(q, k_cache, v_cache, k, v, cache, rotary_cos, rotary_sin, rotary_interleaved,
+                          q_all_positions)
+        if q.numel() == 0:
+            return torch.zeros_like(q), torch.full((batch, nheads, seqlen_q), float("inf"), dtype=lse_dtype(q.dtype),
+                                                  device=q.device)
+        return decode.forward(_last_dim_contiguous(q), k_cache, v_cache, softmax_scale, variant, cache, num_splits)
+    q = reference.kv_cache_append(q, k_cache, v_cache, k, v, cache, rotary_cos, rotary_sin, rotary_interleaved,
+                                  q_all_positions)
+    return reference.kv_cache_forward(q, k_cache, v_cache, softmax_scale, variant, cache)

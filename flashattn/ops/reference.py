@@ -62,7 +62,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashattn.ops import philox
-from flashattn.ops.variant import Variant, from_causal
+from flashattn.ops.variant import KVCache, Variant, from_causal
 from flashattn.sparse import BlockMask
 
 Tensor = torch.Tensor
@@ -516,3 +516,80 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     dq = _ungrouped(dQ * softmax_scale).to(q.dtype)
     dbias = None if dBias is None else dBias.reshape(variant.bias.shape).to(variant.bias.dtype)
     return dq, _ungrouped(dK).to(k.dtype), _ungrouped(dV).to(v.dtype), dbias
+
+
+# ------------------------------------------------------------------------------------------------
+# KV cache (flash_attn_with_kvcache): the append, rotary embeddings, and attention over each
+# sequence's keys. The Triton path (flashattn/ops/triton/decode.py) splits the keys across programs
+# and merges the partial results by their log-sum-exp; this path runs each sequence whole, which
+# gives the same result up to rounding.
+# ------------------------------------------------------------------------------------------------
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """x (B, S, H, D) with its first 2 * cos.shape[1] dims rotated at `positions` (B, S) (rows of
+    cos/sin), computed in float32 (float64 for float64 x), returned in x's dtype. Non-interleaved
+    (GPT-NeoX) pairs dim c with c + half; interleaved (GPT-J) pairs 2c with 2c + 1."""
+    dtype = _accumulator_dtype(x.dtype)
+    half = cos.shape[1]
+    c = cos.to(dtype)[positions][:, :, None, :]                       # (B, S, 1, half)
+    s = sin.to(dtype)[positions][:, :, None, :]
+    xr = x[..., :2 * half].to(dtype)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def _slots(cache: KVCache, b: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """(cache batch entry or page, row) of the slots [start, stop) of sequence b."""
+    slots = torch.arange(start, stop, device=cache.seqlens.device)
+    if cache.block_table is not None:
+        return cache.block_table[b, slots // cache.page_size].long(), slots % cache.page_size
+    entry = int(cache.batch_idx[b]) if cache.batch_idx is not None else b
+    return torch.full_like(slots, entry), slots
+
+
+def kv_cache_append(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
+                    cache: KVCache, rotary_cos: Tensor | None, rotary_sin: Tensor | None,
+                    rotary_interleaved: bool, q_all_positions: bool) -> Tensor:
+    """Write k, v (B, Sn, Hk, D) into the cache at slots seqlens[b] + t (k rotated at position
+    seqlens[b] - leftpad[b] + t when cos/sin are given); return q rotated at position seqlens[b] -
+    leftpad[b] (+ i when q_all_positions), or q itself without rotary."""
+    batch, seqlen_q = q.shape[:2]
+    start = cache.seqlens.long()
+    if cache.leftpad is not None:
+        start = start - cache.leftpad.long()
+    if rotary_cos is not None:
+        steps = torch.arange(seqlen_q, device=q.device) if q_all_positions else torch.zeros(
+            seqlen_q, dtype=torch.long, device=q.device)
+        q = rotary(q, rotary_cos, rotary_sin, start[:, None] + steps, rotary_interleaved)
+    if k is not None:
+        seqlen_new = k.shape[1]
+        if rotary_cos is not None:
+            positions = start[:, None] + torch.arange(seqlen_new, device=k.device)
+            k = rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+        for b in range(batch):
+            cached = int(cache.seqlens[b])
+            entry, row = _slots(cache, b, cached, cached + seqlen_new)
+            k_cache[entry, row] = k[b]
+            v_cache[entry, row] = v[b]
+    return q
+
+
+def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, softmax_scale: float, variant: Variant,
+                     cache: KVCache) -> tuple[Tensor, Tensor]:
+    """O (B, Sq, H, D) and lse (B, H, Sq): each sequence's keys (KVCache) gathered, then Algorithm 1."""
+    batch, seqlen_q, nheads, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=_accumulator_dtype(q.dtype), device=q.device)
+    for b in range(batch):
+        first = int(cache.leftpad[b]) if cache.leftpad is not None else 0
+        entry, row = _slots(cache, b, first, int(cache.seqlens[b]) + cache.seqlen_new)
+        slopes = variant.alibi_slopes
+        one = replace(variant, alibi_slopes=None if slopes is None else slopes[b:b + 1])
+        out[b:b + 1], lse[b:b + 1] = flash_attention_forward(
+            q[b:b + 1], k_cache[entry, row][None], v_cache[entry, row][None], softmax_scale, one)
+    return out, lse

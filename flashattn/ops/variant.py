@@ -100,7 +100,13 @@ class Variant:
     @property
     def is_plain(self) -> bool:
         """Only causal (or nothing), dense: the Triton kernels then run with every option flag off."""
-        return (self.cu_seqlens_q is None and self.window_left == -1 and self.window_right == (0 if self.causal else -1)
+        return self.cu_seqlens_q is None and self.is_plain_or_varlen
+
+    @property
+    def is_plain_or_varlen(self) -> bool:
+        """Only causal (or nothing), dense or packed: the options the Hopper kernels take (packed
+        sequences with their VARLEN flag)."""
+        return (self.window_left == -1 and self.window_right == (0 if self.causal else -1)
                 and self.softcap == 0.0 and self.alibi_slopes is None and self.dropout_p == 0.0
                 and self.bias is None and self.mask is None and self.block_mask is None)
 
@@ -129,3 +135,32 @@ CAUSAL = Variant(causal=True, window_right=0)
 
 def from_causal(causal: bool) -> Variant:
     return CAUSAL if causal else PLAIN
+
+
+@dataclass(frozen=True, eq=False)
+class KVCache:
+    """Which keys of a KV cache each sequence b of a call attends to (flash_attn_with_kvcache).
+
+    The cache is contiguous, (B_cache, capacity, Hk, D), sequence b in batch entry batch_idx[b] (or
+    b), or paged, (pages, page_size, Hk, D), slot s of sequence b in row s % page_size of page
+    block_table[b, s // page_size]. Sequence b's keys are the slots [leftpad[b], seqlens[b] +
+    seqlen_new): the seqlens[b] cached before the call (leftpad included) and the seqlen_new appended
+    by it; key position j (the masks' j, variant.py) is slot leftpad[b] + j, so Sk = seqlens[b] +
+    seqlen_new - leftpad[b] and the masks align to each sequence's own bottom-right corner.
+
+    seqlens        int32 (B,)
+    seqlen_new     tokens appended by this call (0 without k/v)
+    leftpad        int32 (B,), or None (0)
+    batch_idx      int32 (B,) into the cache's batch entries, or None (contiguous only)
+    block_table    int32 (B, max_blocks) into the pages, or None (contiguous)
+    page_size      0 when contiguous
+    capacity       slots per sequence: the cache's length, or max_blocks * page_size
+    """
+
+    seqlens: Tensor
+    seqlen_new: int = 0
+    leftpad: Tensor | None = None
+    batch_idx: Tensor | None = None
+    block_table: Tensor | None = None
+    page_size: int = 0
+    capacity: int = 0

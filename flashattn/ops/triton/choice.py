@@ -1,6 +1,8 @@
 """Which Triton kernel runs a call: the one place that decides.
 
-Four kernel families serve the Triton backend:
+Five kernel families serve the Triton backend:
+    split-kv          decode.py: short queries against long keys (flash-decoding: keys split across
+                      programs, GQA heads packed into one tile), forward only, any GPU
     portable          forward.py `_attn_fwd` and backward.py `_bwd`: every option, every dtype and
                       head dim, any GPU Triton supports (and the CPU interpreter)
     ping-pong         forward_sm90.py: FlashAttention-3's schedule in Gluon, plain forward, Hopper
@@ -28,6 +30,15 @@ PORTABLE = "portable"
 PING_PONG = "ping-pong"
 WARP_SPECIALIZED = "warp-specialized"
 ONE_PASS = "one-pass"
+SPLIT_KV = "split-kv"
+# The split-KV forward (decode.py) serves a short query against any key length; it implements these
+# options and no dropout, bias, mask, block mask or packed sequences.
+SPLIT_KV_MAX_QUERIES = 16
+
+
+def _split_kv(q: torch.Tensor, variant: Variant) -> bool:
+    return (q.shape[1] <= SPLIT_KV_MAX_QUERIES and variant.dropout_p == 0.0 and variant.bias is None
+            and variant.mask is None and variant.block_mask is None and not variant.varlen)
 
 
 def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant,
@@ -35,7 +46,10 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
     """The kernel family that runs `pass_` ("fwd" or "bwd") of this call; inputs as the launchers
     receive them ((B, S, H, D), last dim contiguous). In order:
 
-    forward   ping-pong        plain, fp16/bf16, head dim 64/128/256, softmax_scale > 0 (the kernel
+    forward   split-kv         seqlen_q <= SPLIT_KV_MAX_QUERIES (decoding; the dense kernels' tiles
+                               would hold one query row of one head), without dropout, bias, mask,
+                               block mask or packed sequences
+              ping-pong        plain, fp16/bf16, head dim 64/128/256, softmax_scale > 0 (the kernel
                                takes the row max before scaling), listed in configs' ping-pong table
               warp-specialized plain, listed in configs' warp-specialized table (fp16/bf16, head
                                dims 64/128/256)
@@ -44,6 +58,8 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
                                variant.deterministic)
     and for both, TMA-addressable q, k, v (and dout); otherwise portable.
     """
+    if pass_ == "fwd" and _split_kv(q, variant):
+        return SPLIT_KV
     if not variant.is_plain:
         return PORTABLE
     head_dim, causal, device = q.shape[-1], variant.causal, q.device

@@ -27,7 +27,7 @@ from flashattn.ops.triton.common import (
     LN2, LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
     options as common_options, packed_sequence, scores, sparse_tile_start, store_tile, strides, tile_mask,
 )
-from flashattn.ops.triton import choice, configs, forward_sm90
+from flashattn.ops.triton import choice, configs, decode, forward_sm90
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
@@ -287,6 +287,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     if isinstance(variant, bool):
         variant = from_causal(variant)
     kernel = choice.kernel_for("fwd", q, k, v, variant, softmax_scale)
+    if kernel == choice.SPLIT_KV:
+        return decode.forward(q, k, v, softmax_scale, variant)
     if kernel == choice.PING_PONG:
         return forward_sm90.forward(q, k, v, softmax_scale, variant.causal)
     batch, seqlen_q, nheads, head_dim = q.shape

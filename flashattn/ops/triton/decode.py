@@ -1,0 +1,398 @@
+"""Short queries against long keys (flash-decoding): split-KV attention, its combine, and the KV-cache
+append with rotary embeddings.
+
+A decode step is memory-bound: every byte of K and V is read once per step, and the queries are one
+to a few hundred rows. Two things make that read fast. The query heads of one KV head share each
+K/V tile (GQA packing: the rows of a tile are (query index, head of the group) pairs), so K/V are
+read once per KV head, not once per query head. And the keys are split across programs (num_splits
+per (batch, KV head, row block)), each writing a partial result that `_combine` merges by its
+log-sum-exp, so that a batch of one still fills the GPU.
+
+Glossary (the names of forward.py and common.py; reference.py's kv_cache_forward mirrors this):
+    GROUP        query heads per KV head, G
+    r            a tile row; r = i * G + g is query index i, head off_hk * G + g         [BLOCK_M]
+    pos          a key's position in its sequence: 0 is the first valid key (after leftpad) [BLOCK_N]
+    seqlen_k     the keys of the program's sequence: cache_seqlens[b] + seqlen_new - leftpad[b] with a
+                 cache, else the dense k's length
+    row          where key `pos` lives: contiguous, row leftpad[b] + pos of the cache's batch entry
+                 cache_batch_idx[b] (or b); paged (PAGE_SIZE > 0), row (leftpad[b] + pos) % PAGE_SIZE
+                 of page block_table[b, (leftpad[b] + pos) // PAGE_SIZE]
+    split        the program's share of the key tiles [lo, hi) that its rows may see: tiles_per_split
+                 consecutive tiles, so splits never overlap and a split past hi is empty
+    m_i, l_i     running row max (base 2) and row sum; acc the unnormalised output, fp32
+    O_part, lse_part   a split's normalised output and its log-sum-exp in base 2 (-inf: no key seen)
+
+Every tile is masked (bounds, causal, window in one expression, common.scores): the loop is bound by
+memory, not by the few integer operations of the mask. Offsets that can pass 2^31 elements (the
+cache's batch entries and pages, the rows of a long cache) are int64; in-tile offsets are int32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from flashattn.ops.triton.common import LN2, LOG2E, block_d, cdiv, scores
+from flashattn.ops.triton.configs import dot_precision
+from flashattn.ops.triton.launch import Launcher
+from flashattn.ops.variant import KVCache, Variant
+
+MAX_SPLITS = 128
+
+
+@triton.jit
+def _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_cb, stride_cn,
+              PAGE_SIZE: tl.constexpr):
+    """Element offsets (int64) of the rows holding keys `pos` of one sequence, from the cache's base
+    (plus the head's offset, added by the caller); the block table is read only where `valid`."""
+    slot = pos.to(tl.int64) + leftpad
+    if PAGE_SIZE > 0:
+        page = tl.load(BLOCK_TABLE + cache_b * stride_btb + slot // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        return page * stride_cb + (slot % PAGE_SIZE) * stride_cn
+    return cache_b * stride_cb + slot * stride_cn
+
+
+@triton.jit
+def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
+                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                  stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+                  seqlen_q, seqlen_k, nheads, qk_scale, num_splits,
+                  SEQLENS, seqlen_new, LEFTPAD, BATCH_IDX, BLOCK_TABLE, stride_btb,
+                  softcap_scale=0.0, softcap_log2=0.0, Alibi=None, stride_alibib=0, stride_alibih=0,
+                  window_left=0, window_right=0,
+                  GROUP: tl.constexpr = 1, HEAD_DIM: tl.constexpr = 128, BLOCK_D: tl.constexpr = 128,
+                  BLOCK_M: tl.constexpr = 16, BLOCK_N: tl.constexpr = 64, IS_CAUSAL: tl.constexpr = False,
+                  SPLIT: tl.constexpr = False, HAS_SEQLENS: tl.constexpr = False,
+                  HAS_LEFTPAD: tl.constexpr = False, HAS_BATCH_IDX: tl.constexpr = False,
+                  PAGE_SIZE: tl.constexpr = 0, HAS_WINDOW: tl.constexpr = False,
+                  SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
+                  DOT_PRECISION: tl.constexpr = "ieee"):
+    """One program: the rows [pid_m * BLOCK_M, +BLOCK_M) of (query, head) pairs of one (batch, KV
+    head) against one split of the keys. Grid (row blocks, batch * KV heads, splits)."""
+    pid_m = tl.program_id(0)
+    off_b = (tl.program_id(1) // (nheads // GROUP)).to(tl.int64)
+    off_hk = (tl.program_id(1) % (nheads // GROUP)).to(tl.int64)
+    split = tl.program_id(2)
+
+    if HAS_SEQLENS:
+        seqlen_k = tl.load(SEQLENS + off_b) + seqlen_new
+    leftpad = 0
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LEFTPAD + off_b)
+        seqlen_k = seqlen_k - leftpad
+    cache_b = off_b
+    if HAS_BATCH_IDX:
+        cache_b = tl.load(BATCH_IDX + off_b).to(tl.int64)
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # [BLOCK_M]
+    i = offs_r // GROUP                                              # query index of each row
+    off_h = off_hk * GROUP + offs_r % GROUP                          # query head of each row
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_r < seqlen_q * GROUP
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + off_b * stride_qb + (i * stride_qm + off_h * stride_qh)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+    slope_log2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope_log2 = tl.load(Alibi + off_b * stride_alibib + off_h * stride_alibih) * LOG2E
+
+    # The keys any row of the block may see, [lo, hi), tile-aligned at lo; this split's share.
+    offset = seqlen_k - seqlen_q
+    i_first = (pid_m * BLOCK_M) // GROUP
+    i_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, seqlen_q - 1)
+    lo = 0
+    hi = seqlen_k
+    if HAS_WINDOW:
+        lo = tl.maximum(i_first + offset - window_left, 0)
+        hi = tl.minimum(i_last + offset + window_right + 1, seqlen_k)
+    elif IS_CAUSAL:
+        hi = tl.minimum(i_last + offset + 1, seqlen_k)
+    lo = lo // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(hi, start + tiles_per_split * BLOCK_N)
+
+    K += off_hk * stride_kh
+    V += off_hk * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n                                       # [BLOCK_N]
+        valid = pos < seqlen_k
+        key_ok = valid[:, None] & d_ok[None, :]
+        k_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_kb, stride_kn, PAGE_SIZE)
+        k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        s, _ = scores(qk, i[:, None], pos[None, :], seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
+                      slope_log2[:, None], window_left, window_right, None, 0, 0,
+                      True, IS_CAUSAL, HAS_WINDOW, SOFTCAP, HAS_ALIBI, 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])                        # P~_ij [BLOCK_M, BLOCK_N]
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_vb, stride_vn, PAGE_SIZE)
+        v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # "Saw no key" is l == 0 exactly (a NaN l stays NaN: forward._normalize's rule).
+    seen = l_i != 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        # O_part (splits, B, Sq, H, D) fp32 and lse_part (splits, B, H, Sq) in base 2.
+        batch = tl.num_programs(1) // (nheads // GROUP)
+        part = (split * batch + off_b) * seqlen_q
+        tl.store(O_PART + ((part + i) * nheads + off_h)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask)
+        tl.store(LSE_PART + (part * nheads + off_h * seqlen_q + i),
+                 tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf")), mask=row_ok)
+    else:
+        tl.store(O + off_b * stride_ob + (i * stride_om + off_h * stride_oh)[:, None] + offs_d[None, :],
+                 acc.to(O.dtype.element_ty), mask=mask)
+        tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + i,
+                 tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf")), mask=row_ok)
+
+
+@triton.jit
+def _combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_om, stride_oh, batch, seqlen_q, nheads, num_splits,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the splits of one output row (b, i, h): O = sum_s w_s O_s / sum_s w_s with
+    w_s = 2^(lse_s - max lse); lse = log(sum_s 2^lse_s). No split saw a key: O = 0, lse = +inf.
+    Grid (seqlen_q * nheads, batch)."""
+    i = tl.program_id(0) // nheads
+    off_h = tl.program_id(0) % nheads
+    off_b = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    split_stride = batch * nheads * seqlen_q                       # rows of one split
+    lse_row = (off_b * nheads + off_h) * seqlen_q + i
+    lse_s = tl.load(LSE_PART + offs_s * split_stride + lse_row, mask=offs_s < num_splits,
+                    other=float("-inf"))                           # [SPLITS]
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.math.exp2(lse_s - m_safe), 0)
+    o_row = ((off_b * seqlen_q + i) * nheads + off_h) * HEAD_DIM
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        w = tl.math.exp2(tl.load(LSE_PART + s * split_stride + lse_row) - m_safe)
+        acc += w * tl.load(O_PART + s * split_stride * HEAD_DIM + o_row + offs_d, mask=offs_d < HEAD_DIM,
+                           other=0.0)
+    seen = total != 0.0
+    total_safe = tl.where(seen, total, 1.0)
+    tl.store(O + off_b * stride_ob + i * stride_om + off_h * stride_oh + offs_d,
+             (acc / total_safe).to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + lse_row, tl.where(seen, (m_safe + tl.math.log2(total_safe)) * LN2, float("inf")))
+
+
+@triton.jit
+def _rotate(X, offs_d, cos_row, sin_row, rotary_half, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """One row of X (a pointer to its first element) with its first 2 * rotary_half dims rotated at
+    the position whose cos/sin rows are given, computed in fp32. Non-interleaved (GPT-NeoX) pairs d
+    with d + rotary_half; interleaved (GPT-J) pairs 2c with 2c + 1."""
+    d_ok = offs_d < HEAD_DIM
+    x = tl.load(X + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    rot = offs_d < 2 * rotary_half
+    if INTERLEAVED:
+        c = offs_d // 2
+        partner = offs_d ^ 1
+        first = offs_d % 2 == 0
+    else:
+        c = tl.where(offs_d < rotary_half, offs_d, offs_d - rotary_half)
+        partner = tl.where(offs_d < rotary_half, offs_d + rotary_half, offs_d - rotary_half)
+        first = offs_d < rotary_half
+    x2 = tl.load(X + partner, mask=rot, other=0.0).to(tl.float32)
+    cos = tl.load(cos_row + c, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(sin_row + c, mask=rot, other=0.0).to(tl.float32)
+    return tl.where(rot, x * cos + tl.where(first, -x2, x2) * sin, x)
+
+
+@triton.jit
+def _append_kv(KNEW, VNEW, K, V, Q, QROT, COS, SIN,
+               stride_knb, stride_knm, stride_knh, stride_vnb, stride_vnm, stride_vnh,
+               stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+               stride_qb, stride_qm, stride_qh, stride_rb, stride_rm, stride_rh,
+               SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, stride_btb, seqlen_new, seqlen_q, nheads_k, group,
+               rotary_half, stride_cos,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+               HAS_BATCH_IDX: tl.constexpr, PAGE_SIZE: tl.constexpr, ROTARY: tl.constexpr,
+               INTERLEAVED: tl.constexpr, Q_ALL_POSITIONS: tl.constexpr):
+    """Program (t, h, b): with t < seqlen_new and h < nheads_k, write new token t of KV head h into
+    the cache at slot cache_seqlens[b] + t (k rotated at position cache_seqlens[b] - leftpad[b] + t);
+    with ROTARY, t < seqlen_q and h < nheads_k * group, also write query (t, h) rotated into QROT at
+    position cache_seqlens[b] - leftpad[b] (+ t when Q_ALL_POSITIONS: causal or windowed).
+    Grid (max(seqlen_new, seqlen_q), nheads_k * group, batch)."""
+    t = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    cached = tl.load(SEQLENS + off_b)
+    leftpad = 0
+    if HAS_LEFTPAD:
+        leftpad = tl.load(LEFTPAD + off_b)
+    position = cached - leftpad                                      # the first new token's position
+    if ROTARY:
+        if t < seqlen_q:
+            q_pos = position
+            if Q_ALL_POSITIONS:
+                q_pos += t
+            q = _rotate(Q + off_b * stride_qb + t * stride_qm + off_h * stride_qh, offs_d,
+                        COS + q_pos.to(tl.int64) * stride_cos, SIN + q_pos.to(tl.int64) * stride_cos,
+                        rotary_half, HEAD_DIM, INTERLEAVED)
+            tl.store(QROT + off_b * stride_rb + t * stride_rm + off_h * stride_rh + offs_d,
+                     q.to(QROT.dtype.element_ty), mask=d_ok)
+    if (t < seqlen_new) & (off_h < nheads_k):
+        cache_b = off_b
+        if HAS_BATCH_IDX:
+            cache_b = tl.load(BATCH_IDX + off_b).to(tl.int64)
+        slot = (cached + t).to(tl.int64)
+        if PAGE_SIZE > 0:
+            page = tl.load(BLOCK_TABLE + off_b * stride_btb + slot // PAGE_SIZE).to(tl.int64)
+            k_row = page * stride_kb + (slot % PAGE_SIZE) * stride_kn
+            v_row = page * stride_vb + (slot % PAGE_SIZE) * stride_vn
+        else:
+            k_row = cache_b * stride_kb + slot * stride_kn
+            v_row = cache_b * stride_vb + slot * stride_vn
+        k_src = KNEW + off_b * stride_knb + t * stride_knm + off_h * stride_knh
+        if ROTARY:
+            k_pos = (position + t).to(tl.int64)
+            k = _rotate(k_src, offs_d, COS + k_pos * stride_cos, SIN + k_pos * stride_cos, rotary_half,
+                        HEAD_DIM, INTERLEAVED)
+        else:
+            k = tl.load(k_src + offs_d, mask=d_ok)
+        tl.store(K + k_row + off_h * stride_kh + offs_d, k.to(K.dtype.element_ty), mask=d_ok)
+        v = tl.load(VNEW + off_b * stride_vnb + t * stride_vnm + off_h * stride_vnh + offs_d, mask=d_ok)
+        tl.store(V + v_row + off_h * stride_vh + offs_d, v, mask=d_ok)
+
+
+_launch_split = Launcher(_split_kv_fwd)
+_launch_combine = Launcher(_combine)
+_launch_append = Launcher(_append_kv)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def tiles(rows: int, head_dim: int, paged_small: bool) -> Tiles:
+    """Tile shape of the split kernel for `rows` = seqlen_q * G packed rows (benchmarks/TUNING.md,
+    § split-kv): 16 rows at least (tl.dot's minimum), at most 64 (more rows share a K/V tile but the
+    accumulator grows); key tiles of 64, kept within one page when pages are small."""
+    block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
+    block_n = 64 if head_dim <= 128 else 32
+    return Tiles(block_m, block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8        # the interpreter: a few splits, to exercise the combine
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def num_splits_for(programs: int, key_tiles: int, device: torch.device) -> int:
+    """Splits when num_splits=0: enough programs for two per SM, each split at least two key tiles
+    (its combine costs one partial row), at most MAX_SPLITS. `key_tiles` counts the tiles of the
+    longest possible sequence (the cache's capacity: the lengths themselves are on the device)."""
+    want = cdiv(2 * _sm_count(device), programs)
+    return max(1, min(want, key_tiles // 2, MAX_SPLITS))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, variant: Variant,
+            cache: KVCache | None = None, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32. Without `cache`, k and v are dense
+    (B, Sk, Hk, D); with it they are the cache (contiguous (B_cache, S_cache, Hk, D) or paged
+    (pages, page_size, Hk, D)) and `cache` says which keys each sequence has. Options: causal, window,
+    softcap, ALiBi (choice.SPLIT_KV_FEATURES); num_splits=0 chooses the splits."""
+    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads_k = k.shape[2]
+    group = nheads // nheads_k
+    page_size = cache.page_size if cache is not None else 0
+    capacity = cache.capacity if cache is not None else k.shape[1]
+    t = tiles(seqlen_q * group, head_dim, 0 < page_size < 64)
+    m_blocks = cdiv(seqlen_q * group, t.block_m)
+    if num_splits == 0:
+        num_splits = num_splits_for(batch * nheads_k * m_blocks, cdiv(capacity, t.block_n), q.device)
+    num_splits = min(num_splits, max(1, cdiv(capacity, t.block_n)), MAX_SPLITS)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    split = num_splits > 1
+    o_part = lse_part = None
+    if split:
+        o_part = torch.empty((num_splits, batch, seqlen_q, nheads, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    kw = {}
+    if variant.softcap > 0.0:
+        kw.update(softcap_scale=softmax_scale / variant.softcap, softcap_log2=variant.softcap * LOG2E.value,
+                  SOFTCAP=True)
+    if variant.alibi_slopes is not None:
+        slopes = variant.alibi_slopes
+        kw.update(Alibi=slopes, stride_alibib=slopes.stride(0) if slopes.shape[0] > 1 else 0,
+                  stride_alibih=slopes.stride(1), HAS_ALIBI=True)
+    if not (variant.window_left == -1 and variant.window_right == (0 if variant.causal else -1)):
+        unbounded = seqlen_q + capacity
+        kw.update(window_left=unbounded if variant.window_left < 0 else min(variant.window_left, unbounded),
+                  window_right=unbounded if variant.window_right < 0 else min(variant.window_right, unbounded),
+                  HAS_WINDOW=True)
+    if cache is not None:
+        kw.update(HAS_SEQLENS=True, HAS_LEFTPAD=cache.leftpad is not None,
+                  HAS_BATCH_IDX=cache.batch_idx is not None, PAGE_SIZE=page_size)
+    table = cache.block_table if cache is not None else None
+    _launch_split(
+        (m_blocks, batch * nheads_k, num_splits), q, k, v, o, lse, o_part, lse_part,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        seqlen_q, k.shape[1], nheads, softmax_scale * LOG2E.value, num_splits,
+        cache.seqlens if cache is not None else None, cache.seqlen_new if cache is not None else 0,
+        cache.leftpad if cache is not None else None, cache.batch_idx if cache is not None else None,
+        table, table.stride(0) if table is not None else 0, **kw,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    if split:
+        _launch_combine((seqlen_q * nheads, batch), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
+                        nheads, num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+                        SPLITS=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1)
+    return o, lse
+
+
+def append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+           v: torch.Tensor | None, cache: KVCache, rotary_cos: torch.Tensor | None,
+           rotary_sin: torch.Tensor | None, rotary_interleaved: bool, q_all_positions: bool) -> torch.Tensor:
+    """Write k, v (B, Sn, Hk, D) into the cache at cache.seqlens (k rotated when cos/sin are given)
+    and return q, rotated into a new tensor when cos/sin are given (else q itself)."""
+    rotary = rotary_cos is not None
+    if k is None and not rotary:
+        return q
+    batch, seqlen_q, nheads, head_dim = q.shape
+    nheads_k = k_cache.shape[2]
+    seqlen_new = k.shape[1] if k is not None else 0
+    q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else q
+    table = cache.block_table
+    k_args = (k, v, *k.stride()[:3], *v.stride()[:3]) if k is not None else (None, None, 0, 0, 0, 0, 0, 0)
+    _launch_append(
+        (max(seqlen_new, seqlen_q if rotary else 0), nheads if rotary else nheads_k, batch),
+        k_args[0], k_args[1], k_cache, v_cache, q, q_rot, rotary_cos, rotary_sin, *k_args[2:],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], *q.stride()[:3], *q_rot.stride()[:3],
+        cache.seqlens, cache.leftpad, cache.batch_idx, table, table.stride(0) if table is not None else 0,
+        seqlen_new, seqlen_q, nheads_k, nheads // nheads_k,
+        rotary_cos.shape[1] if rotary else 0, rotary_cos.stride(0) if rotary else 0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), HAS_LEFTPAD=cache.leftpad is not None,
+        HAS_BATCH_IDX=cache.batch_idx is not None, PAGE_SIZE=cache.page_size, ROTARY=rotary,
+        INTERLEAVED=rotary_interleaved, Q_ALL_POSITIONS=q_all_positions, num_warps=1, num_stages=1)
+    return q_rot
