@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--decode", action="store_true",
                        help="one query token against a KV cache (flash_attn_with_kvcache), contiguous and "
                             "paged, beside SDPA cuDNN and FlashAttention-4: us per step and K/V TB/s")
+    group.add_argument("--decode-kv-heads", type=_csv(int), metavar="LIST", help="decode panel: KV heads (GPU 8,32)")
+    group.add_argument("--decode-batches", type=_csv(int), metavar="LIST", help="decode panel: batch sizes (GPU 1,16,64)")
+    group.add_argument("--decode-caches", type=_csv(cases.parse_seqlen), metavar="LIST",
+                       help="decode panel: cache lengths (GPU 1k,8k,32k,128k)")
+    group.add_argument("--decode-layouts", type=_csv(str), metavar="LIST",
+                       help="decode panel: contiguous, paged-<page size> (GPU contiguous,paged-16,paged-256)")
     group.add_argument("--no-grid", dest="grid", action="store_false",
                         help="skip the main grid and the memory section (only the option panels)")
     args = parser.parse_args(argv)
@@ -111,7 +117,11 @@ def build_panels(args: argparse.Namespace, gpu: bool, device: torch.device) -> p
     if args.varlen:
         chosen.varlen = panels.GPU_VARLEN if gpu else panels.CPU_VARLEN
     if args.decode:
-        chosen.decode = panels.decode_panel.GPU_DECODE if gpu else panels.decode_panel.CPU_DECODE
+        decode = panels.decode_panel.GPU_DECODE if gpu else panels.decode_panel.CPU_DECODE
+        chosen.decode = replace(decode, kv_heads=tuple(args.decode_kv_heads or decode.kv_heads),
+                                batches=tuple(args.decode_batches or decode.batches),
+                                caches=tuple(args.decode_caches or decode.caches),
+                                layouts=tuple(args.decode_layouts or decode.layouts))
     return chosen
 
 
