@@ -165,7 +165,7 @@ def _combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_om, stride_oh, batch, s
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
     """Merge the splits of one output row (b, i, h): O = sum_s w_s O_s / sum_s w_s with
     w_s = 2^(lse_s - max lse); lse = log(sum_s 2^lse_s). No split saw a key: O = 0, lse = +inf.
-    Grid (seqlen_q * nheads, batch)."""
+    Grid (seqlen_q * nheads, batch, 1)."""
     i = tl.program_id(0) // nheads
     off_h = tl.program_id(0) % nheads
     off_b = tl.program_id(1).to(tl.int64)
@@ -365,7 +365,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages)
     if split:
-        _launch_combine((seqlen_q * nheads, batch), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
+        _launch_combine((seqlen_q * nheads, batch, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
                         nheads, num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
                         SPLITS=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1)
     return o, lse
