@@ -21,7 +21,7 @@ HEADS, HEADS_K, HEAD_DIM = 4, 2, 40
 # Cache slots per sequence (several of the split kernel's 64-key tiles), and the cached lengths
 # before the call: an empty cache, a short one, one that ends mid-tile, a nearly full one.
 CAPACITY = 1024 if HAS_CUDA else 224
-SEQLENS = [0, 5, 131, CAPACITY - 6] if HAS_CUDA else [0, 5, 131, 200]
+SEQLENS = [0, 5, 131, CAPACITY - 9] if HAS_CUDA else [0, 5, 131, 200]
 PAGE = 16
 
 # name: (cache layout, options)
@@ -306,3 +306,17 @@ def test_bad_input_raises_and_writes_nothing(backend, case, use_backend):
     for name, old in zip(("k_cache", "v_cache"), before):
         assert torch.equal(kw[name].contiguous().view(torch.uint8), old.contiguous().view(torch.uint8)), \
             f"{name} changed"
+
+
+def test_more_splits_than_one_combine_chunk(use_backend):
+    """The combine reads the splits CHUNK at a time and merges the chunks online: 40 splits of one key
+    tile each, one of them past a short sequence (empty), against one split."""
+    use_backend("triton")
+    torch.manual_seed(3)
+    q = torch.randn(2, 1, 4, 32, dtype=DTYPE, device=DEVICE)
+    k = torch.randn(2, 40 * 64, 2, 32, dtype=DTYPE, device=DEVICE)
+    v = torch.randn_like(k)
+    out, lse = decode.forward(q, k, v, 0.2, PLAIN, num_splits=40)
+    out1, lse1 = decode.forward(q, k, v, 0.2, PLAIN, num_splits=1)
+    torch.testing.assert_close(out, out1, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, lse1, atol=1e-5, rtol=1e-5)

@@ -149,15 +149,19 @@ class VarlenRow:
     dense: Timing
     varlen_flops: float
     dense_flops: float
+    torch_varlen: Timing          # torch.nn.attention.varlen.varlen_attn on the same packed batch
 
     def tflops(self, t: Timing, flops: float) -> float | None:
         return flops / (t.ms * 1e-3) / 1e12 if t.ms else None
 
     def as_dict(self) -> dict:
         ours, dense = self.tflops(self.varlen, self.varlen_flops), self.tflops(self.dense, self.dense_flops)
+        peer = self.tflops(self.torch_varlen, self.varlen_flops)
         return {"causal": self.causal, "pass": self.pass_, "varlen": self.varlen.as_dict(),
-                "dense": self.dense.as_dict(), "varlen_tflops": ours, "dense_tflops": dense,
-                "varlen_over_dense_tflops": ours / dense if ours and dense else None}
+                "dense": self.dense.as_dict(), "torch_varlen_attn": self.torch_varlen.as_dict(),
+                "varlen_tflops": ours, "dense_tflops": dense, "torch_varlen_attn_tflops": peer,
+                "varlen_over_dense_tflops": ours / dense if ours and dense else None,
+                "varlen_over_torch_varlen_attn": ours / peer if ours and peer else None}
 
 
 @dataclass
@@ -292,14 +296,35 @@ def run_varlen(cfg: VarlenConfig, device: torch.device, timer, progress: Callabl
         def dense(q, k, v, causal=causal):
             return flash_attn_func(q, k, v, causal=causal)
 
+        peer = _torch_varlen(cu, max(lengths), causal)
+
         for pass_ in ("fwd", "bwd"):
             progress(f"{'causal' if causal else 'non-causal'} {pass_}")
             rows.append(VarlenRow(
                 causal, pass_, _time(packed, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timer),
                 _time(dense, (len(dense_lengths), cfg.dense_seqlen, cfg.nheads, cfg.headdim), dtype, pass_, device,
                       timer),
-                _attention_flops(lengths, cfg, causal, pass_), _attention_flops(dense_lengths, cfg, causal, pass_)))
+                _attention_flops(lengths, cfg, causal, pass_), _attention_flops(dense_lengths, cfg, causal, pass_),
+                _time(peer, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timer) if callable(peer)
+                else Timing(error=peer)))
     return rows
+
+
+def _torch_varlen(cu: Tensor, longest: int, causal: bool):
+    """torch.nn.attention.varlen.varlen_attn on the packed batch (a function), or why it cannot run
+    (a str): it needs torch >= 2.10 and a CUDA device. Older releases take is_causal, newer ones a
+    window ((-1, 0) is causal)."""
+    if cu.device.type != "cuda":
+        return "torch's varlen_attn runs on CUDA only"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no varlen_attn ({exc})"
+    import inspect
+    params = inspect.signature(varlen_attn).parameters
+    kw = ({"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in params
+          else {"is_causal": causal})
+    return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
 
 
 def run(panels: Panels, console: Console) -> Panels:
@@ -354,12 +379,14 @@ def _tflops(x: float | None) -> str:
 
 def varlen_table(panels: Panels) -> Table:
     table = Table(title=_varlen_title(panels.varlen), title_justify="left")
-    for header in ("causal", "pass", "varlen ms", "dense ms", "varlen TFLOP/s", "dense TFLOP/s", "varlen / dense"):
+    for header in ("causal", "pass", "varlen ms", "dense ms", "varlen TFLOP/s", "dense TFLOP/s", "varlen / dense",
+                   "torch varlen_attn TFLOP/s", "varlen / torch"):
         table.add_column(header, justify="right")
     for row in panels.varlen_rows:
         d = row.as_dict()
         table.add_row("yes" if row.causal else "no", row.pass_, _ms(row.varlen), _ms(row.dense),
-                      _tflops(d["varlen_tflops"]), _tflops(d["dense_tflops"]), _ratio(d["varlen_over_dense_tflops"]))
+                      _tflops(d["varlen_tflops"]), _tflops(d["dense_tflops"]), _ratio(d["varlen_over_dense_tflops"]),
+                      _tflops(d["torch_varlen_attn_tflops"]), _ratio(d["varlen_over_torch_varlen_attn"]))
     return table
 
 
@@ -397,7 +424,7 @@ def print_panels(panels: Panels, console: Console) -> None:
         console.print(decode_panel.table(panels.decode, panels.decode_rows))
     errors = {t.error for r in panels.sparse_rows for t in (r.sparse, r.dense) if t.error}
     errors |= {t.error for r in panels.window_rows for t in (r.window, r.dense) if t.error}
-    errors |= {t.error for r in panels.varlen_rows for t in (r.varlen, r.dense) if t.error}
+    errors |= {t.error for r in panels.varlen_rows for t in (r.varlen, r.dense, r.torch_varlen) if t.error}
     errors |= {f"{n}: {e}" for r in panels.decode_rows for n, e in r.errors.items()}
     for error in sorted(errors):
         console.print(f"[red]err[/]: {error}")
@@ -441,13 +468,15 @@ def markdown(panels: Panels) -> str:
                   f"{_ratio(r.as_dict()['dense_over_window'])} |" for r in panels.window_rows]
     if panels.varlen_rows:
         lines += ["", _varlen_title(panels.varlen) + ":", "",
-                  "| causal | pass | varlen ms | dense ms | varlen TFLOP/s | dense TFLOP/s | varlen / dense |",
-                  "| :--- | :--- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| causal | pass | varlen ms | dense ms | varlen TFLOP/s | dense TFLOP/s | varlen / dense | "
+                  "torch varlen_attn TFLOP/s | varlen / torch |",
+                  "| :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in panels.varlen_rows:
             d = r.as_dict()
             lines.append(f"| {'yes' if r.causal else 'no'} | {r.pass_} | {_ms(r.varlen)} | {_ms(r.dense)} | "
                          f"{_tflops(d['varlen_tflops'])} | {_tflops(d['dense_tflops'])} | "
-                         f"{_ratio(d['varlen_over_dense_tflops'])} |")
+                         f"{_ratio(d['varlen_over_dense_tflops'])} | {_tflops(d['torch_varlen_attn_tflops'])} | "
+                         f"{_ratio(d['varlen_over_torch_varlen_attn'])} |")
     text = "\n".join(lines) + "\n" if lines else ""
     if panels.decode_rows:
         text += decode_panel.markdown(panels.decode, panels.decode_rows)

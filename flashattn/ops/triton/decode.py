@@ -162,28 +162,36 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
 
 @triton.jit
 def _combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_om, stride_oh, batch, seqlen_q, nheads, num_splits,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """Merge the splits of one output row (b, i, h): O = sum_s w_s O_s / sum_s w_s with
     w_s = 2^(lse_s - max lse); lse = log(sum_s 2^lse_s). No split saw a key: O = 0, lse = +inf.
-    Grid (seqlen_q * nheads, batch, 1)."""
+    CHUNK splits are read at once (one round trip to memory each, not one per split), merged
+    online as the forward merges key tiles. Grid (seqlen_q * nheads, batch, 1)."""
     i = tl.program_id(0) // nheads
     off_h = tl.program_id(0) % nheads
     off_b = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, SPLITS)
+    offs_s = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     split_stride = batch * nheads * seqlen_q                       # rows of one split
     lse_row = (off_b * nheads + off_h) * seqlen_q + i
-    lse_s = tl.load(LSE_PART + offs_s * split_stride + lse_row, mask=offs_s < num_splits,
-                    other=float("-inf"))                           # [SPLITS]
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.math.exp2(lse_s - m_safe), 0)
     o_row = ((off_b * seqlen_q + i) * nheads + off_h) * HEAD_DIM
+    m = float("-inf")
+    total = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(num_splits):
-        w = tl.math.exp2(tl.load(LSE_PART + s * split_stride + lse_row) - m_safe)
-        acc += w * tl.load(O_PART + s * split_stride * HEAD_DIM + o_row + offs_d, mask=offs_d < HEAD_DIM,
-                           other=0.0)
+    for s0 in range(0, num_splits, CHUNK):
+        split = s0 + offs_s
+        lse_s = tl.load(LSE_PART + split * split_stride + lse_row, mask=split < num_splits,
+                        other=float("-inf"))                       # [CHUNK]
+        o_s = tl.load(O_PART + (split * split_stride * HEAD_DIM + o_row)[:, None] + offs_d[None, :],
+                      mask=(split < num_splits)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse_s - m_safe)                           # [CHUNK]
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o_s, 0)            # [BLOCK_D]
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
     seen = total != 0.0
     total_safe = tl.where(seen, total, 1.0)
     tl.store(O + off_b * stride_ob + i * stride_om + off_h * stride_oh + offs_d,
@@ -367,7 +375,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     if split:
         _launch_combine((seqlen_q * nheads, batch, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
                         nheads, num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-                        SPLITS=max(2, 1 << (num_splits - 1).bit_length()), num_warps=4, num_stages=1)
+                        CHUNK=min(32, max(2, 1 << (num_splits - 1).bit_length())), num_warps=4, num_stages=1)
     return o, lse
 
 
