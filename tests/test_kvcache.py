@@ -231,10 +231,12 @@ def test_split_choice_and_heuristic():
     assert choice.kernel_for("fwd", q, k, k, PLAIN, 0.1) == choice.SPLIT_KV
     assert choice.kernel_for("fwd", torch.empty(1, 17, 32, 128), k, k, PLAIN, 0.1) != choice.SPLIT_KV
     assert choice.kernel_for("bwd", q, k, k, PLAIN, 0.1) != choice.SPLIT_KV
-    cuda = torch.device("cpu")        # the interpreter's SM count (8)
-    assert decode.num_splits_for(programs=64, key_tiles=1000, device=cuda) == 1
-    assert decode.num_splits_for(programs=1, key_tiles=1000, device=cuda) == 16
-    assert decode.num_splits_for(programs=1, key_tiles=4, device=cuda) == 2
+    cpu = torch.device("cpu")         # the interpreter's stand-in: 8 SMs
+    # 2 programs resident per SM: 16 slots. Whole waves; never a split of fewer than two key tiles.
+    assert decode.num_splits_for(programs=64, key_tiles=1000, resident=2, device=cpu) == 1
+    assert decode.num_splits_for(programs=1, key_tiles=1000, resident=2, device=cpu) == 16
+    assert decode.num_splits_for(programs=6, key_tiles=1000, resident=2, device=cpu) == 8   # 48 programs: 3 waves
+    assert decode.num_splits_for(programs=1, key_tiles=4, resident=2, device=cpu) == 2
 
 
 # ---------------------------------------------------------------------------------------------------

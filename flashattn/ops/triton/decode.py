@@ -302,24 +302,45 @@ def tiles(rows: int, head_dim: int, paged_small: bool) -> Tiles:
     return Tiles(block_m, block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
 
 
-_SM_COUNT: dict[int, int] = {}
+_SM: dict[int, tuple[int, int]] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def _sm(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory bytes per SM) of a CUDA device; the interpreter's stand-in is a few
+    small SMs, so that the CPU tests split and combine."""
     if device.type != "cuda":
-        return 8        # the interpreter: a few splits, to exercise the combine
+        return 8, 2 * 72 * 1024
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    if index not in _SM:
+        props = torch.cuda.get_device_properties(index)
+        _SM[index] = (props.multi_processor_count,
+                      getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) - 1024)
+    return _SM[index]
 
 
-def num_splits_for(programs: int, key_tiles: int, device: torch.device) -> int:
-    """Splits when num_splits=0: enough programs for two per SM, each split at least two key tiles
-    (its combine costs one partial row), at most MAX_SPLITS. `key_tiles` counts the tiles of the
-    longest possible sequence (the cache's capacity: the lengths themselves are on the device)."""
-    want = cdiv(2 * _sm_count(device), programs)
-    return max(1, min(want, key_tiles // 2, MAX_SPLITS))
+def _shared_bytes(t: Tiles, head_dim: int, elem: int) -> int:
+    """The split kernel's shared memory: num_stages - 1 K and V tiles in flight, and the q tile."""
+    d = block_d(head_dim)
+    return (t.num_stages - 1) * 2 * t.block_n * d * elem + t.block_m * d * elem + 2048
+
+
+def num_splits_for(programs: int, key_tiles: int, resident: int, device: torch.device) -> int:
+    """Splits when num_splits=0. The SMs hold `resident` programs each at once (their shared
+    memory); a split count whose programs fill those slots in whole waves keeps every SM reading
+    until the end, where a partial last wave leaves most of them idle (benchmarks/TUNING.md,
+    § split-kv). The fewest splits within 95% of the best wave efficiency, each split at least
+    two key tiles, at most MAX_SPLITS. `key_tiles` counts the tiles of the longest possible sequence
+    (the cache's capacity: the lengths themselves are on the device)."""
+    sms, _ = _sm(device)
+    slots = sms * resident
+    most = max(1, min(key_tiles // 2, MAX_SPLITS))
+
+    def efficiency(s: int) -> float:
+        work = programs * s
+        return work / (cdiv(work, slots) * slots)
+
+    best = max(efficiency(s) for s in range(1, most + 1))
+    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, variant: Variant,
@@ -336,7 +357,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     t = tiles(seqlen_q * group, head_dim, 0 < page_size < 64)
     m_blocks = cdiv(seqlen_q * group, t.block_m)
     if num_splits == 0:
-        num_splits = num_splits_for(batch * nheads_k * m_blocks, cdiv(capacity, t.block_n), q.device)
+        _, shared = _sm(q.device)
+        resident = max(1, min(4, shared // _shared_bytes(t, head_dim, q.element_size())))
+        num_splits = num_splits_for(batch * nheads_k * m_blocks, cdiv(capacity, t.block_n), resident, q.device)
     num_splits = min(num_splits, max(1, cdiv(capacity, t.block_n)), MAX_SPLITS)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
