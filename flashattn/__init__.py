@@ -6,6 +6,7 @@ from flashattn.sparse import (BlockMask, butterfly_block_mask, local_global_bloc
                               strided_block_mask)
 from flashattn.varlen import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                               flash_attn_varlen_qkvpacked_func)
+from flashattn import nn   # the layers, flashattn.nn.FlashAttention / MultiheadAttention (last: they use the above)
 
 __version__ = "0.1.0"
 
