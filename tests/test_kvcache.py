@@ -316,7 +316,7 @@ def test_more_splits_than_one_combine_chunk(use_backend):
     use_backend("triton")
     torch.manual_seed(3)
     q = torch.randn(2, 1, 4, 32, dtype=DTYPE, device=DEVICE)
-    k = torch.randn(2, 40 * 64, 2, 32, dtype=DTYPE, device=DEVICE)
+    k = torch.randn(2, 40 * decode.tiles(4, 32).block_n, 2, 32, dtype=DTYPE, device=DEVICE)
     v = torch.randn_like(k)
     out, lse = decode.forward(q, k, v, 0.2, PLAIN, num_splits=40)
     out1, lse1 = decode.forward(q, k, v, 0.2, PLAIN, num_splits=1)

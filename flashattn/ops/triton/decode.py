@@ -293,13 +293,15 @@ class Tiles:
     num_stages: int
 
 
-def tiles(rows: int, head_dim: int, paged_small: bool) -> Tiles:
+def tiles(rows: int, head_dim: int) -> Tiles:
     """Tile shape of the split kernel for `rows` = seqlen_q * G packed rows (benchmarks/TUNING.md,
     § split-kv): 16 rows at least (tl.dot's minimum), at most 64 (more rows share a K/V tile but the
-    accumulator grows); key tiles of 64, kept within one page when pages are small."""
+    accumulator grows); 128 keys per tile, two stages (one tile's loads in flight while the other is
+    used) up to head dim 128, 32 keys beyond."""
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    block_n = 64 if head_dim <= 128 else 32
-    return Tiles(block_m, block_n, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+    if head_dim <= 128:
+        return Tiles(block_m, 128, num_warps=4, num_stages=2)
+    return Tiles(block_m, 32, num_warps=4, num_stages=2)
 
 
 _SM: dict[int, tuple[int, int]] = {}
@@ -354,7 +356,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     group = nheads // nheads_k
     page_size = cache.page_size if cache is not None else 0
     capacity = cache.capacity if cache is not None else k.shape[1]
-    t = tiles(seqlen_q * group, head_dim, 0 < page_size < 64)
+    t = tiles(seqlen_q * group, head_dim)
     m_blocks = cdiv(seqlen_q * group, t.block_m)
     if num_splits == 0:
         _, shared = _sm(q.device)
