@@ -26,18 +26,27 @@ def _check_index(name: str, x, shape: tuple[int, ...], device: torch.device) -> 
         raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
 
 
-def _check_values(seqlens: Tensor, seqlen_new: int, capacity: int, leftpad: Tensor | None,
+def _check_values(seqlens: Tensor | int, seqlen_new: int, capacity: int, leftpad: Tensor | None,
                   batch_idx: Tensor | None, cache_batch: int, block_table: Tensor | None, page_size: int,
                   pages: int) -> None:
-    """The checks that read device values (one sync), skipped while a CUDA graph is captured or
-    torch.compile traces, where values cannot be read: each sequence's cache length plus the new
-    tokens fits, leftpad within it, cache_batch_idx and the block table entries in use in range."""
-    if torch.compiler.is_compiling() or (seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+    """The checks that read device values: each sequence's cache length plus the new tokens fits,
+    leftpad within it, cache_batch_idx and the block table entries in use in range. One length for
+    every sequence (an int) is checked on the host; tensors are read in one sync, skipped while a
+    CUDA graph is captured or torch.compile traces, where values cannot be read."""
+    per_sequence = isinstance(seqlens, torch.Tensor)
+    if not per_sequence and not 0 <= seqlens <= capacity - seqlen_new:
+        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens = {seqlens} plus {seqlen_new} new tokens is "
+                         f"outside the cache's {capacity} slots per sequence; nothing was written")
+    tensors = [x for x in (seqlens if per_sequence else None, leftpad, batch_idx, block_table) if x is not None]
+    if not tensors or torch.compiler.is_compiling() or (
+            tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    total = seqlens.long() + seqlen_new
-    checks = [seqlens < 0, total > capacity]
+    device = tensors[0].device
+    lengths = seqlens.long() if per_sequence else torch.full((len(tensors[0]),), seqlens, device=device)
+    total = lengths + seqlen_new
+    checks = [lengths < 0, total > capacity]
     if leftpad is not None:
-        checks += [leftpad < 0, leftpad > seqlens]
+        checks += [leftpad < 0, leftpad > lengths]
     if batch_idx is not None:
         checks += [(batch_idx < 0) | (batch_idx >= cache_batch)]
     if block_table is not None:
@@ -47,7 +56,7 @@ def _check_values(seqlens: Tensor, seqlen_new: int, capacity: int, leftpad: Tens
     if not bad.any():
         return
     problems = []
-    values = seqlens.tolist()
+    values = lengths.tolist()
     for b in bad.any(dim=0).nonzero().flatten().tolist()[:4]:
         row = bad[:, b].tolist()
         if row[0]:
@@ -95,7 +104,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
             + i when causal or windowed, else all of q at cache_seqlens[b] - cache_leftpad[b]
             (flash-attn's convention). Computed in float32; q itself is not modified.
         cache_seqlens: int, or int32 (batch,): the tokens already in each sequence's cache (leftpad
-            included). None means the cache is full: every sequence has seqlen_cache tokens.
+            included). None means the cache is full: every sequence has seqlen_cache tokens. An int
+            (or None) is one length for every sequence, passed to the kernels as a launch argument.
         cache_batch_idx: int32 (batch,): sequence b uses batch entry cache_batch_idx[b] of the cache
             (contiguous caches only). None: entry b.
         cache_leftpad: int32 (batch,): sequence b's cache starts at slot cache_leftpad[b] (left
@@ -203,9 +213,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
             raise ValueError("cache_seqlens=None means the cache is full: there is no slot for k and v; "
                              "pass the lengths")
         cache_seqlens = capacity
-    if _is_int(cache_seqlens):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-    _check_index("cache_seqlens", cache_seqlens, (batch,), device)
+    if not _is_int(cache_seqlens):
+        _check_index("cache_seqlens", cache_seqlens, (batch,), device)
     if cache_batch_idx is not None:
         _check_index("cache_batch_idx", cache_batch_idx, (batch,), device)
     if cache_leftpad is not None:
@@ -228,6 +237,6 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     with torch.no_grad():
         out, lse = custom_ops.kv_cache(
             q if q.stride(-1) == 1 else q.contiguous(), k_cache, v_cache, k, v, rotary_cos, rotary_sin,
-            cache_seqlens, cache_leftpad, cache_batch_idx, block_table, softmax_scale, causal, window_left,
+            *((None, cache_seqlens) if _is_int(cache_seqlens) else (cache_seqlens, 0)), cache_leftpad, cache_batch_idx, block_table, softmax_scale, causal, window_left,
             window_right, float(softcap), alibi_slopes, rotary_interleaved, num_splits, backend)
     return (out, lse) if return_softmax_lse else out

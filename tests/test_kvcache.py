@@ -322,3 +322,33 @@ def test_more_splits_than_one_combine_chunk(use_backend):
     out1, lse1 = decode.forward(q, k, v, 0.2, PLAIN, num_splits=1)
     torch.testing.assert_close(out, out1, atol=2e-3, rtol=0)
     torch.testing.assert_close(lse, lse1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_length_for_every_sequence(backend, layout, use_backend):
+    """cache_seqlens as an int (or None: the cache is full) is a launch argument, not a tensor: the same
+    result and the same cache as the tensor of that length."""
+    use_backend(backend)
+    batch, n = 2, 100
+    results = []
+    for lengths in (n, torch.full((batch,), n, dtype=torch.int32, device=DEVICE)):
+        torch.manual_seed(4)
+        cache = _Cache("paged" if layout == "paged" else "contiguous", batch, False)
+        cache.k.normal_()
+        cache.v.normal_()
+        q = torch.randn(batch, 2, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+        k, v = (torch.randn(batch, 2, HEADS_K, HEAD_DIM, dtype=DTYPE, device=DEVICE) for _ in range(2))
+        kw = cache.kwargs()
+        kw["cache_seqlens"] = lengths
+        out = flash_attn_with_kvcache(q, cache.k, cache.v, k, v, **kw, causal=True)
+        results.append((out, cache.k.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1].nan_to_num(), results[1][1].nan_to_num())
+    full = flash_attn_with_kvcache(q, cache.k[:, :8] if layout == "contiguous" else cache.k,
+                                   cache.v[:, :8] if layout == "contiguous" else cache.v,
+                                   block_table=cache.block_table, cache_seqlens=None if layout == "contiguous" else 8)
+    assert full.shape == q.shape
+    with pytest.raises(ValueError, match="outside the cache"):
+        flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=CAPACITY - 1,
+                                block_table=cache.block_table)

@@ -104,15 +104,15 @@ def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_
 
 @torch.library.custom_op("flashattn::kv_cache_attention", mutates_args=("k_cache", "v_cache"))
 def kv_cache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
-                       rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: Tensor,
-                       cache_leftpad: Tensor | None, cache_batch_idx: Tensor | None, block_table: Tensor | None,
+                       rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: Tensor | None,
+                       cache_seqlen: int, cache_leftpad: Tensor | None, cache_batch_idx: Tensor | None, block_table: Tensor | None,
                        softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
                        alibi_slopes: Tensor | None, rotary_interleaved: bool, num_splits: int, backend: str,
                        ) -> tuple[Tensor, Tensor]:
     """flash_attn_with_kvcache below validation: appends to k_cache/v_cache in place, then attends
     (dispatch.kv_cache_forward). No gradient: an inference operator."""
     return dispatch.kv_cache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                                     cache_leftpad, cache_batch_idx, block_table, softmax_scale, causal,
+                                     cache_seqlen, cache_leftpad, cache_batch_idx, block_table, softmax_scale, causal,
                                      window_left, window_right, softcap, alibi_slopes, rotary_interleaved,
                                      num_splits, backend)
 

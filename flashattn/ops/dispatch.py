@@ -117,17 +117,18 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
 
 
 def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
-                     rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: Tensor,
-                     cache_leftpad: Tensor | None, cache_batch_idx: Tensor | None, block_table: Tensor | None,
+                     rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: Tensor | None,
+                     cache_seqlen: int, cache_leftpad: Tensor | None, cache_batch_idx: Tensor | None, block_table: Tensor | None,
                      softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
                      alibi_slopes: Tensor | None, rotary_interleaved: bool, num_splits: int, backend: str,
                      ) -> tuple[Tensor, Tensor]:
     """Append k, v to the cache (in place), then attend: O (B, Sq, H, D) and lse (B, H, Sq). The
-    arguments are validated (flashattn/kvcache.py); the semantics are variant.KVCache's."""
+    arguments are validated (flashattn/kvcache.py); the semantics are variant.KVCache's. Without
+    cache_seqlens, every sequence holds cache_seqlen tokens."""
     batch, seqlen_q, nheads, _ = q.shape
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else 0
-    cache = KVCache(cache_seqlens, k.shape[1] if k is not None else 0, cache_leftpad, cache_batch_idx,
+    cache = KVCache(cache_seqlens if cache_seqlens is not None else cache_seqlen, k.shape[1] if k is not None else 0, cache_leftpad, cache_batch_idx,
                     block_table, page_size, block_table.shape[1] * page_size if paged else k_cache.shape[1])
     variant = make_variant(batch, nheads, causal, window_left, window_right, softcap, alibi_slopes, 0.0, None,
                            None, None, None, None, None, None, 0, False)

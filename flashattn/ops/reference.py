@@ -543,9 +543,14 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: 
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
-def _slots(cache: KVCache, b: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+def _cached(cache: KVCache, b: int) -> int:
+    """Tokens in sequence b's cache before the call."""
+    return cache.seqlens if isinstance(cache.seqlens, int) else int(cache.seqlens[b])
+
+
+def _slots(cache: KVCache, b: int, start: int, stop: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """(cache batch entry or page, row) of the slots [start, stop) of sequence b."""
-    slots = torch.arange(start, stop, device=cache.seqlens.device)
+    slots = torch.arange(start, stop, device=device)
     if cache.block_table is not None:
         return cache.block_table[b, slots // cache.page_size].long(), slots % cache.page_size
     entry = int(cache.batch_idx[b]) if cache.batch_idx is not None else b
@@ -559,7 +564,7 @@ def kv_cache_append(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | Non
     seqlens[b] - leftpad[b] + t when cos/sin are given); return q rotated at position seqlens[b] -
     leftpad[b] (+ i when q_all_positions), or q itself without rotary."""
     batch, seqlen_q = q.shape[:2]
-    start = cache.seqlens.long()
+    start = torch.tensor([_cached(cache, b) for b in range(batch)], device=q.device)
     if cache.leftpad is not None:
         start = start - cache.leftpad.long()
     if rotary_cos is not None:
@@ -572,8 +577,8 @@ def kv_cache_append(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | Non
             positions = start[:, None] + torch.arange(seqlen_new, device=k.device)
             k = rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
         for b in range(batch):
-            cached = int(cache.seqlens[b])
-            entry, row = _slots(cache, b, cached, cached + seqlen_new)
+            cached = _cached(cache, b)
+            entry, row = _slots(cache, b, cached, cached + seqlen_new, q.device)
             k_cache[entry, row] = k[b]
             v_cache[entry, row] = v[b]
     return q
@@ -587,7 +592,7 @@ def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, softmax_scale:
     lse = torch.empty((batch, nheads, seqlen_q), dtype=_accumulator_dtype(q.dtype), device=q.device)
     for b in range(batch):
         first = int(cache.leftpad[b]) if cache.leftpad is not None else 0
-        entry, row = _slots(cache, b, first, int(cache.seqlens[b]) + cache.seqlen_new)
+        entry, row = _slots(cache, b, first, _cached(cache, b) + cache.seqlen_new, q.device)
         slopes = variant.alibi_slopes
         one = replace(variant, alibi_slopes=None if slopes is None else slopes[b:b + 1])
         out[b:b + 1], lse[b:b + 1] = flash_attention_forward(

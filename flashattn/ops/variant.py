@@ -148,7 +148,7 @@ class KVCache:
     by it; key position j (the masks' j, variant.py) is slot leftpad[b] + j, so Sk = seqlens[b] +
     seqlen_new - leftpad[b] and the masks align to each sequence's own bottom-right corner.
 
-    seqlens        int32 (B,)
+    seqlens        int32 (B,), or one int for every sequence (read by no kernel: a launch argument)
     seqlen_new     tokens appended by this call (0 without k/v)
     leftpad        int32 (B,), or None (0)
     batch_idx      int32 (B,) into the cache's batch entries, or None (contiguous only)
@@ -157,7 +157,7 @@ class KVCache:
     capacity       slots per sequence: the cache's length, or max_blocks * page_size
     """
 
-    seqlens: Tensor
+    seqlens: Tensor | int
     seqlen_new: int = 0
     leftpad: Tensor | None = None
     batch_idx: Tensor | None = None

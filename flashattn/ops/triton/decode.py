@@ -226,9 +226,9 @@ def _append_kv(KNEW, VNEW, K, V, Q, QROT, COS, SIN,
                stride_knb, stride_knm, stride_knh, stride_vnb, stride_vnm, stride_vnh,
                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                stride_qb, stride_qm, stride_qh, stride_rb, stride_rm, stride_rh,
-               SEQLENS, LEFTPAD, BATCH_IDX, BLOCK_TABLE, stride_btb, seqlen_new, seqlen_q, nheads_k, group,
-               rotary_half, stride_cos,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+               SEQLENS, seqlen_cached, LEFTPAD, BATCH_IDX, BLOCK_TABLE, stride_btb, seqlen_new, seqlen_q, nheads_k,
+               group, rotary_half, stride_cos,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                HAS_BATCH_IDX: tl.constexpr, PAGE_SIZE: tl.constexpr, ROTARY: tl.constexpr,
                INTERLEAVED: tl.constexpr, Q_ALL_POSITIONS: tl.constexpr):
     """Program (t, h, b): with t < seqlen_new and h < nheads_k, write new token t of KV head h into
@@ -241,7 +241,9 @@ def _append_kv(KNEW, VNEW, K, V, Q, QROT, COS, SIN,
     off_b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    cached = tl.load(SEQLENS + off_b)
+    cached = seqlen_cached                                           # one length for every sequence
+    if HAS_SEQLENS:
+        cached = tl.load(SEQLENS + off_b)
     leftpad = 0
     if HAS_LEFTPAD:
         leftpad = tl.load(LEFTPAD + off_b)
@@ -383,15 +385,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         kw.update(window_left=unbounded if variant.window_left < 0 else min(variant.window_left, unbounded),
                   window_right=unbounded if variant.window_right < 0 else min(variant.window_right, unbounded),
                   HAS_WINDOW=True)
+    per_sequence = cache is not None and isinstance(cache.seqlens, torch.Tensor)
     if cache is not None:
-        kw.update(HAS_SEQLENS=True, HAS_LEFTPAD=cache.leftpad is not None,
+        kw.update(HAS_SEQLENS=per_sequence, HAS_LEFTPAD=cache.leftpad is not None,
                   HAS_BATCH_IDX=cache.batch_idx is not None, PAGE_SIZE=page_size)
     table = cache.block_table if cache is not None else None
     _launch_split(
         (m_blocks, batch * nheads_k, num_splits), q, k, v, o, lse, o_part, lse_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        seqlen_q, k.shape[1], nheads, softmax_scale * LOG2E.value, num_splits,
-        cache.seqlens if cache is not None else None, cache.seqlen_new if cache is not None else 0,
+        # One length for every sequence is a launch argument (no tensor to fill, no load).
+        seqlen_q, k.shape[1] if cache is None or per_sequence else cache.seqlens + cache.seqlen_new, nheads,
+        softmax_scale * LOG2E.value, num_splits,
+        cache.seqlens if per_sequence else None, cache.seqlen_new if cache is not None else 0,
         cache.leftpad if cache is not None else None, cache.batch_idx if cache is not None else None,
         table, table.stride(0) if table is not None else 0, **kw,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
@@ -417,15 +422,18 @@ def append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: tor
     seqlen_new = k.shape[1] if k is not None else 0
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else q
     table = cache.block_table
+    per_sequence = isinstance(cache.seqlens, torch.Tensor)
     k_args = (k, v, *k.stride()[:3], *v.stride()[:3]) if k is not None else (None, None, 0, 0, 0, 0, 0, 0)
     _launch_append(
         (max(seqlen_new, seqlen_q if rotary else 0), nheads if rotary else nheads_k, batch),
         k_args[0], k_args[1], k_cache, v_cache, q, q_rot, rotary_cos, rotary_sin, *k_args[2:],
         *k_cache.stride()[:3], *v_cache.stride()[:3], *q.stride()[:3], *q_rot.stride()[:3],
-        cache.seqlens, cache.leftpad, cache.batch_idx, table, table.stride(0) if table is not None else 0,
+        *((cache.seqlens, 0) if per_sequence else (None, cache.seqlens)), cache.leftpad, cache.batch_idx, table,
+        table.stride(0) if table is not None else 0,
         seqlen_new, seqlen_q, nheads_k, nheads // nheads_k,
         rotary_cos.shape[1] if rotary else 0, rotary_cos.stride(0) if rotary else 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), HAS_LEFTPAD=cache.leftpad is not None,
-        HAS_BATCH_IDX=cache.batch_idx is not None, PAGE_SIZE=cache.page_size, ROTARY=rotary,
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), HAS_SEQLENS=per_sequence,
+        HAS_LEFTPAD=cache.leftpad is not None, HAS_BATCH_IDX=cache.batch_idx is not None,
+        PAGE_SIZE=cache.page_size, ROTARY=rotary,
         INTERLEAVED=rotary_interleaved, Q_ALL_POSITIONS=q_all_positions, num_warps=1, num_stages=1)
     return q_rot
