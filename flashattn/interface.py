@@ -68,18 +68,32 @@ def _check_attn_bias(attn_bias, q: Tensor, seqlen_k: int) -> Tensor:
     return attn_bias[(None,) * (4 - len(shape))]
 
 
-def _check_row_offsets(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """The Triton kernels address the rows of a tile as 32-bit offsets from its (batch, head) base:
-    a sequence's extent in elements (rows x row stride, for each input and for the contiguous output
-    or gradient of its shape) must stay below 2^31."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        seqlen, nheads, head_dim = x.shape[1:]
-        row_stride = max(x.stride(1), nheads * head_dim)
-        if seqlen * row_stride >= 2 ** 31:
-            raise ValueError(
-                f"{name}: seqlen {seqlen} x row stride {row_stride} = {seqlen * row_stride} elements reaches "
-                "2^31, past the Triton kernels' 32-bit row offsets; call on groups of heads (contiguous "
-                "slices have row stride heads x head_dim), or use FLASHATTN_BACKEND=reference")
+# The Triton kernels address a tensor from 64-bit bases (batch entry, head, packed sequence; and each
+# row where an offset within a sequence may pass 2^31, ops/triton/common.py's WIDE): no limit on a
+# tensor's size or strides. What stays 32-bit: the row indices of a sequence (which a window's band
+# edges reach at about three lengths), and the Hopper kernels' offsets within a tile of their
+# contiguous outputs (O, dK, dV: row stride nheads x headdim), of up to MAX_TILE_ROWS rows (common.py's
+# MAX_TILE).
+MAX_TILE_ROWS = 256
+MAX_SEQLEN = 2 ** 29
+
+
+def _check_extents(q: Tensor, k: Tensor, seqlens: tuple[int, int]) -> None:
+    """The limits the Triton kernels' 32-bit indices leave: sequences (seqlens: the longest query and
+    key sequence) shorter than MAX_SEQLEN rows, and tiles of MAX_TILE_ROWS rows of the outputs or
+    gradients of q's and k's shapes within 2^31 elements."""
+    for side, seqlen in zip(("query", "key"), seqlens):
+        if seqlen >= MAX_SEQLEN:
+            raise ValueError(f"a {side} sequence of {seqlen} rows: the Triton kernels take sequences shorter than "
+                             f"2^29 = {MAX_SEQLEN} rows (32-bit row indices, which a window's band edges reach "
+                             "at three lengths); use FLASHATTN_BACKEND=reference")
+    for name, x in (("q", q), ("k", k)):
+        row = x.shape[2] * x.shape[3]
+        if MAX_TILE_ROWS * row > 2 ** 31:
+            raise ValueError(f"{name}: nheads x headdim = {row}: the Triton kernels write tiles of up to "
+                             f"{MAX_TILE_ROWS} rows of the output (or gradient) of {name}'s shape by 32-bit offsets, "
+                             f"which rows of {row} elements pass (2^31); call on fewer heads at once, or use "
+                             "FLASHATTN_BACKEND=reference")
 
 
 def _check_block_mask(block_mask, q: Tensor, seqlen_k: int) -> None:
@@ -129,9 +143,10 @@ def _check_scores(softmax_scale, causal, window_size, softcap, head_dim: int) ->
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal, window_size,
               softcap, alibi_slopes, deterministic, return_attn_probs, attn_bias, block_mask,
-              n_seq: int | None = None) -> _Call:
+              n_seq: int | None = None, max_seqlens: tuple[int, int] | None = None) -> _Call:
     """Check every argument; return the backend, the softmax scale and the normalised options.
-    `n_seq`: the number of packed sequences (varlen.py, q (1, total_q, H, D)); None when dense."""
+    `n_seq`: the number of packed sequences (varlen.py, q (1, total_q, H, D)) and `max_seqlens` the
+    longest query and key sequence among them; None when dense."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
         if x.dim() != 4:
@@ -170,7 +185,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
 
     backend = dispatch.select_backend(q.device)
     if backend == "triton":
-        _check_row_offsets(q, k, v)
+        _check_extents(q, k, max_seqlens or (q.shape[1], k.shape[1]))
     spec = dispatch.spec(backend)
     problems = capabilities.input_problems(spec, q.dtype, head_dim)
     if problems:

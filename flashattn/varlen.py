@@ -91,7 +91,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     n_seq = cu_seqlens_q.numel() - 1
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)       # (1, total, H, D)
     call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                     deterministic, return_attn_probs, None, None, n_seq=n_seq)
+                     deterministic, return_attn_probs, None, None, n_seq=n_seq,
+                     max_seqlens=(max_seqlen_q, max_seqlen_k))
     result = _attend(q4, k4, v4, call, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs,
                      packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     if not return_attn_probs:

@@ -363,17 +363,29 @@ def test_version():
     assert flashattn.__version__
 
 
-def test_sequence_extent_past_32_bit_offsets_is_refused(use_backend):
-    """The Triton kernels' row offsets are 32-bit: a sequence of 2^31 elements or more (rows x row
-    stride, or the contiguous output's) is refused with the numbers, not computed wrong. (Expanded
-    views: no memory behind them.)"""
-    from flashattn.interface import _check_row_offsets
+def test_no_size_limit_but_the_kernels_row_indices(use_backend):
+    """Tensors past 2^31 elements and any row stride are taken (the kernels' bases are 64-bit, and so
+    are their offsets within a sequence where those may pass 2^31): what is refused, with the numbers,
+    is a sequence of 2^29 rows or more (32-bit row indices) and rows of more than 2^23 elements (nheads x
+    headdim), whose output tiles of 256 rows pass 2^31. (Meta tensors and expanded views: no memory
+    behind them.)"""
+    from flashattn.interface import MAX_SEQLEN, _check_extents
 
     use_backend("triton")
+    big = torch.empty(1, 2 ** 20, 16, 128, dtype=torch.bfloat16, device="meta")          # 2^31 elements
+    _check_extents(big, big, (2 ** 20, 2 ** 20))
+    packed = torch.empty(1, 2 ** 26, 16, 128, dtype=torch.bfloat16, device="meta")     # 2^37 elements
+    _check_extents(packed, packed, (2 ** 20, 2 ** 20))
     small = torch.zeros(1, 4, 1, 8, dtype=torch.float16, device=DEVICE)
-    huge = torch.zeros(1, 1, 1, 8, dtype=torch.float16, device=DEVICE).expand(1, 2 ** 28, 1, 8)  # stride 0
-    with pytest.raises(ValueError, match=r"q: seqlen 268435456 x row stride 8 .* 32-bit row offsets"):
+    huge = torch.zeros(1, 1, 1, 8, dtype=torch.float16, device=DEVICE).expand(1, MAX_SEQLEN, 1, 8)  # stride 0
+    with pytest.raises(ValueError, match=r"a query sequence of 536870912 rows: .* shorter than 2\^29"):
         flash_attn_func(huge, small, small)
-    with pytest.raises(ValueError, match=r"k: seqlen 268435456"):
+    with pytest.raises(ValueError, match=r"a key sequence of 536870912 rows"):
         flash_attn_func(small, huge, huge)
-    _check_row_offsets(huge[:, : 2 ** 28 - 1], small, small)   # one row less: below the limit
+    _check_extents(huge[:, 1:], small, (MAX_SEQLEN - 1, 4))                           # one row less
+    strided = torch.empty_strided((1, 300, 1, 8), (0, 2 ** 24, 0, 1), dtype=torch.float16, device="meta")
+    _check_extents(small, strided, (4, 300))                                           # rows 2^24 apart
+    many_heads = torch.empty(1, 4, 2 ** 15 + 1, 256, dtype=torch.float16, device="meta")   # rows past 2^23
+    with pytest.raises(ValueError, match=r"k: nheads x headdim = 8388864"):
+        _check_extents(small, many_heads, (4, 4))
+    _check_extents(small, many_heads[:, :, 1:], (4, 4))                                # 2^23: the last fits

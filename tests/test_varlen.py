@@ -104,24 +104,45 @@ def test_matches_float64_reference(backend, causal, use_backend):
     assert lse.shape == (4, sum(lens_q)) and probs.shape == (len(lens_q), 4, max(lens_q), max(lens_k))
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
+    _check_each_sequence(q, k, v, do, (out, lse, *grads), lens_q, lens_k, causal)
     scale = 1 / math.sqrt(head_dim)
     cq, ck = _cu(lens_q).tolist(), _cu(lens_k).tolist()
     for b in range(len(lens_q)):
         rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         if lens_q[b] == 0 or lens_k[b] == 0:
             continue
-        results = []
-        for ref_dtype in (torch.float64, dtype):
-            ref_leaves = [x[r].unsqueeze(0).to(ref_dtype).requires_grad_() for x, r in ((q, rq), (k, rk), (v, rk))]
-            ref_out, ref_lse = attention_standard(*ref_leaves, scale, causal)
-            results.append((ref_out[0], ref_lse[0], *(g[0] for g in torch.autograd.grad(
-                ref_out, ref_leaves, do[rq].unsqueeze(0).to(ref_dtype)))))
-        ours = (out[rq], lse[:, rq], grads[0][rq], grads[1][rk], grads[2][rk])
-        for name, o, same, r64 in zip(("out", "lse", "dq", "dk", "dv"), ours, results[1], results[0]):
-            assert_within_factor(name, o, same, r64, dtype, head_dim)
         assert torch.allclose(probs[b, :, :lens_q[b], :lens_k[b]].double(),
                               torch.softmax(_scores(q[rq], k[rk], scale, causal), -1).nan_to_num(0.0), atol=1e-3)
         assert not probs[b, :, lens_q[b]:].any() and not probs[b, :, :, lens_k[b]:].any()
+
+
+def _check_each_sequence(q, k, v, do, results, lens_q, lens_k, causal):
+    """results = (out, lse, dq, dk, dv) of a packed call on q, k, v (output gradient do) against the
+    float64 reference, sequence by sequence, within the error rule (tests/errors.py); a sequence
+    with no key gives its rows O = 0, LSE = +inf and dQ = 0, one with no query gives dK = dV = 0.
+    lse may be None (not checked)."""
+    out, lse, dq, dk, dv = results
+    dtype, head_dim = q.dtype, q.shape[-1]
+    scale = 1 / math.sqrt(head_dim)
+    cq, ck = _cu(lens_q).tolist(), _cu(lens_k).tolist()
+    for b in range(len(lens_q)):
+        rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if lens_k[b] == 0:
+            assert not out[rq].any() and not dq[rq].any() and (lse is None or bool(torch.isinf(lse[:, rq]).all()))
+        if lens_q[b] == 0:
+            assert not dk[rk].any() and not dv[rk].any()
+        if lens_q[b] == 0 or lens_k[b] == 0:
+            continue
+        refs = []
+        for ref_dtype in (torch.float64, dtype):
+            ref_leaves = [x[r].unsqueeze(0).to(ref_dtype).requires_grad_() for x, r in ((q, rq), (k, rk), (v, rk))]
+            ref_out, ref_lse = attention_standard(*ref_leaves, scale, causal)
+            refs.append((ref_out[0], ref_lse[0], *(g[0] for g in torch.autograd.grad(
+                ref_out, ref_leaves, do[rq].unsqueeze(0).to(ref_dtype)))))
+        ours = (out[rq], None if lse is None else lse[:, rq], dq[rq], dk[rk], dv[rk])
+        for name, o, same, r64 in zip(("out", "lse", "dq", "dk", "dv"), ours, refs[1], refs[0]):
+            if o is not None:
+                assert_within_factor(name, o, same, r64, dtype, head_dim)
 
 
 def _scores(q, k, scale, causal):
@@ -232,3 +253,107 @@ def test_bad_input_raises_before_any_kernel(case):
 def test_paged_kv_is_refused_by_name():
     with pytest.raises(NotImplementedError, match="block_table"):
         flash_attn_varlen_func(*_good(), block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+
+
+# The Hopper kernels on packed sequences (sm_90; the warp-specialized forward also under the CPU
+# interpreter, which runs its TMA loads): each forced on for every call (in production the sm_90
+# tables choose them by the longest sequence), against float64 sequence by sequence. Lengths (q, k):
+# an empty query sequence, an empty key sequence, one row, 17, lengths that are no multiple of any
+# tile, seqlen_q != seqlen_k both ways, sequences over several tiles, a lone key.
+HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+HOPPER_LENS = (([0, 1, 17, 5, 700, 1025, 300, 2048, 17], [64, 129, 17, 0, 900, 1025, 333, 2048, 1]) if HAS_CUDA
+               else ([0, 1, 17, 5, 40, 33], [9, 20, 17, 0, 31, 33]))
+# family -> (head dims, configs' choice functions answered so, launchers that may not run)
+HOPPER = {
+    "ping-pong": ((64, 128, 256), dict(ping_pong_forward=True), [("forward", "_launch_fwd"),
+                                                                  ("forward", "_launch_fwd_ws")]),
+    "warp-specialized": ((64, 128, 256) if HAS_CUDA else (40, 64), dict(ping_pong_forward=False, warp_specialized=True),
+                         [("forward", "_launch_fwd"), ("forward_sm90", "_launch_fwd_sm90")]),
+    "one-pass": ((64, 128), dict(one_pass_backward=True), [("backward", "_launch_bwd")]),
+}
+
+
+def _hopper_cases():
+    marks = [pytest.mark.gpu] if HAS_CUDA else []
+    for family, (head_dims, _, _) in HOPPER.items():
+        runs = HAS_SM90 or (family == "warp-specialized" and not HAS_CUDA)
+        for head_dim in head_dims:
+            for causal in (False, True):
+                for deterministic in ((False, True) if family == "one-pass" else (False,)):
+                    name = f"{family}-d{head_dim}-{'causal' if causal else 'full'}{'-det' if deterministic else ''}"
+                    yield pytest.param(family, head_dim, causal, deterministic, id=name, marks=marks + (
+                        [] if runs else [pytest.mark.skip(reason=f"the {family} kernel is a Hopper (sm_90) kernel")]))
+
+
+@pytest.mark.parametrize("family, head_dim, causal, deterministic", list(_hopper_cases()))
+def test_hopper_kernels_on_packed_sequences(family, head_dim, causal, deterministic, monkeypatch, use_backend):
+    """Forward and backward of a packed call that the Hopper kernel `family` runs (the other kernels of
+    its pass may not), against float64; deterministic=True gives bit-identical gradients twice."""
+    from flashattn.ops.triton import backward, configs, forward, forward_sm90
+
+    use_backend("triton")
+    _, choices, refused = HOPPER[family]
+    modules = dict(forward=forward, backward=backward, forward_sm90=forward_sm90)
+
+    def other_kernel(*args, **kwargs):
+        raise AssertionError(f"the call left the {family} kernel")
+
+    for name, answer in choices.items():
+        monkeypatch.setattr(configs, name, lambda *args, answer=answer, **kwargs: answer)
+    for module, name in refused:
+        monkeypatch.setattr(modules[module], name, other_kernel)
+    if family == "warp-specialized" and HAS_CUDA:
+        # The sm_90 table has no warp-specialized shape of its own for head dim 64 causal.
+        monkeypatch.setitem(configs._TABLES[(9, 0)]["fwd_ws"], (64, True, True), configs.TileConfig(128, 64, 4, 2))
+    torch.manual_seed(6)
+    lens_q, lens_k = HOPPER_LENS
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    q, k, v = _packed(lens_q, lens_k, 4, 2, head_dim, dtype)
+    do = torch.randn_like(q)
+    runs = []
+    for _ in range(2 if deterministic else 1):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse, _ = flash_attn_varlen_func(*leaves, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k),
+                                             causal=causal, deterministic=deterministic, return_attn_probs=True)
+        runs.append((out, lse, *torch.autograd.grad(out, leaves, do)))
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    _check_each_sequence(q, k, v, do, runs[0], lens_q, lens_k, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="the Hopper kernels run on sm_90")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sm90_tables_send_long_packed_sequences_to_the_hopper_kernels(causal, monkeypatch, use_backend):
+    """A packed bf16 batch at head dim 128 whose longest sequence is 4096 runs the ping-pong forward and
+    the one-pass backward (the tables' choice at that length), correctly."""
+    from flashattn.ops.triton import backward_sm90, forward_sm90
+
+    use_backend("triton")
+    ran = []
+    for module, name in ((forward_sm90, "forward"), (backward_sm90, "backward")):
+        def spy(*args, fn=getattr(module, name), **kwargs):
+            ran.append(fn.__module__)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    torch.manual_seed(7)
+    lens = [4096, 1, 0, 3000, 17, 2049]
+    q, k, v = _packed(lens, lens, 4, 4, 128, torch.bfloat16)
+    do = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_attn_varlen_func(*leaves, _cu(lens), _cu(lens), max(lens), max(lens), causal=causal)
+    grads = torch.autograd.grad(out, leaves, do)
+    assert ran == [forward_sm90.__name__, backward_sm90.__name__]
+    _check_each_sequence(q, k, v, do, (out, None, *grads), lens, lens, causal)
+
+
+def test_a_sequence_past_the_kernels_row_indices_is_refused(use_backend):
+    """Packed batches have no size limit but the kernels' 32-bit row indices within a sequence: its
+    longest sequence must be shorter than 2^29 rows (an expanded view: no memory behind it)."""
+    from flashattn.interface import MAX_SEQLEN
+
+    use_backend("triton")
+    x = torch.zeros(1, 1, 8, dtype=torch.float16, device=DEVICE).expand(MAX_SEQLEN, 1, 8)
+    cu = torch.tensor([0, MAX_SEQLEN], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"a query sequence of 536870912 rows"):
+        flash_attn_varlen_func(x, x, x, cu, cu, MAX_SEQLEN, MAX_SEQLEN)

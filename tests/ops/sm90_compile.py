@@ -3,7 +3,10 @@ would launch on an H100 for plain bf16 calls (the sm_90 tables' shapes, and the 
 the tables send them), and report each kernel's shared memory and warps as JSON lines.
 
 With the argument `gluon`, compile every build of the Gluon kernels instead (head dims, causal,
-persistent or deterministic), those no table sends a call to included.
+persistent or deterministic, packed sequences or not), those no table sends a call to included; with
+`varlen`, the packed-sequence (VARLEN) builds that bf16 varlen calls launch: the portable kernels, and
+the Hopper kernels where the tables send the longest sequence; with `wide`, the portable kernels' WIDE
+builds (tiles from 64-bit bases, for tensors past 2^31 elements within a sequence).
 
 Run by tests/ops/test_sm90_compile.py in a process of its own: the kernels must be real @triton.jit
 functions, which the interpreter the other tests use (TRITON_INTERPRET=1) replaces. The library's
@@ -78,26 +81,57 @@ def main() -> None:
                     print(json.dumps(dict(head_dim=head_dim, seqlen=seqlen, causal=causal, **row)), flush=True)
 
 
+VARLEN_LONGEST = (700, 4096, 8192)     # the longest sequence of each packed batch that varlen() compiles
+
+
 def varlen() -> None:
-    """The packed-sequence builds (VARLEN) of the portable kernels, bf16, causal or not."""
+    """The packed-sequence builds (VARLEN), bf16, causal or not, deterministic or not: batches whose
+    longest sequence is 700 (the portable kernels, and the ping-pong forward at head dim 128), 4096 and
+    8192 (the Hopper kernels the tables list at that length)."""
     from flashattn.ops.variant import Variant
 
     compiled = _compile_instead_of_launch()
-    cu = torch.tensor([0, 300, 1000], dtype=torch.int32)
+    for longest in VARLEN_LONGEST:
+        lens = [300, longest, 17]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        for head_dim in (64, 128, 256):
+            for causal in (False, True):
+                for deterministic in (False, True):
+                    q = torch.zeros(1, sum(lens), 2, head_dim, dtype=torch.bfloat16)
+                    variant = Variant(causal=causal, window_right=0 if causal else -1, cu_seqlens_q=cu,
+                                      cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                                      deterministic=deterministic)
+                    start = len(compiled)
+                    if not deterministic:
+                        out, lse = forward.forward(q, q, q, head_dim ** -0.5, variant)
+                    backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, variant)
+                    for row in compiled[start:]:
+                        print(json.dumps(dict(head_dim=head_dim, longest=longest, causal=causal,
+                                              deterministic=deterministic, **row)), flush=True)
+
+
+def wide() -> None:
+    """The WIDE builds of the portable kernels (common.py) for plain bf16 calls, causal or not, at
+    each head dim: the offset check answers yes, and the Hopper kernels are not chosen."""
+    compiled = _compile_instead_of_launch()
+    for module in (forward, backward):
+        module.wide = lambda *args: True
+    for name in ("warp_specialized", "ping_pong_forward", "one_pass_backward"):
+        setattr(configs, name, lambda *args, **kwargs: False)
     for head_dim in (64, 128, 256):
         for causal in (False, True):
-            q = torch.zeros(1, 1000, 2, head_dim, dtype=torch.bfloat16)
-            variant = Variant(causal=causal, window_right=0 if causal else -1, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                              max_seqlen_q=700, max_seqlen_k=700)
+            q = torch.zeros(1, 4096, 2, head_dim, dtype=torch.bfloat16)
             start = len(compiled)
-            out, lse = forward.forward(q, q, q, head_dim ** -0.5, variant)
-            backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, variant)
+            out, lse = forward.forward(q, q, q, head_dim ** -0.5, causal)
+            backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, causal)
             for row in compiled[start:]:
                 print(json.dumps(dict(head_dim=head_dim, causal=causal, **row)), flush=True)
 
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16",
             "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEM": "*i32", "COUNTER": "*i32"}
+# The packed-sequence arguments: these types with VARLEN, None (a constexpr) without, as the launches pass them.
+VARLEN_ARGS = {"CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "max_seqlen_q": "i32"}
 
 
 def gluon_builds() -> None:
@@ -110,19 +144,25 @@ def gluon_builds() -> None:
             return "fp32"
         return "constexpr" if name.isupper() or name == "num_warps" else "i32"
 
+    # The persistent grid takes no packed sequences.
     builds = [(F._attn_fwd_sm90, F.NUM_WARPS, dict(HEAD_DIM=d, ROWS=F.ROWS, BLOCK_N=F.BLOCK_N[d], STAGES=F.STAGES[d, c],
-                                                   IS_CAUSAL=c, PERSISTENT=persistent))
-              for d in F.HEAD_DIMS for c in (False, True) for persistent in (False, True)]
+                                                   IS_CAUSAL=c, PERSISTENT=persistent, VARLEN=varlen))
+              for d in F.HEAD_DIMS for c in (False, True) for persistent, varlen in ((False, False), (True, False),
+                                                                                  (False, True))]
     builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(HEAD_DIM=d, BLOCK_M=B.BLOCK_M[d], BLOCK_N=B.BLOCK_N, IS_CAUSAL=c,
-                                                    STAGES=B.STAGES, DQ_STAGES=B.DQ_STAGES, DETERMINISTIC=det))
-               for d in B.HEAD_DIMS for c in (False, True) for det in (False, True)]
+                                                    STAGES=B.STAGES, DQ_STAGES=B.DQ_STAGES, DETERMINISTIC=det,
+                                                    VARLEN=varlen))
+               for d in B.HEAD_DIMS for c in (False, True) for det in (False, True) for varlen in (False, True)]
     for fn, warps, constexprs in builds:
         signature = {p.name: kind(p.name) for p in fn.params}
-        source = GluonASTSource(fn=fn, signature=signature, constexprs={**constexprs, "num_warps": warps})
+        unset = {name: None for name in VARLEN_ARGS if name in signature and not constexprs["VARLEN"]}
+        signature.update({name: VARLEN_ARGS[name] if constexprs["VARLEN"] else "constexpr"
+                          for name in VARLEN_ARGS if name in signature})
+        source = GluonASTSource(fn=fn, signature=signature, constexprs={**constexprs, **unset, "num_warps": warps})
         kernel = triton_compile(source, target=SM90, options=dict(num_warps=warps))
         print(json.dumps(dict(kernel=fn.__name__, launch_warps=warps, **constexprs, shared=kernel.metadata.shared,
                               num_warps=kernel.metadata.num_warps)), flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit({"gluon": gluon_builds, "varlen": varlen}.get(sys.argv[1] if sys.argv[1:] else "", main)())
+    sys.exit({"gluon": gluon_builds, "varlen": varlen, "wide": wide}.get(sys.argv[1] if sys.argv[1:] else "", main)())

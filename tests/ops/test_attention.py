@@ -420,3 +420,39 @@ def test_attn_probs_match_output(backend, causal, use_backend):
     assert probs.shape == (shape.batch, shape.nheads, shape.seqlen_q, shape.seqlen_k)
     v_heads = v.repeat_interleave(shape.nheads // shape.nheads_k, dim=2).transpose(1, 2)
     torch.testing.assert_close(probs @ v_heads, out.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(9, 3), softcap=5.0)],
+                         ids=["causal", "window-softcap"])
+def test_wide_offsets_give_the_same_results(options, monkeypatch, use_backend):
+    """The portable kernels' WIDE builds (tiles from 64-bit bases, for tensors whose offsets within a
+    sequence pass 2^31; common.py) give bit for bit what the 32-bit offsets give, forward and backward,
+    dense and packed: here forced on small shapes (tests/test_large.py runs them past 2^31 on a GPU)."""
+    from flashattn import flash_attn_varlen_func
+    from flashattn.ops.triton import backward, common, configs, forward
+
+    use_backend("triton")
+    # The portable kernels only: the Hopper ones address by TMA descriptors or 64-bit bases always.
+    for name in ("ping_pong_forward", "warp_specialized", "one_pass_backward"):
+        monkeypatch.setattr(configs, name, lambda *args, **kwargs: False)
+    torch.manual_seed(3)
+    shape = Shape(2, 300, 400, 4, 2, 64) if HAS_CUDA else Shape(2, 33, 40, 2, 1, 32)
+    q, k, v, do = _inputs(shape, torch.float16)
+    cu_q = torch.tensor([0, shape.seqlen_q, 2 * shape.seqlen_q], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, shape.seqlen_k, 2 * shape.seqlen_k], dtype=torch.int32, device=DEVICE)
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = flash_attn_func(*leaves, **options)
+        packed = [x.flatten(0, 1).clone().requires_grad_() for x in (q, k, v)]
+        out_packed = flash_attn_varlen_func(*packed, cu_q, cu_k, shape.seqlen_q, shape.seqlen_k, **options)
+        return (out, *torch.autograd.grad(out, leaves, do), out_packed,
+                *torch.autograd.grad(out_packed, packed, do.flatten(0, 1)))
+
+    narrow = run()
+    for module in (forward, backward):
+        monkeypatch.setattr(module, "wide", lambda *args: True)
+    assert common.wide(shape.seqlen_k, k) is False
+    wide = run()
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)

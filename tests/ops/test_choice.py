@@ -87,3 +87,55 @@ def test_sm90_tables_list_each_hopper_kernel_from_its_start_length(monkeypatch):
         assert configs.one_pass_backward(head_dim, torch.float16, causal, 1 << 20, cuda,
                                          deterministic=True) == (deterministic_start is not None)
     assert not configs.one_pass_backward(96, torch.bfloat16, False, 1 << 14, cuda)
+
+
+def _packed(x: torch.Tensor, lens: list[int], causal: bool = False, **options) -> Variant:
+    """A Variant of packed sequences of these lengths over x's rows (x is (1, total, H, D))."""
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=x.device)
+    assert cu[-1] == x.shape[1]
+    return Variant(causal=causal, window_right=0 if causal else -1, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                   max_seqlen_q=max(lens), max_seqlen_k=max(lens), **options)
+
+
+def test_packed_sequences_take_the_hopper_kernels(tables_list_everything):
+    """Plain but packed (varlen) is plain for the Hopper kernels: they take the VARLEN flag."""
+    x = _x(seqlen=1000)
+    for causal in (False, True):
+        packed = _packed(x, [300, 683, 17], causal)
+        assert packed.is_plain_or_varlen and not packed.is_plain
+        assert choice.kernel_for("fwd", x, x, x, packed, 0.1) == choice.PING_PONG
+        assert choice.kernel_for("bwd", x, x, x, packed, 0.1, x) == choice.ONE_PASS
+        y = _x(96, seqlen=1000)
+        assert choice.kernel_for("fwd", y, y, y, _packed(y, [300, 700], causal), 0.1) == choice.WARP_SPECIALIZED
+    for option in (dict(softcap=5.0), dict(dropout_p=0.1), dict(window_left=8)):
+        assert choice.kernel_for("fwd", x, x, x, _packed(x, [1000], **option), 0.1) == choice.PORTABLE
+        assert choice.kernel_for("bwd", x, x, x, _packed(x, [1000], **option), 0.1, x) == choice.PORTABLE
+    # A sequence starts at any row: its descriptors' bases are 16-byte aligned only when the rows are
+    # whole 16 bytes apart (tma_ready), else the portable kernels take the call.
+    odd = torch.zeros(1, 1000, 1, 132, dtype=torch.float16, device=DEVICE)[..., :128]        # rows 264 bytes apart
+    assert choice.kernel_for("fwd", odd, odd, odd, _packed(odd, [300, 700]), 0.1) == choice.PORTABLE
+    assert choice.kernel_for("bwd", odd, odd, odd, _packed(odd, [300, 700]), 0.1, odd) == choice.PORTABLE
+
+
+def test_packed_sequences_are_looked_up_at_their_longest_on_sm90(monkeypatch):
+    """sm_90's own tables decide a packed call by its longest sequence, not by the packed total: a
+    batch of short sequences stays on the portable kernels, one with a long sequence takes the Hopper
+    kernels the tables list at that length."""
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    # The tensors are on the CPU here: the tables answer as for a CUDA tensor of sm_90.
+    for name in ("ping_pong_forward", "warp_specialized", "one_pass_backward"):
+        table = getattr(configs, name)
+        monkeypatch.setattr(configs, name, lambda *args, table=table, **kwargs: table(
+            *(cuda if isinstance(a, torch.device) else a for a in args), **kwargs))
+    start, _ = configs._FWD_PINGPONG[128, False]
+    one_pass_start, _ = configs._BWD_ONEPASS[128, False]
+    longest = max(start, one_pass_start)
+    x = _x(128, torch.bfloat16, seqlen=64 * 64)
+    short = _packed(x, [64] * 64)                                   # as many tokens, in short sequences
+    assert choice.kernel_for("fwd", x, x, x, short, 0.1) == choice.PORTABLE
+    assert choice.kernel_for("bwd", x, x, x, short, 0.1, x) == choice.PORTABLE
+    y = _x(128, torch.bfloat16, seqlen=longest + 100)
+    long = _packed(y, [longest, 1, 0, 99])
+    assert choice.kernel_for("fwd", y, y, y, long, 0.1) == choice.PING_PONG
+    assert choice.kernel_for("bwd", y, y, y, long, 0.1, y) == choice.ONE_PASS

@@ -29,8 +29,9 @@ def _compiled(*args: str) -> list[dict]:
 
 def test_every_gluon_build_compiles_and_fits():
     rows = _compiled("gluon")
-    assert len(rows) == 3 * 2 * 2 + 2 * 2 * 2      # forward: head dims x causal x persistent; backward: head
-                                                   # dims x causal x deterministic
+    # Forward: head dims x causal x (program per tile, persistent, packed); backward: head dims x causal
+    # x deterministic x packed.
+    assert len(rows) == 3 * 2 * 3 + 2 * 2 * 2 * 2
     too_big = [row for row in rows if row["shared"] > H100_SHARED]
     assert not too_big, too_big
     for row in rows:
@@ -67,8 +68,36 @@ def test_sm90_kernels_compile_and_fit():
 
 
 def test_varlen_builds_compile_and_fit():
-    """Packed sequences run the portable kernels with VARLEN (early exits, sequence offsets)."""
+    """Packed sequences run the kernels' VARLEN builds (early exits, sequence offsets): the Hopper ones
+    exactly where the sm_90 tables list the longest sequence's length, the portable ones elsewhere."""
     rows = _compiled("varlen")
+    longest = {row["longest"] for row in rows}       # sm90_compile.VARLEN_LONGEST
+    assert len(longest) == 3
+    assert {row["kernel"] for row in rows} == {"_attn_fwd", "_attn_fwd_ws", "_attn_fwd_sm90", "_bwd_preprocess",
+                                               "_bwd", "_attn_bwd_sm90", "_dq_convert"}
+    too_big = [row for row in rows if row["shared"] > H100_SHARED]
+    assert not too_big, too_big
+
+    def shapes(kernel: str, deterministic: bool = False) -> set[tuple[int, int, bool]]:
+        return {(row["head_dim"], row["longest"], row["causal"]) for row in rows
+                if row["kernel"] == kernel and row["deterministic"] == deterministic}
+
+    ping_pong = {(d, n, causal) for (d, causal), (start, _) in configs._FWD_PINGPONG.items() for n in longest
+                 if n >= start}
+    assert ping_pong and shapes("_attn_fwd_sm90") == ping_pong
+    ws = {(d, n, causal) for (d, _, causal), (start, _) in configs._FWD_WS.items() for n in longest
+          if n >= start}
+    assert shapes("_attn_fwd_ws") == ws - ping_pong
+    for deterministic in (False, True):
+        one_pass = {(d, n, causal) for (d, causal), starts in configs._BWD_ONEPASS.items() for n in longest
+                    if starts[deterministic] is not None and n >= starts[deterministic]}
+        assert shapes("_attn_bwd_sm90", deterministic) == one_pass
+
+
+def test_wide_builds_compile_and_fit():
+    """The portable kernels' WIDE builds (64-bit tile bases, for tensors past 2^31 elements within a
+    sequence; common.py) compile for sm_90 at every head dim."""
+    rows = _compiled("wide")
     assert {row["kernel"] for row in rows} == {"_attn_fwd", "_bwd_preprocess", "_bwd"}
     assert len({(row["head_dim"], row["causal"]) for row in rows}) == 6
     too_big = [row for row in rows if row["shared"] > H100_SHARED]

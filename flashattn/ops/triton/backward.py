@@ -44,7 +44,7 @@ import triton.language as tl
 from flashattn.ops.triton.common import (
     LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
     options as common_options, packed_sequence, query_tiles, scores, sparse_tile_start, store_tile, strides,
-    tile_mask,
+    tile_mask, wide,
 )
 from flashattn.ops.triton import backward_sm90, choice, configs
 from flashattn.ops.triton.launch import Launcher
@@ -60,14 +60,15 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, DQ_ACC,
                     stride_dob, stride_dom, stride_doh,
                     seqlen_q, nheads,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr = False):
+                    HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr = False, WIDE: tl.constexpr = False):
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(ROW_T) * stride_om + offs_d[None, :],
                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(ROW_T) * stride_dom
                    + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                    # [BLOCK_M]
     row = (off_b * nheads + off_h) * seqlen_q + offs_m
@@ -91,19 +92,20 @@ def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom,
                     HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
                     SPARSE_BLOCK: tl.constexpr, DBIAS: tl.constexpr, DBIAS_ROWS: tl.constexpr,
-                    DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr):
+                    DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr, WIDE: tl.constexpr):
     """Add the query rows [lo, hi) of one head to dK_j, dV_j (and its bias gradient). MASK: diagonal,
     window edges or tail rows. BLOCK_SPARSE: [lo, hi) are positions in the walk over the listed
     query blocks. DKDV: 3 both, 1 only dV, 2 only dK (and the bias gradient)."""
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
     for it in range(lo, hi, 1 if BLOCK_SPARSE else BLOCK_M):
         if BLOCK_SPARSE:
             start_m = sparse_tile_start(Q_IDX, it, SPARSE_BLOCK, BLOCK_M)
         else:
             start_m = it
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
+        q = load_tile(Q + offs_m[:, None].to(ROW_T) * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
                       HEAD_DIM, BLOCK_D, MASK)                                     # [BLOCK_M, BLOCK_D]
-        do = load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, seqlen_q, offs_d,
+        do = load_tile(DO + offs_m[:, None].to(ROW_T) * stride_dom + offs_d[None, :], offs_m, seqlen_q, offs_d,
                        HEAD_DIM, BLOCK_D, MASK)
         if MASK:
             lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
@@ -177,9 +179,11 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
               HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
               SPARSE_BLOCK: tl.constexpr, DBIAS: tl.constexpr, DBIAS_ROWS: tl.constexpr,
-              DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN: tl.constexpr):
+              DBIAS_COLS: tl.constexpr, DKDV: tl.constexpr, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN: tl.constexpr,
+              WIDE: tl.constexpr):
     """dK_j, dV_j (DKDV 3; 1: only dV_j, 2: only dK_j) for the key block `pid` of key/value head off_hk
     of batch off_b (both int64; with VARLEN, of packed sequence off_b)."""
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
     start_n = pid * BLOCK_N
     if VARLEN:
         total_q = seqlen_q
@@ -194,9 +198,9 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
         DV += k_start * stride_dvn
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None].to(ROW_T) * stride_kn + offs_d[None, :],
                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)             # [BLOCK_N, BLOCK_D]
-    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+    v = load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None].to(ROW_T) * stride_vn + offs_d[None, :],
                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -241,7 +245,7 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
                 slope_log2, window_left, window_right, bias_h, stride_biasq, stride_biask, seed_lo, seed_hi,
                 dropout_p, bh, q_idx, db_h, stride_dbq, stride_dbk,
                 HEAD_DIM, BLOCK_D, BLOCK_M, stage != 0, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI,
-                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV)
+                BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, WIDE)
         if DBIAS != 0 and not DBIAS_ROWS:
             # The sum over this head's rows (padding keys excluded).
             if DBIAS_COLS:
@@ -259,8 +263,8 @@ def _bwd_dkdv(pid, off_hk, off_b, Q, K, V, DO, LSE, DELTA, DK, DV,
                     tl.atomic_add(db_h, db_sum)
     if DROPOUT:
         dv = dv * (1.0 / (1.0 - dropout_p))
-    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None].to(ROW_T) * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None].to(ROW_T) * stride_dvn + offs_d[None, :]
     if DKDV & 2:
         store_tile(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, HEAD_DIM)
     if DKDV & 1:
@@ -276,18 +280,19 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, off
                   MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
-                  SPARSE_BLOCK: tl.constexpr):
+                  SPARSE_BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Add the key tiles [lo, hi) to dQ_i. MASK: tiles that straddle the diagonal, the window's edges
     or the end. BLOCK_SPARSE: [lo, hi) are positions in the walk over the listed key blocks."""
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
     for it in range(lo, hi, 1 if BLOCK_SPARSE else BLOCK_N):
         if BLOCK_SPARSE:
             start_n = sparse_tile_start(KV_IDX, it, SPARSE_BLOCK, BLOCK_N)
         else:
             start_n = it
         cols = start_n + offs_n
-        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
+        k = load_tile(K + cols[:, None].to(ROW_T) * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
                       BLOCK_D, MASK)                                               # [BLOCK_N, BLOCK_D]
-        v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
+        v = load_tile(V + cols[:, None].to(ROW_T) * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
                       BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                 # [BLOCK_M, BLOCK_N]
         if SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or (MASK and HAS_WINDOW):
@@ -326,9 +331,11 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
             HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
             BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
-            SPARSE_BLOCK: tl.constexpr, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN: tl.constexpr):
+            SPARSE_BLOCK: tl.constexpr, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN: tl.constexpr,
+            WIDE: tl.constexpr):
     """dQ_i for the query block `pid` (of num_blocks) of query head off_h of batch off_b (int64; with
     VARLEN, of packed sequence off_b)."""
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
     pid_m = pid
     if IS_CAUSAL:
         # The last query blocks visit the most keys: start them first.
@@ -348,9 +355,9 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(ROW_T) * stride_qm + offs_d[None, :],
                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)             # [BLOCK_M, BLOCK_D]
-    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+    do = load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(ROW_T) * stride_dom
                    + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     if VARLEN:
         row = off_h * total_q + q_start + offs_m
@@ -379,8 +386,8 @@ def _bwd_dq(pid, num_blocks, off_h, off_b, Q, K, V, DO, LSE, DELTA, DQ,
                            qk_scale, softcap_scale, softcap_log2, slope_log2, window_left, window_right,
                            Bias, stride_biasq, stride_biask, seed_lo, seed_hi, dropout_p, bh, KV_IDX,
                            HEAD_DIM, BLOCK_D, BLOCK_N, stage != 1, IS_CAUSAL, DOT_PRECISION, HAS_WINDOW,
-                           SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
-    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+                           SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, WIDE)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None].to(ROW_T) * stride_dqm + offs_d[None, :]
     store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
 
 
@@ -414,7 +421,9 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
          # programs compute, 3 both, 1 only dV, 2 only dK.
          DQ_ROWS: tl.constexpr = 0, DQ_STEP: tl.constexpr = 0, DKDV: tl.constexpr = 3,
          # Packed sequences (common.py, VARLEN): the grid spans the longest of them.
-         CU_SEQLENS_Q=None, CU_SEQLENS_K=None, max_seqlen_q=0, max_seqlen_k=0, VARLEN: tl.constexpr = False):
+         CU_SEQLENS_Q=None, CU_SEQLENS_K=None, max_seqlen_q=0, max_seqlen_k=0, VARLEN: tl.constexpr = False,
+         # Offsets within a sequence that may pass 2^31 (common.py).
+         WIDE: tl.constexpr = False):
     """PART 0: one grid for both halves, programs [0, n_kv) compute dK/dV and the rest dQ; PART 1:
     only dK/dV; PART 2: only dQ.
 
@@ -447,7 +456,7 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                       DBias, stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, DOT_PRECISION,
                       HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK,
-                      DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN)
+                      DBIAS, DBIAS_ROWS, DBIAS_COLS, DKDV, CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN, WIDE)
     else:
         _bwd_dq(idx, tl.cdiv(max_seqlen_q if VARLEN else seqlen_q, DQ_ROWS if DQ_ROWS else BLOCK_N), off_h, off_b,
                 Q, K, V, DO, LSE,
@@ -462,7 +471,7 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
                 KV_NUM, KV_IDX, sparse_stride_b, sparse_stride_h,
                 HEAD_DIM, BLOCK_D, DQ_ROWS if DQ_ROWS else BLOCK_N, DQ_STEP if DQ_STEP else BLOCK_M, IS_CAUSAL,
                 DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND, DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK,
-                CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN)
+                CU_SEQLENS_Q, CU_SEQLENS_K, VARLEN, WIDE)
 
 
 _launch_preprocess = Launcher(_bwd_preprocess)
@@ -523,15 +532,17 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     one_pass = choice.kernel_for("bwd", q, k, v, variant, softmax_scale, dout, bias_grad) == choice.ONE_PASS
     dq_acc = backward_sm90.dq_buffer(q) if one_pass else None
     delta = torch.empty_like(lse)
+    # Offsets within a sequence that may pass 2^31: tiles from 64-bit bases (common.py, WIDE).
     _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),
         out, dout, dlse if dlse is not None else lse, delta, dq_acc,
         *strides(out), *strides(dout), seqlen_q, nheads,
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=PREPROCESS_ROWS, HAS_DLSE=dlse is not None, ZERO_DQ=one_pass,
-        num_warps=4, num_stages=3,
+        **(dict(WIDE=True) if wide(seqlen_q, out, dout) else {}), num_warps=4, num_stages=3,
     )
     if one_pass:
         return (*backward_sm90.backward(dout, q, k, v, lse, delta, dq_acc, softmax_scale, variant.causal,
-                                        variant.deterministic), None)
+                                        variant.deterministic, variant.cu_seqlens_q, variant.cu_seqlens_k,
+                                        variant.max_seqlen_k), None)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -547,6 +558,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if packed:
         rows_q, rows_k, n_seq = variant.max_seqlen_q, variant.max_seqlen_k, variant.cu_seqlens_q.numel() - 1
         opts = replace(opts, kwargs=dict(opts.kwargs, max_seqlen_q=rows_q, max_seqlen_k=rows_k))
+    if wide(max(rows_q, rows_k), q, k, v, dout, dq, dk, dv):
+        opts = replace(opts, kwargs=dict(opts.kwargs, WIDE=True))
 
     def launch(cfg: configs.BackwardConfig):
         kv, qc = opts.tiles(cfg.kv), opts.tiles(cfg.q)

@@ -25,8 +25,14 @@ Glossary: lse is the forward's natural-log log-sum-exp (+inf for rows that see n
 preprocess); offset = seqlen_k - seqlen_q (query i sees key j <= i + offset when causal); `it` counts
 the tiles of Q_i / dO_i a program has loaded, which gives each tile its ring slot and mbarrier phase.
 
-Only the plain attention (causal or not, GQA, any lengths) at head dim 64 and 128 in fp16/bf16 on
-sm_90; choice.kernel_for sends every other call to the portable kernels.
+VARLEN (packed sequences, common.py): the grid's batch axis runs over the sequences, its key blocks
+over the longest; a program whose key block lies past its sequence exits at once. The others move Q,
+dO, K, V, dK and dV to the sequence's first rows and make the descriptors end at its last (TMA clips
+the loads and the reduce-adds into DQ_ACC at the sequence's end); seqlen_q and seqlen_k arrive as the
+totals (lse, delta and DQ_ACC have (H, total_q) rows) and become the sequence's lengths.
+
+Only the plain attention (causal or not, GQA, any lengths, packed sequences) at head dim 64 and 128 in
+fp16/bf16 on sm_90; choice.kernel_for sends every other call to the portable kernels.
 """
 import torch
 import triton
@@ -39,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from flashattn.ops.triton.common import LOG2E, cdiv, strides
+from flashattn.ops.triton.common import LOG2E, cdiv, packed_sequence, strides
 from flashattn.ops.triton.launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -82,6 +88,28 @@ def _query_block(lo, j, n_steps, BLOCK_M: gl.constexpr, REVERSE: gl.constexpr):
         return lo + (n_steps - 1 - j) * BLOCK_M
     else:
         return lo + j * BLOCK_M
+
+
+@gluon.jit
+def _head_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN: gl.constexpr):
+    """The first row of head off_h of batch entry (or, with VARLEN, sequence) off_b in lse, delta and
+    DQ_ACC: (B, H, Sq) rows, or with VARLEN (H, total_q) ones."""
+    if VARLEN:
+        return off_h * total_q + q_start
+    else:
+        return (off_b * nheads + off_h) * seqlen_q
+
+
+@gluon.jit
+def _semaphores(SEM, off_b, off_h, nheads, seqlen_q, total_q, q_start, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
+    """The deterministic order's semaphore of query block 0 of (off_b, off_h); block i's is i further.
+    SEM holds cdiv(Sq, BLOCK_M) per (batch, head); with VARLEN cdiv(total_q, BLOCK_M) + B per head,
+    sequence b's from q_start // BLOCK_M + b on: never into the next sequence's, which start at
+    (q_start + Sq) // BLOCK_M + b + 1 >= q_start // BLOCK_M + b + cdiv(Sq, BLOCK_M)."""
+    if VARLEN:
+        return SEM + off_h * (gl.cdiv(total_q, BLOCK_M) + gl.num_programs(2)) + q_start // BLOCK_M + off_b
+    else:
+        return SEM + (off_b * nheads + off_h) * gl.cdiv(seqlen_q, BLOCK_M)
 
 
 @gluon.jit
@@ -178,7 +206,8 @@ def _ptx(statement, _semantic=None):
 
 @gluon.jit
 def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size, seqlen_q,
-               lo, n_steps, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, DQ_STAGES: gl.constexpr):
+               total_q, q_start, lo, n_steps, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+               DQ_STAGES: gl.constexpr, VARLEN: gl.constexpr):
     """The writer partition of the deterministic kernel (one warp): adds each dQ_i the compute warps
     hand over into DQ_ACC by a TMA reduce-add, in a fixed order: the key blocks that reach query block
     i (always 0..N_i) add in that order; key block pid_n waits until the block's semaphore says pid_n,
@@ -187,11 +216,11 @@ def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nh
     it = 0
     for g in range(group_size):
         off_h = off_hk * group_size + g
-        row = (off_b * nheads + off_h) * seqlen_q
+        row = _head_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN)
         dq_desc = tma.make_tensor_descriptor(DQ_ACC + row * HEAD_DIM, shape=[seqlen_q, HEAD_DIM],
                                              strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
                                              layout=dq_layout)
-        sem_h = SEM + (off_b * nheads + off_h) * gl.cdiv(seqlen_q, BLOCK_M)
+        sem_h = _semaphores(SEM, off_b, off_h, nheads, seqlen_q, total_q, q_start, BLOCK_M, VARLEN)
         for j in range(n_steps):
             start_m = _query_block(lo, j, n_steps, BLOCK_M, True)
             d = it % DQ_STAGES
@@ -218,10 +247,10 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
                  stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                  pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
-                 lo, n_masked, n_steps, offset,
+                 lo, n_masked, n_steps, offset, total_q, q_start,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 VARLEN: gl.constexpr, num_warps: gl.constexpr):
     """The compute warps (num_warps, the kernel's): load K_j, V_j, then Q_i, dO_i of every step by TMA,
     run the steps and store dK_j, dV_j."""
     gl.static_assert(num_warps == 8, "two warp groups, one per half of the key block")
@@ -252,7 +281,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
         do_desc = tma.make_tensor_descriptor(DO + off_b * stride_dob + off_h * stride_doh,
                                              shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
                                              block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
-        row = (off_b * nheads + off_h) * seqlen_q
+        row = _head_row(off_b, off_h, nheads, seqlen_q, total_q, q_start, VARLEN)
         dq_desc = q_desc  # unused with DQ_WRITER
         if not DQ_WRITER:
             dq_desc = tma.make_tensor_descriptor(DQ_ACC + row * HEAD_DIM, shape=[seqlen_q, HEAD_DIM],
@@ -277,10 +306,10 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
     in_k = gl.expand_dims(rows < seqlen_k - start_n, 1)
-    dk_ptrs = (DK + off_b * stride_dkb + off_hk * stride_dkh + start_n * stride_dkn
+    dk_ptrs = (DK + off_b * stride_dkb + off_hk * stride_dkh + start_n.to(gl.int64) * stride_dkn
                + gl.expand_dims(rows * stride_dkn, 1) + gl.expand_dims(cols, 0))
     gl.store(dk_ptrs, (dk * softmax_scale).to(dtype), mask=in_k)
-    dv_ptrs = (DV + off_b * stride_dvb + off_hk * stride_dvh + start_n * stride_dvn
+    dv_ptrs = (DV + off_b * stride_dvb + off_hk * stride_dvh + start_n.to(gl.int64) * stride_dvn
                + gl.expand_dims(rows * stride_dvn, 1) + gl.expand_dims(cols, 0))
     gl.store(dv_ptrs, dv.to(dtype), mask=in_k)
 
@@ -296,7 +325,9 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                    seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_STAGES: gl.constexpr,
-                   DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr):
+                   DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+                   # Packed sequences (the module docstring): None, and unused, without VARLEN.
+                   CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: gl.constexpr = False):
     """dK, dV of one key block of one kv head, and dQ's share of every query head of its group: 8
     compute warps (num_warps=8) and, with DETERMINISTIC, a dQ writer warp. With DETERMINISTIC the grid
     is (kv heads, key blocks, batch), so that the programs running at once are spread over heads
@@ -314,6 +345,19 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
         off_hk = gl.program_id(1).to(gl.int64)
     off_b = gl.program_id(2).to(gl.int64)
     start_n = pid_n * BLOCK_N
+    total_q = 0                     # both unused without VARLEN
+    q_start = 0
+    if VARLEN:
+        total_q = seqlen_q
+        q_start, k_start, seqlen_q, seqlen_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_n >= seqlen_k:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        DK += k_start * stride_dkn
+        DV += k_start * stride_dvn
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
@@ -358,10 +402,10 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                             stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                             stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                             pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
-                            qk_scale, lo, n_masked, n_steps, offset, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            DQ_STAGES, True, IS_CAUSAL, num_warps)),
+                            qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M,
+                            BLOCK_N, STAGES, DQ_STAGES, True, IS_CAUSAL, VARLEN, num_warps)),
             (_dq_writer, (dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size,
-                          seqlen_q, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES)),
+                          seqlen_q, total_q, q_start, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES, VARLEN)),
         ], [1], [WRITER_REGS])
     else:
         # The same arguments as above, spelled out: a tuple unpacked into a call (`*args`) loses
@@ -372,8 +416,8 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                      pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
-                     qk_scale, lo, n_masked, n_steps, offset, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                     DQ_STAGES, False, IS_CAUSAL, num_warps)
+                     qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M, BLOCK_N,
+                     STAGES, DQ_STAGES, False, IS_CAUSAL, VARLEN, num_warps)
 
 
 _launch_bwd_sm90 = Launcher(_attn_bwd_sm90, scratch=True)
@@ -386,11 +430,14 @@ def _dq_convert(DQ_ACC, DQ, stride_dqb, stride_dqm, stride_dqh, seqlen_q, nheads
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    tile_rows = tl.arange(0, BLOCK_M)
+    rows = start_m + tile_rows
     cols = tl.arange(0, HEAD_DIM)
     acc = tl.load(DQ_ACC + ((off_b * nheads + off_h) * seqlen_q + rows[:, None]) * HEAD_DIM + cols[None, :],
                   mask=rows[:, None] < seqlen_q)
-    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + cols[None, :]
+    # The block's first row as a 64-bit base (dQ may pass 2^31 elements), its rows' offsets 32-bit.
+    dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqm
+               + tile_rows[:, None] * stride_dqm + cols[None, :])
     tl.store(dq_ptrs, (acc * softmax_scale).to(DQ.dtype.element_ty), mask=rows[:, None] < seqlen_q)
 
 
@@ -406,24 +453,35 @@ def dq_buffer(q: torch.Tensor) -> torch.Tensor:
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, dq_acc: torch.Tensor, softmax_scale: float, causal: bool,
-             deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of a call that choice.kernel_for gives this kernel, from lse and the preprocess's delta (both (B, H, Sq) fp32),
-    with dq_acc (dq_buffer) zeroed. `deterministic` orders the adds into dq_acc (bit-identical
-    results run to run) by a semaphore per (batch, head, query block)."""
+             deterministic: bool = False, cu_seqlens_q: torch.Tensor | None = None,
+             cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int = 0,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of a call that choice.kernel_for gives this kernel, from lse and the preprocess's
+    delta (both (B, H, Sq) fp32), with dq_acc (dq_buffer) zeroed. `deterministic` orders the adds into
+    dq_acc (bit-identical results run to run) by a semaphore per (batch, head, query block). With
+    cu_seqlens_q/k, of packed sequences (q (1, total_q, H, D), flashattn/ops/variant.py; max_seqlen_k
+    the longest key sequence)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    n_kv = cdiv(seqlen_k, BLOCK_N)
     block_m = BLOCK_M[head_dim]
-    sem = (torch.zeros((batch, nheads, cdiv(seqlen_q, block_m)), dtype=torch.int32, device=q.device)
-           if deterministic else dq_acc)
+    packed = cu_seqlens_q is not None
+    n_seq, n_kv, varlen = batch, cdiv(seqlen_k, BLOCK_N), {}
+    sem_shape = (batch, nheads, cdiv(seqlen_q, block_m))
+    if packed:
+        n_seq, n_kv = cu_seqlens_q.numel() - 1, cdiv(max_seqlen_k, BLOCK_N)
+        varlen = dict(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, VARLEN=True)
+        sem_shape = (nheads, cdiv(seqlen_q, block_m) + n_seq)            # _semaphores
+    sem = torch.zeros(sem_shape, dtype=torch.int32, device=q.device) if deterministic else dq_acc
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch_bwd_sm90((nheads_k, n_kv, batch) if deterministic else (n_kv, nheads_k, batch),
+    _launch_bwd_sm90((nheads_k, n_kv, n_seq) if deterministic else (n_kv, nheads_k, n_seq),
                      q, k, v, dout, lse, delta, dq_acc, sem, dk, dv,
-                     *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
+                     *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(dout, packed),
+                     *strides(dk, packed), *strides(dv, packed),
                      seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IS_CAUSAL=causal, STAGES=STAGES,
-                     DQ_STAGES=DQ_STAGES, DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1)
+                     DQ_STAGES=DQ_STAGES, DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1, **varlen)
+    # dq_acc has dq's rows (packed: all sequences in the one batch entry): converted as one dense tensor.
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),
                        seqlen_q, nheads, softmax_scale, HEAD_DIM=head_dim, BLOCK_M=CONVERT_ROWS,

@@ -13,10 +13,10 @@ Five kernel families serve the Triton backend:
 
 `kernel_for` gives the family for one pass of one call. The Hopper kernels take only what they
 implement (`forward_sm90.DTYPES` / `HEAD_DIMS` and their peers): plain attention (causal or not, GQA,
-any lengths; no option, no bias gradient), inputs that TMA descriptors can address (common.tma_ready),
-and only where the GPU architecture's own tables in configs.py list them for this head dim, causal
-flag and length: those tables hold where each kernel measured faster than the portable one
-(benchmarks/TUNING.md). Everything else runs the portable kernels.
+any lengths, packed sequences; no option, no bias gradient), inputs that TMA descriptors can address
+(common.tma_ready), and only where the GPU architecture's own tables in configs.py list them for this
+head dim, causal flag and length: those tables hold where each kernel measured faster than the
+portable one (benchmarks/TUNING.md). Everything else runs the portable kernels.
 """
 from __future__ import annotations
 
@@ -56,14 +56,15 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
     backward  one-pass         plain, no bias gradient, fp16/bf16, head dim 64/128, listed in
                                configs' one-pass table (its deterministic column with
                                variant.deterministic)
-    and for both, TMA-addressable q, k, v (and dout); otherwise portable.
+    and for both, TMA-addressable q, k, v (and dout); otherwise portable. Plain includes packed
+    sequences (Variant.is_plain_or_varlen), looked up in the tables at their longest sequence.
     """
     if pass_ == "fwd" and _split_kv(q, variant):
         return SPLIT_KV
-    if not variant.is_plain:
+    if not variant.is_plain_or_varlen:
         return PORTABLE
     head_dim, causal, device = q.shape[-1], variant.causal, q.device
-    seqlen = max(q.shape[1], k.shape[1])
+    seqlen = max(variant.max_seqlen_q, variant.max_seqlen_k) if variant.varlen else max(q.shape[1], k.shape[1])
     if pass_ == "fwd":
         if (q.dtype in forward_sm90.DTYPES and head_dim in forward_sm90.HEAD_DIMS and softmax_scale > 0
                 and configs.ping_pong_forward(head_dim, causal, seqlen, device) and tma_ready(q, k, v)):

@@ -23,6 +23,13 @@ plain code (the option branches below are never generated):
     DROPOUT      keep P_ij iff uniform(Philox(seed, j, i, b * H + h)) >= dropout_p (philox.py)
     BLOCK_SPARSE the tiles walked are those of the listed blocks (SPARSE_BLOCK rows/columns each,
                  cut into tiles that divide it), found by sparse_tiles_before
+    WIDE         an element's offset from its (batch, head, sequence) base, row index x row stride,
+                 may pass 2^31 (wide(), on the host): the portable kernels multiply row indices by
+                 the row stride in 64 bits (ROW_T); off, in 32 bits, the code they were tuned with.
+                 Not a 64-bit base per tile with 32-bit offsets within it: the compiler hoists those
+                 loop-invariant offsets out of the loops, and the registers they hold made the
+                 backward spill. Batch, head and sequence bases are 64-bit either way; the Hopper
+                 kernels address by TMA descriptors and 64-bit tile bases
     VARLEN       packed sequences (variant.py): the grid's batch axis runs over the sequences of
                  CU_SEQLENS_Q / CU_SEQLENS_K; a program reads its sequence's bounds (packed_sequence),
                  moves its bases to the sequence's first rows (the batch strides are 0) and exits
@@ -164,6 +171,18 @@ def packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, b):
     q_start, seqlen_q = _sequence(CU_SEQLENS_Q, b)
     k_start, seqlen_k = _sequence(CU_SEQLENS_K, b)
     return q_start, k_start, seqlen_q, seqlen_k
+
+
+# The most rows of any kernel's tile (configs' tables and their autotuning neighbours); interface.py's
+# MAX_TILE_ROWS, the same bound, checks the outputs' rows against it.
+MAX_TILE = 256
+
+
+def wide(rows: int, *tensors: torch.Tensor) -> bool:
+    """WIDE for tiles over `rows` rows (a sequence's, the longest of packed ones) of these (B, S, H, D)
+    tensors: whether an element offset from a (batch, head) base, up to (rows + a tile) x row stride,
+    may pass 2^31. (Bases at a batch entry, a head or a packed sequence are 64-bit either way.)"""
+    return (rows + MAX_TILE) * max(t.stride(1) for t in tensors) >= 2 ** 31
 
 
 @triton.jit
@@ -368,7 +387,7 @@ def scores(qk, i, j, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2, 
             allowed = allowed & (j <= i + (seqlen_k - seqlen_q))
         in_bounds = allowed
     if BIAS_KIND != 0:
-        ptrs = Bias + i.to(tl.int64) * stride_biasq + j * stride_biask
+        ptrs = Bias + i.to(tl.int64) * stride_biasq + j.to(tl.int64) * stride_biask     # a (Sq, Sk) bias may pass 2^31
         if BIAS_KIND == 1:
             s = s + tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
         else:

@@ -26,6 +26,7 @@ import triton.language as tl
 from flashattn.ops.triton.common import (
     LN2, LOG2E, alibi_slope_log2, block_d, cdiv, dropout_keep, key_tiles, listed_walk, load_tile,
     options as common_options, packed_sequence, scores, sparse_tile_start, store_tile, strides, tile_mask,
+    wide,
 )
 from flashattn.ops.triton import choice, configs, decode, forward_sm90
 from flashattn.ops.triton.launch import Launcher
@@ -86,16 +87,18 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, off
                MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
-               SPARSE_BLOCK: tl.constexpr):
+               SPARSE_BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Online softmax over the key tiles [lo, hi). MASK: tiles that straddle the diagonal, the window's
     edges or the end. BLOCK_SPARSE: [lo, hi) are positions in the walk over the listed blocks."""
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
     for it in range(lo, hi, 1 if BLOCK_SPARSE else BLOCK_N):
         if BLOCK_SPARSE:
             start_n = sparse_tile_start(KV_IDX, it, SPARSE_BLOCK, BLOCK_N)
         else:
             start_n = it
         cols = start_n + offs_n
-        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASK)   # [BLOCK_N, BLOCK_D]
+        k = load_tile(K + cols[:, None].to(ROW_T) * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
+                      BLOCK_D, MASK)                                            # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)              # [BLOCK_M, BLOCK_N]
         if SOFTCAP or HAS_ALIBI or BIAS_KIND != 0 or (MASK and HAS_WINDOW):
             # A bias of -inf or a bool mask can empty a row in any tile: masked handling always.
@@ -107,7 +110,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, off
                           float("-inf"))
         p, m_new, l_i, acc = _online_softmax(qk, m_i, l_i, acc, qk_scale,           # P before dropout in l_i
                                              MASK or SOFTCAP or HAS_ALIBI or BIAS_KIND != 0)
-        v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
+        v = load_tile(V + cols[:, None].to(ROW_T) * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d, HEAD_DIM,
                       BLOCK_D, MASK)                                            # [BLOCK_N, BLOCK_D]
         if DROPOUT:
             # P * Z; the 1 / (1 - p) is applied to O once, at the end.
@@ -136,7 +139,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               HAS_ALIBI: tl.constexpr = False, BIAS_KIND: tl.constexpr = 0,
               DROPOUT: tl.constexpr = False, BLOCK_SPARSE: tl.constexpr = False,
               SPARSE_BLOCK: tl.constexpr = 0,
-              CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: tl.constexpr = False):
+              CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: tl.constexpr = False, WIDE: tl.constexpr = False):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_D >= 16)
     start_m, off_h, off_hk, off_b = _program_block(group_size, BLOCK_M, IS_CAUSAL)
@@ -144,8 +147,6 @@ def _attn_fwd(Q, K, V, O, LSE,
         # Sequence off_b of the packed batch (common.py, VARLEN); the LSE is (H, total_q).
         lse_row = off_h * seqlen_q
         q_start, k_start, seqlen_q, seqlen_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
-        if start_m >= seqlen_q:
-            return
         lse_row += q_start
         Q += q_start * stride_qm
         O += q_start * stride_om
@@ -155,7 +156,8 @@ def _attn_fwd(Q, K, V, O, LSE,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(ROW_T) * stride_qm + offs_d[None, :]
     K += off_b * stride_kb + off_hk * stride_kh
     V += off_b * stride_vb + off_hk * stride_vh
 
@@ -185,12 +187,12 @@ def _attn_fwd(Q, K, V, O, LSE,
                                    window_left, window_right, Bias, stride_biasq, stride_biask, seed_lo,
                                    seed_hi, dropout_p, bh, KV_IDX, HEAD_DIM, BLOCK_D, BLOCK_N, stage != 1,
                                    IS_CAUSAL, DOT_PRECISION, HAS_WINDOW, SOFTCAP, HAS_ALIBI, BIAS_KIND,
-                                   DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK)
+                                   DROPOUT, BLOCK_SPARSE, SPARSE_BLOCK, WIDE)
 
     acc, lse = _normalize(acc, l_i, m_i)
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(ROW_T) * stride_om + offs_d[None, :]
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM)
     if VARLEN:
         lse_ptrs = LSE + lse_row + offs_m
@@ -233,43 +235,62 @@ def _attn_fwd_ws(Q, K, V, O, LSE,
                  stride_ob, stride_om, stride_oh,
                  seqlen_q, seqlen_k, nheads, group_size, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_TAIL: tl.constexpr,
+                 CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: tl.constexpr = False):
     """The plain forward for Hopper: tiles come by TMA (one descriptor per (batch, head) bounds every
     load, so no tile reads past its head's rows), and Triton's automatic warp specialization splits
     the program into a producer warp group that issues the loads and two consumer warp groups of
-    BLOCK_M / 2 rows each (num_warps=4 is what it needs). Same inputs and results as _attn_fwd."""
+    BLOCK_M / 2 rows each (num_warps=4 is what it needs). Same inputs and results as _attn_fwd,
+    VARLEN included: its descriptors start at the sequence's first rows and end at its last, so TMA
+    clips every load at the sequence's end (and MASK_TAIL masks the keys past it)."""
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     start_m, off_h, off_hk, off_b = _program_block(group_size, BLOCK_M, IS_CAUSAL)
-    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    if VARLEN:
+        # Sequence off_b of the packed batch (common.py, VARLEN); the LSE is (H, total_q).
+        lse_row = off_h * seqlen_q
+        q_start, k_start, seqlen_q, seqlen_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        lse_row += q_start
+        Q += q_start * stride_qm
+        O += q_start * stride_om
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+    # A block past its sequence (VARLEN) does nothing; not by an early return, which Triton 3.6's
+    # warp specialization of the loop below cannot compile (a branch out of the kernel's body).
+    if not VARLEN or start_m < seqlen_q:
+        q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
+                                           strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
+                                           strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
+                                           strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
 
-    q = q_desc.load([start_m, 0])                                               # [BLOCK_M, BLOCK_D]
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offset = seqlen_k - seqlen_q
-    hi = tl.minimum(start_m + BLOCK_M + offset, seqlen_k) if IS_CAUSAL else seqlen_k
-    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-        acc, l_i, m_i = _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seqlen_k,
-                                     qk_scale, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_TAIL)
+        q = q_desc.load([start_m, 0])                                           # [BLOCK_M, BLOCK_D]
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        offset = seqlen_k - seqlen_q
+        hi = tl.minimum(start_m + BLOCK_M + offset, seqlen_k) if IS_CAUSAL else seqlen_k
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _fwd_ws_step(acc, l_i, m_i, q, k_desc, v_desc, start_m, start_n, offset, seqlen_k,
+                                         qk_scale, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_TAIL)
 
-    acc, lse = _normalize(acc, l_i, m_i)
-    # O and the LSE by pointers (a TMA store of O would stage it in shared memory: at head dim 256 the
-    # 128 x 64 tiles then no longer fit). start_m goes into the scalar bases, not into the rows'
-    # indices: Triton 3.6's split of the rows between the two consumer warp groups adds the second
-    # group's row offset to both start_m and the arange of `start_m + tl.arange(...)`, which stored its
-    # rows BLOCK_M / 2 too far (seen in the TTGIR).
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + start_m * stride_om
-              + rows[:, None] * stride_om + cols[None, :])                          # [BLOCK_M, BLOCK_D]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty),
-             mask=(rows[:, None] < seqlen_q - start_m) & (cols[None, :] < HEAD_DIM))
-    tl.store(LSE + (off_b * nheads + off_h) * seqlen_q + start_m + rows, lse, mask=rows < seqlen_q - start_m)
+        acc, lse = _normalize(acc, l_i, m_i)
+        # O and the LSE by pointers (a TMA store of O would stage it in shared memory: at head dim 256
+        # the 128 x 64 tiles then no longer fit). start_m goes into the scalar bases, not into the rows'
+        # indices: Triton 3.6's split of the rows between the two consumer warp groups adds the second
+        # group's row offset to both start_m and the arange of `start_m + tl.arange(...)`, which stored
+        # its rows BLOCK_M / 2 too far (seen in the TTGIR).
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        o_ptrs = (O + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+                  + rows[:, None] * stride_om + cols[None, :])                      # [BLOCK_M, BLOCK_D]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty),
+                 mask=(rows[:, None] < seqlen_q - start_m) & (cols[None, :] < HEAD_DIM))
+        if VARLEN:
+            lse_ptrs = LSE + lse_row + start_m + rows
+        else:
+            lse_ptrs = LSE + (off_b * nheads + off_h) * seqlen_q + start_m + rows
+        tl.store(lse_ptrs, lse, mask=rows < seqlen_q - start_m)
 
 
 _launch_fwd = Launcher(_attn_fwd)
@@ -290,7 +311,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     if kernel == choice.SPLIT_KV:
         return decode.forward(q, k, v, softmax_scale, variant)
     if kernel == choice.PING_PONG:
-        return forward_sm90.forward(q, k, v, softmax_scale, variant.causal)
+        return forward_sm90.forward(q, k, v, softmax_scale, variant.causal, variant.cu_seqlens_q,
+                                    variant.cu_seqlens_k, variant.max_seqlen_q, variant.max_seqlen_k)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -303,23 +325,29 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     seqlen = max(variant.max_seqlen_q, variant.max_seqlen_k) if packed else max(seqlen_q, seqlen_k)
 
     if kernel == choice.WARP_SPECIALIZED:
+        # Packed sequences end anywhere: every tile's keys are checked against the sequence's end.
+        varlen = dict(CU_SEQLENS_Q=variant.cu_seqlens_q, CU_SEQLENS_K=variant.cu_seqlens_k,
+                      VARLEN=True) if packed else {}
+
         def launch_ws(cfg):
-            _launch_fwd_ws((cdiv(seqlen_q, cfg.block_m), nheads, batch), *args,
+            _launch_fwd_ws((cdiv(rows, cfg.block_m), nheads, batch), *args,
                            HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m,
                            BLOCK_N=cfg.block_n, IS_CAUSAL=variant.causal,
-                           MASK_TAIL=not variant.causal and seqlen_k % cfg.block_n != 0,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                           MASK_TAIL=not variant.causal and (packed or seqlen_k % cfg.block_n != 0),
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **varlen)
 
         configs.run("fwd_ws", head_dim, q.dtype, variant.causal, seqlen, q.device, launch_ws)
         return o, lse
 
     opts = common_options(variant, q, k, softmax_scale)
+    # Offsets within a sequence that may pass 2^31: tiles from 64-bit bases (common.py, WIDE).
+    wide_kw = dict(WIDE=True) if wide(seqlen, q, k, v, o) else {}
 
     def launch(cfg):
         cfg = opts.tiles(cfg)
         _launch_fwd((cdiv(rows, cfg.block_m), nheads, batch), *args,
             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            IS_CAUSAL=variant.causal, DOT_PRECISION=dot_precision(q.dtype), **opts.kwargs,
+            IS_CAUSAL=variant.causal, DOT_PRECISION=dot_precision(q.dtype), **opts.kwargs, **wide_kw,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

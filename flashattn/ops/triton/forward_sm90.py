@@ -31,6 +31,14 @@ descriptors are made once a program. Glossary (the names of forward.py):
 Rows past seqlen_q and keys past seqlen_k are read as zeros (4-D descriptors over (B, S, H, D) bound
 each sequence); a row that sees no key gets O = 0 and LSE = +inf, as in forward.py.
 
+VARLEN (packed sequences, common.py): one program per tile, over the tiles of every sequence as long
+as the longest (batch: the sequences; max_seqlen_q: the longest); a program whose query block lies
+past its sequence exits at once. The others see their sequence as the packed tensors' one batch
+entry: Q, K, V and O start at its first rows and the descriptors end at its last (TMA clips every
+load, so nothing is read from the next sequence; the stores of O are masked at its end); seqlen_q and
+seqlen_k arrive as the totals (the LSE's rows are (H, total_q)) and become the sequence's lengths.
+The persistent grid takes no packed sequences: a program's tiles would change sequence.
+
 Only plain attention (causal or not, GQA, any lengths, a positive softmax scale) at head dims 64,
 128 and 256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the other kernels.
 """
@@ -44,7 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashattn.ops.triton import configs
-from flashattn.ops.triton.common import LN2, LOG2E, cdiv, strides
+from flashattn.ops.triton.common import LN2, LOG2E, cdiv, packed_sequence, strides
 from flashattn.ops.triton.launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -90,13 +98,14 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
               COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
               stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
               HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
+              IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
     """The load warp, over the program's tiles: both halves of Q once both consumers are done with
     the previous tile's, then K_{j+1} and V_j into ring slots once both consumers have released
     them. One descriptor per tensor bounds every (batch, head) (rows past a sequence read as 0).
     Persistent: after the first tile (the program's own index) it takes the next from COUNTER and
     hands its index to the consumers in `next_tile`, with the next Q (an index past the last tile,
-    with an arrival of its own, ends the consumers' loop)."""
+    with an arrival of its own, ends the consumers' loop). VARLEN: the tensors hold the program's
+    sequence alone, as batch entry 0."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, ROWS, 1, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, 1, HEAD_DIM], dtype)
@@ -116,6 +125,8 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
     while t < n_tiles:
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
                                                                 ROWS, BLOCK_N, IS_CAUSAL)
+        if VARLEN:
+            off_b = 0
         mbarrier.wait(q_empty, (tc & 1) ^ 1)
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         for half in gl.static_range(2):
@@ -191,9 +202,11 @@ def _softmax(qk, m_i, l_i, qk_scale, limit, cols, start_n, MASKED: gl.constexpr)
 @gluon.jit
 def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, next_tile,
               stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, qk_scale,
-              WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
-    """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE."""
+              lse_rows, WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
+    """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE.
+    VARLEN: O and the LSE start at the program's sequence, whose LSE rows are lse_rows (total_q) apart
+    from one head to the next."""
     dtype: gl.constexpr = O.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -215,6 +228,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
     while t < n_tiles:
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
                                                                 ROWS, BLOCK_N, IS_CAUSAL)
+        if VARLEN:
+            off_b = 0
         row0 = start_m + WG * ROWS
         if IS_CAUSAL:
             limit = gl.minimum(rows + (row0 + seqlen_k - seqlen_q + 1), seqlen_k)   # [ROWS]
@@ -282,8 +297,11 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                   + row0.to(gl.int64) * stride_om
                   + gl.expand_dims(o_rows * stride_om, 1) + gl.expand_dims(o_cols, 0))   # [ROWS, HEAD_DIM]
         gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(o_rows < seqlen_q - row0, 1))
-        gl.store(LSE + (off_b.to(gl.int64) * nheads + off_h) * seqlen_q + row0 + rows, lse,
-                 mask=rows < seqlen_q - row0)
+        if VARLEN:
+            lse_ptrs = LSE + off_h.to(gl.int64) * lse_rows + row0 + rows
+        else:
+            lse_ptrs = LSE + (off_b.to(gl.int64) * nheads + off_h) * seqlen_q + row0 + rows
+        gl.store(lse_ptrs, lse, mask=rows < seqlen_q - row0)
         it += n_blocks
         tc += 1
         if PERSISTENT:
@@ -301,15 +319,34 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
                    stride_ob, stride_om, stride_oh,
                    batch, seqlen_q, seqlen_k, nheads, group_size, qk_scale,
                    HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
+                   IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr,
+                   # Packed sequences (the module docstring): None, and unused, without VARLEN.
+                   CU_SEQLENS_Q=None, CU_SEQLENS_K=None, max_seqlen_q=None, VARLEN: gl.constexpr = False):
     """O and the LSE, BLOCK_M = 2 * ROWS query rows of one head a tile: one program per tile, or
     PERSISTENT: one per SM, program p taking tile p and then the next untaken one (COUNTER, an int32
     that is 0 at launch and again at the end). The first consumer warp group is the kernel's own warps
     (num_warps=4), the second and the producer warp are workers."""
     gl.static_assert(num_warps == 4, "each consumer is one warp group")
     dtype: gl.constexpr = Q.dtype.element_ty
-    n_m = gl.cdiv(seqlen_q, 2 * ROWS)
+    n_m = gl.cdiv(max_seqlen_q if VARLEN else seqlen_q, 2 * ROWS)
     n_tiles = n_m * nheads * batch
+    lse_rows = 0                    # unused without VARLEN
+    if VARLEN:
+        gl.static_assert(not PERSISTENT, "packed sequences take one program per tile")
+        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(gl.program_id(0), n_m, nheads, group_size, seqlen_q,
+                                                                seqlen_k, ROWS, BLOCK_N, IS_CAUSAL)
+        q_start, k_start, seq_q, seq_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_m >= seq_q:
+            return
+        lse_rows = seqlen_q
+        Q += q_start * stride_qm
+        O += q_start * stride_om
+        LSE += q_start
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        seqlen_q = seq_q
+        seqlen_k = seq_k
+        batch = 1
 
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
@@ -338,36 +375,46 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
     gl.warp_specialize([
         (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                      next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
-                     n_tiles, qk_scale, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT)),
+                     n_tiles, qk_scale, lse_rows, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT,
+                     VARLEN)),
         (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
                      next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
-                     n_tiles, qk_scale, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT)),
+                     n_tiles, qk_scale, lse_rows, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT,
+                     VARLEN)),
         (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
                      COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
-                     HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT)),
+                     HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 _launch_fwd_sm90 = Launcher(_attn_fwd_sm90, scratch=True)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """O (B, Sq, H, D) and lse (B, H, Sq) float32 of a call that choice.kernel_for gives this kernel."""
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+            cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+            max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (B, Sq, H, D) and lse (B, H, Sq) float32 of a call that choice.kernel_for gives this kernel;
+    with cu_seqlens_q/k, of packed sequences (q (1, total_q, H, D), flashattn/ops/variant.py)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    n_tiles = cdiv(seqlen_q, BLOCK_M) * nheads * batch
-    persistent = configs.ping_pong_persistent(head_dim, causal, max(seqlen_q, seqlen_k), q.device)
+    varlen = {}
+    rows, seqlen = seqlen_q, max(seqlen_q, seqlen_k)
+    if cu_seqlens_q is not None:
+        varlen = dict(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, max_seqlen_q=max_seqlen_q, VARLEN=True)
+        batch, rows, seqlen = cu_seqlens_q.numel() - 1, max_seqlen_q, max(max_seqlen_q, max_seqlen_k)
+    n_tiles = cdiv(rows, BLOCK_M) * nheads * batch
+    persistent = cu_seqlens_q is None and configs.ping_pong_persistent(head_dim, causal, seqlen, q.device)
     grid = min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles
     counter = _tile_counter(q.device) if persistent else lse
+    # Packed tensors keep their own batch strides: each sequence is their one batch entry.
     _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse, counter,
                      *strides(q), *strides(k), *strides(v), *strides(o),
                      batch, seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, ROWS=ROWS, BLOCK_N=BLOCK_N[head_dim], STAGES=STAGES[head_dim, causal],
-                     IS_CAUSAL=causal, PERSISTENT=persistent, num_warps=NUM_WARPS, num_stages=1)
+                     IS_CAUSAL=causal, PERSISTENT=persistent, num_warps=NUM_WARPS, num_stages=1, **varlen)
     return o, lse
 
 

@@ -1,0 +1,177 @@
+"""No size limit short of the GPU's memory: tensors past 2^31 elements (the kernels' bases are 64-bit),
+dense and packed, forward and backward, against float32 math on sampled rows.
+
+Every tensor here has 2^20 + 2^14 rows of 16 x 128 elements, 2^31 + 2^25 elements: each kernel's
+offsets pass 2^31 in each input and output. A float32 reference over all keys costs as much as the
+call itself for each row, so it is computed for sampled query rows (O, LSE, dQ) and sampled key rows
+(dK, dV, whose P needs every query row's LSE: there the kernel's own, itself checked at the sampled
+rows), spread over each sequence and past its 2^31-element boundary; delta = rowsum(dO * O) comes from
+the kernel's O, as in the kernels.
+GPU only (`pytest -m gpu`), skipped where the GPU lacks the memory (about 45 GiB).
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA
+from flashattn import flash_attn_func, flash_attn_varlen_func
+
+ROWS = 2 ** 20 + 2 ** 14
+NHEADS, HEAD_DIM = 16, 128
+NEEDS = 48 * 2 ** 30      # q, k, v, O, dO, dQ, dK, dV of 8.5 GB in bf16 and the one-pass backward's fp32 dQ
+SCALE = 1.0 / math.sqrt(HEAD_DIM)
+# Packed: an empty sequence, one row, 17 rows, long ones, and one that starts past 2^20 rows (its
+# offsets past 2^31 elements from the first row on).
+PACKED = [262_144, 1, 17, 0, 131_071, 524_288, 140_000, 7_439]
+assert sum(PACKED) == ROWS
+
+
+def _enough_memory() -> bool:
+    return HAS_CUDA and torch.cuda.mem_get_info()[0] >= NEEDS
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _enough_memory(),
+                                                  reason=f"needs a CUDA GPU with {NEEDS >> 30} GiB free")]
+
+
+def _allowed(i: torch.Tensor, j: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool,
+             window: tuple[int, int]) -> torch.Tensor:
+    """[len(i), len(j)]: may query i see key j (bottom-right aligned, flashattn/ops/variant.py)."""
+    diagonal = i[:, None] + (seqlen_k - seqlen_q)
+    allowed = torch.ones(len(i), len(j), dtype=torch.bool, device=i.device)
+    left, right = window[0], 0 if causal else window[1]
+    if left >= 0:
+        allowed &= j[None, :] >= diagonal - left
+    if right >= 0:
+        allowed &= j[None, :] <= diagonal + right
+    return allowed
+
+
+def _check_rows(q, k, v, do, out, lse, dq, rows, causal, window):
+    """O, LSE and dQ (unless None) of the query rows `rows` of one sequence (q, do, out, dq (Sq, H, D),
+    lse (H, Sq), k, v (Sk, Hk, D)) against float32 math over all its keys; delta = rowsum(dO * O) from
+    the kernel's O, as the kernels take it (from O in bf16, delta's rounding would dominate dQ where a
+    row sees few keys and P is nearly one-hot)."""
+    group = q.shape[1] // k.shape[1]
+    allowed = _allowed(rows, torch.arange(k.shape[0], device=DEVICE), q.shape[0], k.shape[0], causal, window)
+    for h in range(q.shape[1]):
+        kh, vh = k[:, h // group].float(), v[:, h // group].float()
+        s = (q[rows, h].float() @ kh.T * SCALE).masked_fill(~allowed, float("-inf"))    # [rows, Sk]
+        ref_lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - ref_lse[:, None]).nan_to_num(0.0)
+        ref_out = p @ vh
+        dos = do[rows, h].float()
+        ds = p * (dos @ vh.T - (dos * out[rows, h].float()).sum(-1, keepdim=True))
+        ref_dq = ds @ kh * SCALE
+        torch.testing.assert_close(lse[h, rows], ref_lse, atol=1e-3, rtol=0)
+        _assert_rows_close("out", out[rows, h], ref_out)
+        if dq is not None:
+            _assert_rows_close("dq", dq[rows, h], ref_dq)
+
+
+def _check_keys(q, k, v, do, out, lse, dk, dv, keys, causal, window):
+    """dK and dV of the key rows `keys` of one sequence against float32 math over all its query rows,
+    P normalised by the kernel's LSE and delta = rowsum(dO * O) from the kernel's O."""
+    group = q.shape[1] // k.shape[1]
+    allowed = _allowed(torch.arange(q.shape[0], device=DEVICE), keys, q.shape[0], k.shape[0], causal, window)
+    for hk in range(k.shape[1]):
+        ks, vs = k[keys, hk].float(), v[keys, hk].float()
+        ref_dk = ref_dv = 0.0
+        for h in range(hk * group, (hk + 1) * group):
+            qh, doh = q[:, h].float(), do[:, h].float()
+            s = (qh @ ks.T * SCALE).masked_fill(~allowed, float("-inf"))                  # [Sq, keys]
+            p = torch.exp(s - lse[h][:, None])
+            ref_dv = ref_dv + p.T @ doh
+            ds = p * (doh @ vs.T - (doh * out[:, h].float()).sum(-1, keepdim=True))
+            ref_dk = ref_dk + ds.T @ qh * SCALE
+        for name, ours, ref in (("dk", dk[keys, hk], ref_dk), ("dv", dv[keys, hk], ref_dv)):
+            _assert_rows_close(name, ours, ref)
+
+
+def _assert_rows_close(name, ours, ref):
+    """Each row within 3% of its largest reference element: bf16 rounding of the output and of P
+    stays far below that, and a row read or written at a wrong offset lands far above it."""
+    err = (ours.float() - ref).abs().amax(-1)
+    bound = 0.03 * ref.abs().amax(-1) + 1e-6
+    assert torch.isfinite(ours).all() and bool((err <= bound).all()), (name, err.tolist(), bound.tolist())
+
+
+def _samples(n: int, generator) -> torch.Tensor:
+    """Rows of a sequence of n: the first, the last, the middle, those about the 2^31-element
+    boundary (2^20 rows of 2^11 elements), and random ones."""
+    fixed = [0, 1, 17, n // 2, 2 ** 20 - 1, 2 ** 20, n - 2, n - 1]
+    picked = torch.randint(0, n, (8,), generator=generator).tolist()
+    return torch.tensor(sorted({r for r in fixed + picked if 0 <= r < n}), device=DEVICE)
+
+
+def _inputs(shape):
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
+    return q, k, v, do
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    yield
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def lse_without_probs(monkeypatch):
+    """return_attn_probs=True gives the LSE, and probabilities of O(N^2): those are not computed (the
+    PyTorch path's attention_probs answers None)."""
+    from flashattn.ops import reference
+
+    monkeypatch.setattr(reference, "attention_probs", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("kernels", ["tables", "window", "warp-specialized"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dense_past_2_31_elements(causal, kernels, monkeypatch, lse_without_probs):
+    """flash_attn_func on (1, 2^20 + 2^14, 16, 128) bf16: the kernels sm_90's tables choose (the
+    ping-pong forward and the one-pass backward), the portable ones (a window (512, 512): linear
+    cost), and the warp-specialized forward (forced; forward only)."""
+    from flashattn.ops.triton import configs
+
+    window = (512, 512) if kernels == "window" else (-1, -1)
+    if kernels == "warp-specialized":
+        monkeypatch.setattr(configs, "ping_pong_forward", lambda *args, **kwargs: False)
+        monkeypatch.setattr(configs, "warp_specialized", lambda *args, **kwargs: True)
+    q, k, v, do = _inputs((1, ROWS, NHEADS, HEAD_DIM))
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    backward = kernels != "warp-specialized"
+    with torch.set_grad_enabled(backward):
+        out, lse, _ = flash_attn_func(*leaves, causal=causal, window_size=window, return_attn_probs=True)
+    dq, dk, dv = (x[0] for x in torch.autograd.grad(out, leaves, do)) if backward else (None,) * 3
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        seq = (q[0], k[0], v[0], do[0], out[0], lse[0])
+        _check_rows(*seq, dq, _samples(ROWS, generator), causal, window)
+        if backward:
+            _check_keys(*seq, dk, dv, _samples(ROWS, generator), causal, window)
+
+
+@pytest.mark.parametrize("kernels", ["tables", "window"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_past_2_31_elements(causal, kernels, lse_without_probs):
+    """flash_attn_varlen_func on 2^20 + 2^14 tokens x 16 heads x 128 (bf16) in sequences of 0 to 2^19
+    tokens, the last ones starting past 2^31 elements: the Hopper kernels' packed builds (sm_90's
+    tables at the longest sequence), and the portable ones (a window (512, 512))."""
+    window = (512, 512) if kernels == "window" else (-1, -1)
+    q, k, v, do = _inputs((ROWS, NHEADS, HEAD_DIM))
+    cu = torch.tensor([0, *torch.tensor(PACKED).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out, lse, _ = flash_attn_varlen_func(*leaves, cu, cu, max(PACKED), max(PACKED), causal=causal,
+                                         window_size=window, return_attn_probs=True)
+    dq, dk, dv = torch.autograd.grad(out, leaves, do)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        starts = cu.tolist()
+        for b, n in enumerate(PACKED):
+            if n == 0:
+                continue
+            r = slice(starts[b], starts[b + 1])
+            seq = (q[r], k[r], v[r], do[r], out[r], lse[:, r])
+            _check_rows(*seq, dq[r], _samples(n, generator), causal, window)
+            _check_keys(*seq, dk[r], dv[r], _samples(n, generator), causal, window)
