@@ -1,6 +1,7 @@
 """Backend choice and the launch boundary shared by every backend.
 
-Everything that is not specific to one kernel lives here once: which backend runs, packing the
+Everything that is not specific to one kernel lives here once: which backend runs (and, on the
+PyTorch path, whether torch's fused CPU kernel serves a plain call: flashattn/ops/cpu.py), packing the
 options into one :class:`~flashattn.ops.variant.Variant`, the empty-tensor cases (no kernel launches
 on zero-size grids), and making the last dim contiguous.
 """
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from flashattn.ops import capabilities, reference
+from flashattn.ops import capabilities, cpu, reference
 from flashattn.ops.variant import KVCache, Variant, from_causal
 from flashattn.sparse import BlockMask
 
@@ -94,6 +95,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Vari
     if backend == "triton":
         from flashattn.ops.triton import forward as triton_forward
         return triton_forward.forward(q, k, v, softmax_scale, variant)
+    if cpu.applies(q, k, variant, q, k, v):
+        return cpu.forward(q, k, v, softmax_scale, variant.causal)
     return reference.flash_attention_forward(q, k, v, softmax_scale, variant)
 
 
@@ -112,6 +115,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         from flashattn.ops.triton import backward as triton_backward
         return triton_backward.backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
                                         bias_grad=bias_grad)
+    if cpu.applies(q, k, variant, q, k, v, dout, dlse=dlse):
+        return (*cpu.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal), None)
     return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
                                               bias_grad=bias_grad)
 
