@@ -32,6 +32,7 @@ class _Call(NamedTuple):
     window_right: int
     attn_bias: Tensor | None         # 4 dims, each 1 or the full size (a view of the user's tensor)
     block_mask: BlockMask | None
+    tile_size: int                   # 0: the tuned tiles
 
 
 def _is_int(x) -> bool:
@@ -141,9 +142,26 @@ def _check_scores(softmax_scale, causal, window_size, softcap, head_dim: int) ->
     return float(softmax_scale), window_right == 0, window_left, window_right
 
 
+TILE_SIZES = (16, 32, 64, 128, 256)
+
+
+def _check_tile_size(tile_size, block_mask) -> int:
+    """tile_size None -> 0 (the tuned tiles); else a power of two in TILE_SIZES, within the block
+    mask's blocks (a tile may not straddle two of them)."""
+    if tile_size is None:
+        return 0
+    if not _is_int(tile_size) or tile_size not in TILE_SIZES:
+        raise ValueError(f"tile_size must be None (the tuned tiles) or one of {TILE_SIZES}, got {tile_size!r}")
+    if block_mask is not None and tile_size > block_mask.block_size:
+        raise ValueError(f"tile_size={tile_size} is larger than the block mask's blocks ({block_mask.block_size}): "
+                         f"pass tile_size <= {block_mask.block_size}")
+    return tile_size
+
+
 def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal, window_size,
               softcap, alibi_slopes, deterministic, return_attn_probs, attn_bias, block_mask,
-              n_seq: int | None = None, max_seqlens: tuple[int, int] | None = None) -> _Call:
+              n_seq: int | None = None, max_seqlens: tuple[int, int] | None = None,
+              tile_size: int | None = None) -> _Call:
     """Check every argument; return the backend, the softmax scale and the normalised options.
     `n_seq`: the number of packed sequences (varlen.py, q (1, total_q, H, D)) and `max_seqlens` the
     longest query and key sequence among them; None when dense."""
@@ -202,7 +220,8 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
                 f"the {backend} kernel does not implement yet: {', '.join(missing)} (this call combines: "
                 f"{', '.join(f for f in capabilities.ALL_FEATURES if f in features)}); the PyTorch path "
                 "implements every option: FLASHATTN_BACKEND=reference")
-    return _Call(backend, float(softmax_scale), causal, window_left, window_right, attn_bias, block_mask)
+    return _Call(backend, float(softmax_scale), causal, window_left, window_right, attn_bias, block_mask,
+                 _check_tile_size(tile_size, block_mask))
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
@@ -210,7 +229,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
                     return_attn_probs: bool = False, *, attn_bias: Tensor | None = None,
-                    block_mask: BlockMask | None = None):
+                    block_mask: BlockMask | None = None, tile_size: int | None = None):
     """Exact attention softmax(softmax_scale * q k^T) v, computed by FlashAttention.
 
     Args:
@@ -252,6 +271,12 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
             over its broadcast dimensions).
         block_mask: keyword only, beyond flash-attn. A flashattn.BlockMask (see flashattn.sparse):
             which key blocks each query block attends to; skipped blocks cost nothing.
+        tile_size: keyword only, beyond flash-attn. None (default): the tiles tuned for the GPU.
+            16, 32, 64, 128 or 256: the side of the square tiles (query rows = keys per tile) the
+            kernels cut the scores into, forward and backward: the portable Triton kernels run
+            exactly these (fewer pipeline stages if the GPU's shared memory needs it; a ValueError
+            if one stage does not fit), and so do the PyTorch path's loops. For experiments and
+            for memory-constrained GPUs; the tuned tiles are the fast ones.
 
     Every option combines with every other (and with causal, GQA and packed inputs); a backend
     that lacks one raises NotImplementedError naming what is missing, nothing is ignored. The exact
@@ -268,7 +293,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
         return_attn_probs. softmax_lse is +inf for rows that see no key.
     """
     call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                     deterministic, return_attn_probs, attn_bias, block_mask)
+                     deterministic, return_attn_probs, attn_bias, block_mask, tile_size=tile_size)
     return _attend(q, k, v, call, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
@@ -283,7 +308,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, call: _Call, dropout_p, softcap, al
                float(dropout_p), seed, call.attn_bias,
                *((bm.mask, bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices) if bm is not None
                  else (None,) * 5),
-               bm.block_size if bm is not None else 0, deterministic, *packed)
+               bm.block_size if bm is not None else 0, deterministic, *packed, call.tile_size)
     out, lse = custom_ops.attention(q, k, v, call.softmax_scale, *options, call.backend)
     if not return_attn_probs:
         return out
@@ -304,7 +329,8 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
                               causal: bool = False, window_size: tuple[int, int] = (-1, -1),
                               softcap: float = 0.0, alibi_slopes: Tensor | None = None,
                               deterministic: bool = False, return_attn_probs: bool = False, *,
-                              attn_bias: Tensor | None = None, block_mask: BlockMask | None = None):
+                              attn_bias: Tensor | None = None, block_mask: BlockMask | None = None,
+                              tile_size: int | None = None):
     """flash_attn_func with q, k, v packed as qkv (batch, seqlen, 3, nheads, headdim).
 
     The three are strided views of qkv, not copies; the gradient arrives as one (batch, seqlen, 3,
@@ -313,7 +339,7 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
     _check_packed("qkv", qkv, "(batch, seqlen, 3, nheads, headdim)", 2, 3)
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                           attn_bias=attn_bias, block_mask=block_mask)
+                           attn_bias=attn_bias, block_mask=block_mask, tile_size=tile_size)
 
 
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
@@ -321,7 +347,7 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                              alibi_slopes: Tensor | None = None, deterministic: bool = False,
                              return_attn_probs: bool = False, *, attn_bias: Tensor | None = None,
-                             block_mask: BlockMask | None = None):
+                             block_mask: BlockMask | None = None, tile_size: int | None = None):
     """flash_attn_func with k, v packed as kv (batch, seqlen_k, 2, nheads_k, headdim).
 
     Same options and return values as flash_attn_func.
@@ -329,4 +355,4 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0,
     _check_packed("kv", kv, "(batch, seqlen_k, 2, nheads_k, headdim)", 2, 2)
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs,
-                           attn_bias=attn_bias, block_mask=block_mask)
+                           attn_bias=attn_bias, block_mask=block_mask, tile_size=tile_size)

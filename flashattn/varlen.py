@@ -52,7 +52,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            softmax_scale: float | None = None, causal: bool = False,
                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                           return_attn_probs: bool = False, block_table: Tensor | None = None):
+                           return_attn_probs: bool = False, block_table: Tensor | None = None, *,
+                           tile_size: int | None = None):
     """Exact attention over packed sequences: sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]
     of q against rows cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k and v.
 
@@ -71,6 +72,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
             probabilities (batch, nheads, max_seqlen_q, max_seqlen_k), zero past each sequence
             (O(N^2): a debugging aid).
         block_table: a paged KV cache is not implemented in this function yet (NotImplementedError).
+        tile_size: keyword only, beyond flash-attn: the square tiles of flash_attn_func's tile_size.
 
     Returns:
         out (total_q, nheads, headdim), or (out, softmax_lse, attn_probs) when return_attn_probs.
@@ -92,7 +94,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)       # (1, total, H, D)
     call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                      deterministic, return_attn_probs, None, None, n_seq=n_seq,
-                     max_seqlens=(max_seqlen_q, max_seqlen_k))
+                     max_seqlens=(max_seqlen_q, max_seqlen_k), tile_size=tile_size)
     result = _attend(q4, k4, v4, call, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs,
                      packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     if not return_attn_probs:

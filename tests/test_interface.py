@@ -28,13 +28,13 @@ def test_signature_matches_flash_attn():
     """flash-attn's positional signature, then our keyword-only additions."""
     import inspect
     expected = ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap",
-                "alibi_slopes", "deterministic", "return_attn_probs", "attn_bias", "block_mask"]
+                "alibi_slopes", "deterministic", "return_attn_probs", "attn_bias", "block_mask", "tile_size"]
     for fn, head in ((flash_attn_func, ["q", "k", "v"]), (flash_attn_qkvpacked_func, ["qkv"]),
                      (flash_attn_kvpacked_func, ["q", "kv"])):
         params = inspect.signature(fn).parameters
         assert list(params) == head + expected[3:]
         keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        assert keyword_only == ["attn_bias", "block_mask"]
+        assert keyword_only == ["attn_bias", "block_mask", "tile_size"]
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -254,12 +254,12 @@ def test_last_dim_not_contiguous():
 def _op_options(with_variants: bool, sq: int, sk: int, h: int):
     """The custom operators' option arguments (custom_ops.VARIANT_ARGS): plain causal, or every option."""
     if not with_variants:
-        return (True, -1, 0, 0.0, None, 0.0, None, None, None, None, None, None, None, 0, False, None, None, 0, 0)
+        return (True, -1, 0, 0.0, None, 0.0, None, None, None, None, None, None, None, 0, False, None, None, 0, 0, 0)
     bm = flashattn.BlockMask.from_dense(torch.rand(1, h, -(-sq // 16), -(-sk // 16)) < 0.7, block_size=16)
     bm = bm.to(DEVICE)
     bias = torch.randn(1, h, 1, sk, device=DEVICE, requires_grad=True)
     return (True, 9, 0, 3.0, torch.rand(h, device=DEVICE), 0.25, philox.draw_seed(), bias, bm.mask, bm.kv_num_blocks,
-            bm.kv_indices, bm.q_num_blocks, bm.q_indices, bm.block_size, True, None, None, 0, 0)
+            bm.kv_indices, bm.q_num_blocks, bm.q_indices, bm.block_size, True, None, None, 0, 0, 16)
 
 
 _OPCHECK_CASES = pytest.mark.parametrize(

@@ -30,15 +30,17 @@ def applies(q: Tensor, k: Tensor, variant: Variant, *finite: Tensor, dlse: Tenso
     """Whether torch's fused CPU kernel computes this call exactly as specified; `finite` are the
     tensors that must hold no NaN or inf for that (the inputs, and dout in the backward)."""
     return (q.device.type == "cpu" and q.dtype in DTYPES and variant.is_plain and not variant.deterministic
+            and not variant.tile_size
             and (not variant.causal or q.shape[1] == k.shape[1]) and dlse is None
             and all(bool(torch.isfinite(x).all()) for x in finite))
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """O (B, Sq, H, D) contiguous and lse (B, H, Sq) float32."""
+    """O (B, Sq, H, D) and lse (B, H, Sq) float32, both contiguous (the layout the custom operator's fake
+    implementation declares, which torch.compile's inductor checks)."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=softmax_scale)
-    return out.transpose(1, 2).contiguous(), lse
+    return out.transpose(1, 2).contiguous(), lse.contiguous()    # torch's lse is (B, Sq, H) in memory
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,

@@ -17,11 +17,12 @@ takes on the GPU (benchmarks/TUNING.md, § host-cost).
 Both operators take the options as the same explicit arguments, in this order (VARIANT_ARGS):
 causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, attn_bias, block_mask,
 kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size, deterministic, cu_seqlens_q,
-cu_seqlens_k, max_seqlen_q, max_seqlen_k. attn_bias is a float
+cu_seqlens_k, max_seqlen_q, max_seqlen_k, tile_size. attn_bias is a float
 bias or a bool mask, 4-dim and broadcastable to (B, H, Sq, Sk) (never expanded); seed is an int64
 scalar tensor on the CPU (None without dropout); the block-mask tensors are those of a
 flashattn.BlockMask (None without one); cu_seqlens_q/k (int32, None when dense) and max_seqlen_q/k
-(0 when dense) describe packed sequences (flashattn/ops/variant.py).
+(0 when dense) describe packed sequences, and tile_size (0: the tables) the caller's square tiles
+(flashattn/ops/variant.py).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ Tensor = torch.Tensor
 
 VARIANT_ARGS = ("causal", "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "seed",
                 "attn_bias", "block_mask", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices",
-                "block_size", "deterministic", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+                "block_size", "deterministic", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                "tile_size")
 _ATTN_BIAS = VARIANT_ARGS.index("attn_bias")
 
 
@@ -59,11 +61,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, cau
                       block_mask: Tensor | None, kv_num_blocks: Tensor | None, kv_indices: Tensor | None,
                       q_num_blocks: Tensor | None, q_indices: Tensor | None, block_size: int,
                       deterministic: bool, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                      max_seqlen_q: int, max_seqlen_k: int, backend: str) -> tuple[Tensor, Tensor]:
+                      max_seqlen_q: int, max_seqlen_k: int, tile_size: int, backend: str,
+                      ) -> tuple[Tensor, Tensor]:
     return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                         dropout_p, seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks,
                         q_indices, block_size, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, backend)
+                        max_seqlen_k, tile_size, backend)
 
 
 @attention_forward.register_fake
@@ -82,14 +85,14 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        kv_num_blocks: Tensor | None, kv_indices: Tensor | None,
                        q_num_blocks: Tensor | None, q_indices: Tensor | None, block_size: int,
                        deterministic: bool, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                       max_seqlen_q: int, max_seqlen_k: int, bias_grad: bool, backend: str,
+                       max_seqlen_q: int, max_seqlen_k: int, tile_size: int, bias_grad: bool, backend: str,
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv and dbias (attn_bias's shape; an empty tensor unless bias_grad)."""
     dq, dk, dv, dbias = _run_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left,
                                       window_right, softcap, alibi_slopes, dropout_p, seed, attn_bias,
                                       block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
                                       block_size, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, bias_grad, backend)
+                                      max_seqlen_k, tile_size, bias_grad, backend)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
@@ -97,7 +100,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_right, softcap,
       alibi_slopes, dropout_p, seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks,
       q_indices, block_size, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      bias_grad, backend):
+      tile_size, bias_grad, backend):
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 

@@ -58,12 +58,13 @@ def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window
                  attn_bias: Tensor | None, block_mask: Tensor | None, kv_num_blocks: Tensor | None,
                  kv_indices: Tensor | None, q_num_blocks: Tensor | None, q_indices: Tensor | None,
                  block_size: int, deterministic: bool, cu_seqlens_q: Tensor | None = None,
-                 cu_seqlens_k: Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> Variant:
+                 cu_seqlens_k: Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                 tile_size: int = 0) -> Variant:
     """Pack the custom operators' explicit arguments (already validated) into one Variant. `batch`
     is q's batch size; with packed sequences the number of sequences is taken from cu_seqlens_q."""
     if (alibi_slopes is None and dropout_p == 0.0 and attn_bias is None and block_mask is None
             and softcap == 0.0 and not deterministic and window_left == -1
-            and window_right == (0 if causal else -1) and cu_seqlens_q is None):
+            and window_right == (0 if causal else -1) and cu_seqlens_q is None and not tile_size):
         return from_causal(causal)   # the common call: no new Variant
     if cu_seqlens_q is not None:
         batch = cu_seqlens_q.numel() - 1
@@ -78,8 +79,13 @@ def make_variant(batch: int, nheads: int, causal: bool, window_left: int, window
         block_mask=None if block_mask is None else BlockMask(
             block_mask, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_size),
         deterministic=deterministic, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, tile_size=tile_size,
     )
+
+
+def _reference_tiles(variant: Variant) -> tuple[int, ...]:
+    """The PyTorch path's (block_m, block_n): the caller's tile_size, or its defaults."""
+    return (variant.tile_size, variant.tile_size) if variant.tile_size else ()
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Variant, backend: str,
@@ -97,7 +103,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Vari
         return triton_forward.forward(q, k, v, softmax_scale, variant)
     if cpu.applies(q, k, variant, q, k, v):
         return cpu.forward(q, k, v, softmax_scale, variant.causal)
-    return reference.flash_attention_forward(q, k, v, softmax_scale, variant)
+    return reference.flash_attention_forward(q, k, v, softmax_scale, variant, *_reference_tiles(variant))
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -118,7 +124,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     if cpu.applies(q, k, variant, q, k, v, dout, dlse=dlse):
         return (*cpu.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal), None)
     return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
-                                              bias_grad=bias_grad)
+                                              *_reference_tiles(variant), bias_grad=bias_grad)
 
 
 def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,

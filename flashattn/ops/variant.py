@@ -74,6 +74,9 @@ class Variant:
     max_seqlen_q/k    the longest sequence of each side (the grid's size); 0 when dense.
     batch_index       the sequence index b of the first batch entry (dropout's counters): the
                       PyTorch path runs packed sequences one at a time.
+    tile_size         0: the kernels' tuned tiles. Else the side of square tiles (block_m = block_n)
+                      the caller asked for (flash_attn_func's tile_size): the portable kernels (and
+                      the PyTorch path's loops) run exactly those.
     """
 
     causal: bool = False
@@ -92,6 +95,7 @@ class Variant:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     batch_index: int = 0
+    tile_size: int = 0
 
     @property
     def varlen(self) -> bool:

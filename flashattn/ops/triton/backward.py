@@ -591,5 +591,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )
 
-    configs.run("bwd", head_dim, q.dtype, variant.causal, max(rows_q, rows_k), q.device, launch, extra=extra)
+    configs.run("bwd", head_dim, q.dtype, variant.causal, max(rows_q, rows_k), q.device, launch, extra=extra,
+                tile_size=variant.tile_size)
     return dq, dk, dv, (_reduce_bias_grad(dbias[0], variant.bias) if bias_grad else None)

@@ -56,9 +56,12 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
     backward  one-pass         plain, no bias gradient, fp16/bf16, head dim 64/128, listed in
                                configs' one-pass table (its deterministic column with
                                variant.deterministic)
-    and for both, TMA-addressable q, k, v (and dout); otherwise portable. Plain includes packed
+    and for both, TMA-addressable q, k, v (and dout); otherwise portable. A call with its own
+    tile_size always runs the portable kernels (the others' tiles are fixed). Plain includes packed
     sequences (Variant.is_plain_or_varlen), looked up in the tables at their longest sequence.
     """
+    if variant.tile_size:
+        return PORTABLE          # the caller's tiles: the Hopper and split-KV kernels' are fixed
     if pass_ == "fwd" and _split_kv(q, variant):
         return SPLIT_KV
     if not variant.is_plain_or_varlen:

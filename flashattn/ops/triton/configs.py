@@ -335,12 +335,51 @@ def _key(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int
     return f"{kind}|{name}|d{head_dim}|{str(dtype).removeprefix('torch.')}|causal={int(causal)}|n{bucket}|{extra}"
 
 
+def with_tiles(cfg: Config, tile: int) -> Config:
+    """`cfg` with square tiles of side `tile` everywhere (the warps and stages of the table's shape);
+    a backward's separate dK programs are folded back into the kv programs."""
+    if isinstance(cfg, BackwardConfig):
+        kv = replace(cfg.kv, block_m=tile, block_n=tile)
+        q = replace(cfg.q, block_m=tile, block_n=tile)
+        return BackwardConfig(kv, q, None, (kv.num_warps, kv.num_stages) == (q.num_warps, q.num_stages)
+                              and cfg.one_launch)
+    return replace(cfg, block_m=tile, block_n=tile)
+
+
+def _fewer_stages(cfg: Config) -> Config | None:
+    if isinstance(cfg, BackwardConfig):
+        if max(cfg.kv.num_stages, cfg.q.num_stages) == 1:
+            return None
+        kv = replace(cfg.kv, num_stages=max(1, cfg.kv.num_stages - 1))
+        q = replace(cfg.q, num_stages=max(1, cfg.q.num_stages - 1))
+        return BackwardConfig(kv, q, None, cfg.one_launch and kv.num_stages == q.num_stages)
+    return replace(cfg, num_stages=cfg.num_stages - 1) if cfg.num_stages > 1 else None
+
+
+def _launch_tiles(cfg: Config, tile: int, launch: Callable[[Config], None]) -> Config:
+    """launch(cfg) with the caller's tiles: fewer pipeline stages if the GPU cannot hold them, never
+    other tiles; a ValueError when one stage does not fit either."""
+    while True:
+        try:
+            launch(cfg)
+            return cfg
+        except OutOfResources as exc:
+            fewer = _fewer_stages(cfg)
+            if fewer is None:
+                raise ValueError(f"tile_size={tile} does not fit this GPU's shared memory even with one pipeline "
+                                 f"stage ({exc}); pass a smaller tile_size, or None for the tuned tiles") from exc
+            cfg = fewer
+
+
 def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
-        launch: Callable[[Config], None], extra: str = "") -> Config:
+        launch: Callable[[Config], None], extra: str = "", tile_size: int = 0) -> Config:
     """Launch `kind` ("fwd", "fwd_ws" or "bwd") through `launch(cfg)` with the shape chosen as the module
     docstring says; returns the shape used. `extra` separates kernels specialised differently
-    (e.g. by options) that may prefer other shapes."""
+    (e.g. by options) that may prefer other shapes. `tile_size` (0: none) is the caller's square
+    tiles, run as given (no tuning, no other tiles; fewer stages where the GPU needs them)."""
     base = _table_config(kind, head_dim, dtype, causal, device, seqlen)
+    if tile_size:
+        return _launch_tiles(with_tiles(base, tile_size), tile_size, launch)
     if device.type != "cuda":
         launch(base)
         return base

@@ -351,5 +351,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    configs.run("fwd", head_dim, q.dtype, variant.causal, seqlen, q.device, launch, extra=opts.extra)
+    configs.run("fwd", head_dim, q.dtype, variant.causal, seqlen, q.device, launch, extra=opts.extra,
+                tile_size=variant.tile_size)
     return o, lse
