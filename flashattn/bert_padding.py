@@ -187,6 +187,16 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Tens
     does; the same read brings back the token count and the masks' checks, so the packing itself
     needs none where torch.nonzero_static exists for the device).
 
+    Under torch.compile (or torch.export) no value is read while tracing: max_seqlen_in_batch is then
+    seqlen, the padded length (an upper bound of every sequence, which the varlen functions accept:
+    their grid is that long), the masks' values are not checked (nonzero = a token), and the number
+    of tokens, hence the first dim of hidden_states_unpad and indices, is a data-dependent size (the
+    nonzero that finds the tokens still synchronises a GPU when the graph runs, and a CUDA graph
+    cannot hold it): one graph with torch.compile(fullgraph=True) (torch 2.13 captures such sizes
+    then) or with torch._dynamo.config.capture_dynamic_output_shape_ops = True; otherwise a graph
+    break at the packing. flashattn.nn.FlashAttention avoids packing there altogether (static shapes,
+    no synchronisation: see its forward).
+
     Raises:
         TypeError / ValueError for a mask of the wrong type, dtype, shape or device, an integer mask
         with a value other than 0 or 1, or an unused_mask that overlaps attention_mask or precedes
@@ -207,6 +217,12 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Tens
     seqlens = kept.sum(dim=-1, dtype=torch.int32)                                          # (b,)
     seqused = used.sum(dim=-1, dtype=torch.int32) if unused_mask is not None else seqlens  # (b,)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))  # (b + 1,)
+    flat = hidden_states.reshape(batch * seqlen, *hidden_states.shape[2:])   # (b * s, ...)
+
+    if torch.compiler.is_compiling():
+        # Traced: no host read (see the docstring); the token count is a data-dependent size.
+        indices = torch.nonzero(kept.flatten()).flatten()                 # (total_nnz,) int64
+        return index_first_axis(flat, indices), indices, cu_seqlens, seqlen, seqused
 
     # Everything the host needs, read back in one transfer (the one synchronisation).
     checks = {}
@@ -242,7 +258,6 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Tens
                          "of each packed sequence")
 
     indices = _nonzero_static(kept.flatten(), total)                   # (total_nnz,) int64
-    flat = hidden_states.reshape(batch * seqlen, *hidden_states.shape[2:])   # (b * s, ...)
     return index_first_axis(flat, indices), indices, cu_seqlens, int(max_seqlen), seqused
 
 
@@ -266,7 +281,11 @@ def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -
         if not (_is_int(n) and n >= 0):
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     _check_indices(indices, "hidden_states", hidden_states, count_dim=0)
-    if hidden_states.shape[0] > batch * seqlen:
+    if torch.compiler.is_compiling():
+        # The row count may be a data-dependent size there (unpad_input's): a runtime assertion, no guard.
+        torch._check(hidden_states.shape[0] <= batch * seqlen,
+                     lambda: f"hidden_states has more rows than batch x seqlen = {batch} x {seqlen} positions")
+    elif hidden_states.shape[0] > batch * seqlen:
         raise ValueError(f"hidden_states has {hidden_states.shape[0]} rows, more than batch x seqlen = "
                          f"{batch} x {seqlen} = {batch * seqlen} positions")
     out = _IndexPutFirstAxis.apply(hidden_states, indices, batch * seqlen)   # (b * s, ...)

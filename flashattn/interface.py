@@ -84,6 +84,12 @@ def _check_extents(q: Tensor, k: Tensor, seqlens: tuple[int, int]) -> None:
     key sequence) shorter than MAX_SEQLEN rows, and tiles of MAX_TILE_ROWS rows of the outputs or
     gradients of q's and k's shapes within 2^31 elements."""
     for side, seqlen in zip(("query", "key"), seqlens):
+        if torch.compiler.is_compiling():
+            # A length read inside a traced graph is symbolic: asserted there, not branched on (math.isfinite
+            # and `if` on it would break the graph); -inf < x < inf likewise, above.
+            torch._check_value(seqlen < MAX_SEQLEN, lambda: "a sequence of 2^29 rows or more: the Triton kernels "
+                               "take shorter ones; use FLASHATTN_BACKEND=reference")
+            continue
         if seqlen >= MAX_SEQLEN:
             raise ValueError(f"a {side} sequence of {seqlen} rows: the Triton kernels take sequences shorter than "
                              f"2^29 = {MAX_SEQLEN} rows (32-bit row indices, which a window's band edges reach "
@@ -130,11 +136,11 @@ def _check_scores(softmax_scale, causal, window_size, softcap, head_dim: int) ->
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
             and all(_is_int(w) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0.0):
+    if not (isinstance(softcap, (int, float)) and -math.inf < softcap < math.inf and softcap >= 0.0):
         raise ValueError(f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+    elif not (isinstance(softmax_scale, (int, float)) and -math.inf < softmax_scale < math.inf):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     window_left, window_right = window_size
     if causal:

@@ -26,9 +26,16 @@ def _check_cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, devi
                          f"dtype {cu.dtype} and shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
-    if not _is_int(max_seqlen) or max_seqlen < 0:
+    if not _is_int(max_seqlen):
         raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
-    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling():
+        # Traced, max_seqlen may have been read from a tensor (int(t.max())): a data-dependent value,
+        # which `if` cannot branch on; torch._check_value asserts it when the graph runs instead.
+        torch._check_value(max_seqlen >= 0, lambda: f"{max_name} must be an int >= 0")
+        return
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     values = cu.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]

@@ -3,18 +3,19 @@
 The layer is the usual transformer attention block written around this library's entry points: a
 padded batch with a key-padding mask is packed (flashattn.bert_padding.unpad_input), attended with
 flash_attn_varlen_func, and unpacked (pad_input), so the projections and the attention do no work
-on padding and no sequence sees another's tokens; without a mask it calls flash_attn_func.
+on padding and no sequence sees another's tokens; without a mask it calls flash_attn_func. Traced
+(torch.compile, torch.export) or captured (CUDA graphs), where packing's read of the lengths cannot
+happen, the mask goes to flash_attn_func as a bool attn_bias instead (FlashAttention.forward).
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashattn.bert_padding import pad_input, unpad_input
+from flashattn.bert_padding import _check_mask, pad_input, unpad_input
 from flashattn.interface import _check_tensor, _is_int, flash_attn_func
 from flashattn.ops.capabilities import TRITON
 from flashattn.varlen import flash_attn_varlen_func
@@ -23,11 +24,6 @@ Tensor = torch.Tensor
 
 # Explicit tile sides: tl.dot's minimum (16) up to the largest tile the kernels are written for.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-
-# Whether an explicit block_size reaches the kernels. flashattn.ops has no per-call tile argument yet
-# (the tiles come from flashattn/ops/triton/configs.py's tables); until it has, the layer validates
-# and records block_size and says so with a warning, rather than ignoring it silently.
-BLOCK_SIZE_APPLIED = False
 
 
 def tile_shared_memory(block_size: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> int:
@@ -116,9 +112,9 @@ class FlashAttention(nn.Module):
             memory (tile_shared_memory: the forward's needs, and the backward's when gradients are
             being recorded), checked at the first forward on each device and dtype; a tile that does
             not fit raises ValueError naming the sizes that do. On other devices any valid size is
-            accepted (the PyTorch path has no such limit). NOT YET APPLIED: flashattn.ops has no
-            per-call tile argument, so the kernels still run their tuned tiles; an explicit value
-            warns (UserWarning) at construction until it does (BLOCK_SIZE_APPLIED).
+            accepted (the PyTorch path has no such limit). Passed to flash_attn_func /
+            flash_attn_varlen_func as tile_size: the portable Triton kernels (and the PyTorch path's
+            loops) run exactly these tiles.
         causal: each token attends to itself and the tokens before it in its own sequence.
         dropout: dropout probability on the attention probabilities, in [0, 1); applied only in
             training mode (self.training), 0 in eval. (Not on the projections: add nn.Dropout around
@@ -189,10 +185,6 @@ class FlashAttention(nn.Module):
         self.Wqkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
         self._tiles_checked: set = set()      # (device, dtype, backward) whose shared memory holds block_size
-        if block_size is not None and not BLOCK_SIZE_APPLIED:
-            warnings.warn(f"FlashAttention(block_size={block_size}): the value is validated against the device's "
-                          "shared memory but not applied yet (flashattn.ops has no per-call tile argument); the "
-                          "kernels run their tuned tiles", UserWarning, stacklevel=2)
 
     def extra_repr(self) -> str:
         parts = [f"hidden_size={self.hidden_size}", f"num_heads={self.num_heads}"]
@@ -215,6 +207,14 @@ class FlashAttention(nn.Module):
                 packed (unpad_input: one device synchronisation, to read the longest sequence) and
                 run through flash_attn_varlen_func, so padding costs no work in the projections or the
                 attention and no token sees another sequence.
+                Under torch.compile or torch.export, and while a CUDA graph is being captured, where
+                nothing can be read from the device and shapes must not depend on values, the padded
+                batch is attended as it is instead: the mask becomes flash_attn_func's bool attn_bias
+                (padding keys masked), rotary positions come from the mask's cumulative sum, and the
+                padding rows of the output are set to 0. The same result (the same real tokens
+                attending to each other in the same order; with dropout, other random draws), with
+                the padding computed and discarded; an integer mask's values are not checked there
+                (nonzero = a real token).
             return_attention: also return the attention probabilities.
 
         Returns:
@@ -227,11 +227,15 @@ class FlashAttention(nn.Module):
                 negated (torch.signbit gives them); 0 in the rows and columns of padding positions.
         """
         self._check_inputs(hidden_states, attention_mask, return_attention)
-        if self.block_size is not None:
+        if self.block_size is not None and not torch.compiler.is_compiling():
+            # Not while traced: the check is cached per device in a Python set, which a graph would guard
+            # on (a recompilation once it changes); a tile that does not fit still raises at launch.
             self._check_tiles(hidden_states)
         dropout_p = self.dropout if self.training else 0.0
         if attention_mask is None:
             return self._dense(hidden_states, dropout_p, return_attention)
+        if torch.compiler.is_compiling() or (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._masked(hidden_states, attention_mask, dropout_p, return_attention)
         return self._packed(hidden_states, attention_mask, dropout_p, return_attention)
 
     def _split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,7 +250,7 @@ class FlashAttention(nn.Module):
             positions = torch.arange(seqlen, device=x.device)                 # (S,), shared by the batch
             q, k = rotate(q, positions, self.rotary_base), rotate(k, positions, self.rotary_base)
         result = flash_attn_func(q, k, v, dropout_p, self.softmax_scale, self.causal,
-                                 return_attn_probs=return_attention)
+                                 return_attn_probs=return_attention, tile_size=self.block_size)
         out = result[0] if return_attention else result                      # (B, S, H, D)
         out = self.out_proj(out.reshape(batch, seqlen, self.num_heads * self.head_dim))
         return (out, result[2]) if return_attention else out
@@ -261,11 +265,35 @@ class FlashAttention(nn.Module):
             positions = (real.cumsum(dim=1) - 1).flatten().index_select(0, indices)   # (total,)
             q, k = rotate(q, positions, self.rotary_base), rotate(k, positions, self.rotary_base)
         result = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                                        self.softmax_scale, self.causal, return_attn_probs=return_attention)
+                                        self.softmax_scale, self.causal, return_attn_probs=return_attention,
+                                        tile_size=self.block_size)
         out = result[0] if return_attention else result                      # (total, H, D)
         out = self.out_proj(out.reshape(-1, self.num_heads * self.head_dim))  # (total, hidden)
         out = pad_input(out, indices, batch, seqlen)                           # (B, S, hidden), 0 at padding
         return (out, _unpack_probs(result[2], real)) if return_attention else out
+
+    def _masked(self, x: Tensor, attention_mask: Tensor, dropout_p: float, return_attention: bool):
+        """The key-padding mask without packing (traced or captured: see forward): static shapes, no read
+        of the mask on the host. Sequence b's real tokens attend to its real keys (the mask, as a bool
+        attn_bias (B, 1, 1, S)); with causal, keys at or before the query's position, which among real
+        tokens is the packed path's order. Padding rows are computed and then zeroed, output and
+        probabilities, so they get no gradient, as in the packed path."""
+        batch, seqlen, _ = x.shape
+        real = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0   # (B, S)
+        q, k, v = self._split_heads(self.Wqkv(x))                            # (B, S, H or Hk, D)
+        if self.rotary:
+            positions = real.cumsum(dim=1) - 1                                # (B, S): index among real tokens
+            q, k = rotate(q, positions, self.rotary_base), rotate(k, positions, self.rotary_base)
+        result = flash_attn_func(q, k, v, dropout_p, self.softmax_scale, self.causal,
+                                 return_attn_probs=return_attention, attn_bias=real[:, None, None, :],
+                                 tile_size=self.block_size)
+        out = result[0] if return_attention else result                      # (B, S, H, D)
+        out = self.out_proj(out.reshape(batch, seqlen, self.num_heads * self.head_dim))
+        out = torch.where(real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        if not return_attention:
+            return out
+        probs = result[2]
+        return out, torch.where(real[:, None, :, None], probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
 
     def _check_inputs(self, hidden_states, attention_mask, return_attention) -> None:
         _check_tensor("hidden_states", hidden_states)
@@ -287,7 +315,7 @@ class FlashAttention(nn.Module):
                 raise ValueError(f"attention_mask must be a key-padding mask of shape (batch, seqlen) = "
                                  f"{tuple(hidden_states.shape[:2])} (True or 1 = a real token), got shape "
                                  f"{tuple(attention_mask.shape)}")
-            # dtype, device and values: unpad_input's checks.
+            _check_mask("attention_mask", attention_mask, hidden_states)    # dtype and device; values: unpad_input
 
     def _check_tiles(self, x: Tensor) -> None:
         """block_size against the device's shared memory, once per (device, dtype, backward)."""

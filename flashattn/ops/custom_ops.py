@@ -185,4 +185,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_an
     """O (B, Sq, H, D) and lse (B, H, Sq), differentiable in q, k, v and a float attn_bias; the
     arguments are the custom operators' (VARIANT_ARGS, then the backend name)."""
     attn_bias = options_and_backend[_ATTN_BIAS]
+    # One tensor given as two of q, k, v: torch.compile refuses an autograd.Function that receives the
+    # same tensor twice; distinct views of it are the same values (and gradients add up as before).
+    if k is q or v is q or v is k:
+        k = k.view_as(k) if k is q else k
+        v = v.view_as(v) if v is q or v is k else v
     return _Attention.apply(q, k, v, attn_bias, (softmax_scale, *options_and_backend))
