@@ -70,10 +70,11 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                   DOT_PRECISION: tl.constexpr = "ieee"):
     """One program: the rows [pid_m * BLOCK_M, +BLOCK_M) of (query, head) pairs of one (batch, KV
-    head) against one split of the keys. Grid (row blocks, batch * KV heads, splits)."""
-    pid_m = tl.program_id(0)
-    off_b = (tl.program_id(1) // (nheads // GROUP)).to(tl.int64)
-    off_hk = (tl.program_id(1) % (nheads // GROUP)).to(tl.int64)
+    head) against one split of the keys. Grid (batch * KV heads, row blocks, splits): the product
+    that grows with the batch on the axis of 2^31 - 1 programs (the others hold 65535)."""
+    pid_m = tl.program_id(1)
+    off_b = (tl.program_id(0) // (nheads // GROUP)).to(tl.int64)
+    off_hk = (tl.program_id(0) % (nheads // GROUP)).to(tl.int64)
     split = tl.program_id(2)
 
     if HAS_SEQLENS:
@@ -148,7 +149,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
     mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
         # O_part (splits, B, Sq, H, D) fp32 and lse_part (splits, B, H, Sq) in base 2.
-        batch = tl.num_programs(1) // (nheads // GROUP)
+        batch = tl.num_programs(0) // (nheads // GROUP)
         part = (split * batch + off_b) * seqlen_q
         tl.store(O_PART + ((part + i) * nheads + off_h)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask)
         tl.store(LSE_PART + (part * nheads + off_h * seqlen_q + i),
@@ -166,10 +167,11 @@ def _combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_om, stride_oh, batch, s
     """Merge the splits of one output row (b, i, h): O = sum_s w_s O_s / sum_s w_s with
     w_s = 2^(lse_s - max lse); lse = log(sum_s 2^lse_s). No split saw a key: O = 0, lse = +inf.
     CHUNK splits are read at once (one round trip to memory each, not one per split), merged
-    online as the forward merges key tiles. Grid (seqlen_q * nheads, batch, 1)."""
-    i = tl.program_id(0) // nheads
-    off_h = tl.program_id(0) % nheads
-    off_b = tl.program_id(1).to(tl.int64)
+    online as the forward merges key tiles. Grid (batch * seqlen_q * nheads, 1, 1)."""
+    row = tl.program_id(0).to(tl.int64)                             # (b, i, h) flattened: any batch
+    off_b = row // (seqlen_q * nheads)
+    i = (row // nheads % seqlen_q).to(tl.int32)
+    off_h = (row % nheads).to(tl.int32)
     offs_s = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     split_stride = batch * nheads * seqlen_q                       # rows of one split
@@ -391,7 +393,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
                   HAS_BATCH_IDX=cache.batch_idx is not None, PAGE_SIZE=page_size)
     table = cache.block_table if cache is not None else None
     _launch_split(
-        (m_blocks, batch * nheads_k, num_splits), q, k, v, o, lse, o_part, lse_part,
+        (batch * nheads_k, m_blocks, num_splits), q, k, v, o, lse, o_part, lse_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         # One length for every sequence is a launch argument (no tensor to fill, no load).
         seqlen_q, k.shape[1] if cache is None or per_sequence else cache.seqlens + cache.seqlen_new, nheads,
@@ -403,7 +405,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages)
     if split:
-        _launch_combine((seqlen_q * nheads, batch, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
+        _launch_combine((batch * seqlen_q * nheads, 1, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
                         nheads, num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
                         CHUNK=min(32, max(2, 1 << (num_splits - 1).bit_length())), num_warps=4, num_stages=1)
     return o, lse
