@@ -108,11 +108,13 @@ def _seed_halves(seed: int) -> tuple[int, int]:
     return tuple(h - (1 << 32) if h >= 1 << 31 else h for h in halves)
 
 
-def options(variant: Variant, q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> Options:
-    """The kernels' option arguments for `variant` (causal is the kernels' own IS_CAUSAL)."""
+def options(variant: Variant, q: torch.Tensor, k: torch.Tensor, softmax_scale: float,
+            seqlen_k: int | None = None) -> Options:
+    """The kernels' option arguments for `variant` (causal is the kernels' own IS_CAUSAL). `seqlen_k`:
+    the longest key sequence when k's shape does not say it (a KV cache's capacity per sequence)."""
     if variant.is_plain:
         return _PLAIN
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1] if seqlen_k is None else seqlen_k
     kw, names = {}, []
     tensor = variant.bias if variant.bias is not None else variant.mask
     if tensor is not None:

@@ -28,14 +28,13 @@ cache's batch entries and pages, the rows of a long cache) are int64; in-tile of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from flashattn.ops.triton.common import LN2, LOG2E, block_d, cdiv, scores
-from flashattn.ops.triton.configs import dot_precision
+from flashattn.ops.triton.common import LN2, LOG2E, block_d, cdiv, options as common_options, scores
+from flashattn.ops.triton.configs import TileConfig, dot_precision
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.variant import KVCache, Variant
 
@@ -289,23 +288,15 @@ _launch_combine = Launcher(_combine)
 _launch_append = Launcher(_append_kv)
 
 
-@dataclass(frozen=True)
-class Tiles:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def tiles(rows: int, head_dim: int) -> Tiles:
+def tiles(rows: int, head_dim: int) -> TileConfig:
     """Tile shape of the split kernel for `rows` = seqlen_q * G packed rows (benchmarks/TUNING.md,
     § split-kv): 16 rows at least (tl.dot's minimum), at most 64 (more rows share a K/V tile but the
     accumulator grows); 128 keys per tile, two stages (one tile's loads in flight while the other is
     used) up to head dim 128, 32 keys beyond."""
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
     if head_dim <= 128:
-        return Tiles(block_m, 128, num_warps=4, num_stages=2)
-    return Tiles(block_m, 32, num_warps=4, num_stages=2)
+        return TileConfig(block_m, 128, num_warps=4, num_stages=2)
+    return TileConfig(block_m, 32, num_warps=4, num_stages=2)
 
 
 _SM: dict[int, tuple[int, int]] = {}
@@ -324,7 +315,7 @@ def _sm(device: torch.device) -> tuple[int, int]:
     return _SM[index]
 
 
-def _shared_bytes(t: Tiles, head_dim: int, elem: int) -> int:
+def _shared_bytes(t: TileConfig, head_dim: int, elem: int) -> int:
     """The split kernel's shared memory: num_stages - 1 K and V tiles in flight, and the q tile."""
     d = block_d(head_dim)
     return (t.num_stages - 1) * 2 * t.block_n * d * elem + t.block_m * d * elem + 2048
@@ -374,19 +365,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     if split:
         o_part = torch.empty((num_splits, batch, seqlen_q, nheads, head_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    kw = {}
-    if variant.softcap > 0.0:
-        kw.update(softcap_scale=softmax_scale / variant.softcap, softcap_log2=variant.softcap * LOG2E.value,
-                  SOFTCAP=True)
-    if variant.alibi_slopes is not None:
-        slopes = variant.alibi_slopes
-        kw.update(Alibi=slopes, stride_alibib=slopes.stride(0) if slopes.shape[0] > 1 else 0,
-                  stride_alibih=slopes.stride(1), HAS_ALIBI=True)
-    if not (variant.window_left == -1 and variant.window_right == (0 if variant.causal else -1)):
-        unbounded = seqlen_q + capacity
-        kw.update(window_left=unbounded if variant.window_left < 0 else min(variant.window_left, unbounded),
-                  window_right=unbounded if variant.window_right < 0 else min(variant.window_right, unbounded),
-                  HAS_WINDOW=True)
+    # Softcap, ALiBi and the window as every kernel takes them (choice sends no other option here).
+    kw = dict(common_options(variant, q, k, softmax_scale, seqlen_k=capacity).kwargs)
     per_sequence = cache is not None and isinstance(cache.seqlens, torch.Tensor)
     if cache is not None:
         kw.update(HAS_SEQLENS=per_sequence, HAS_LEFTPAD=cache.leftpad is not None,
