@@ -3,6 +3,7 @@ else, the attention over each sequence's keys matches the float64 reference by t
 every kernel test, through every cache path (contiguous, paged, cache_batch_idx, leftpad, rotary
 both ways, splits from one to many), with NaN in every slot no sequence owns; bad input raises
 before anything is written. The dense entry points with a short query take the same split kernel."""
+import functools
 import math
 
 import pytest
@@ -232,11 +233,19 @@ def test_split_choice_and_heuristic():
     assert choice.kernel_for("fwd", torch.empty(1, 17, 32, 128), k, k, PLAIN, 0.1) != choice.SPLIT_KV
     assert choice.kernel_for("bwd", q, k, k, PLAIN, 0.1) != choice.SPLIT_KV
     cpu = torch.device("cpu")         # the interpreter's stand-in: 8 SMs
-    # 2 programs resident per SM: 16 slots. Whole waves; never a split of fewer than two key tiles.
-    assert decode.num_splits_for(programs=64, key_tiles=1000, resident=2, device=cpu) == 1
-    assert decode.num_splits_for(programs=1, key_tiles=1000, resident=2, device=cpu) == 16
-    assert decode.num_splits_for(programs=6, key_tiles=1000, resident=2, device=cpu) == 8   # 48 programs: 3 waves
-    assert decode.num_splits_for(programs=1, key_tiles=4, resident=2, device=cpu) == 2
+    # 2 programs resident per SM: 16 slots; 15 programs (1.8 per SM) reach the bandwidth.
+    splits = functools.partial(decode.num_splits_for, resident=2, device=cpu)
+    assert splits(programs=64, key_tiles=1000) == 1      # four whole waves already
+    assert splits(programs=1, key_tiles=1000) == 15      # one wave that reaches the bandwidth
+    assert splits(programs=6, key_tiles=1000) == 8       # 48 programs: three whole waves
+    assert splits(programs=20, key_tiles=1000) == 4      # 80: five, not 16 and a short second
+    assert splits(programs=1, key_tiles=4) == 4          # one tile a split at the least
+    # Never an empty split: ceil(key_tiles / ceil(key_tiles / splits)) == splits.
+    for programs in (1, 3, 7, 40):
+        for key_tiles in (1, 2, 9, 100, 1000):
+            n = splits(programs=programs, key_tiles=key_tiles)
+            assert 1 <= n <= min(key_tiles, decode.MAX_SPLITS)
+            assert -(-key_tiles // -(-key_tiles // n)) == n
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | No
         if q.numel() == 0:
             return torch.zeros_like(q), torch.full((batch, nheads, seqlen_q), float("inf"), dtype=lse_dtype(q.dtype),
                                                   device=q.device)
-        return decode.forward(_last_dim_contiguous(q), k_cache, v_cache, softmax_scale, variant, cache, num_splits)
+        return decode.forward(_last_dim_contiguous(q), k_cache, v_cache, softmax_scale, variant, cache, num_splits,
+                              after_append=decode.appends(k, rotary_cos))
     q = reference.kv_cache_append(q, k_cache, v_cache, k, v, cache, rotary_cos, rotary_sin, rotary_interleaved,
                                   q_all_positions)
     return reference.kv_cache_forward(q, k_cache, v_cache, softmax_scale, variant, cache)

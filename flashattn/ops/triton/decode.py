@@ -28,17 +28,35 @@ cache's batch entries and pages, the rows of a long cache) are int64; in-tile of
 """
 from __future__ import annotations
 
+import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from flashattn.ops.triton.common import LN2, LOG2E, block_d, cdiv, options as common_options, scores
 from flashattn.ops.triton.configs import TileConfig, dot_precision
-from flashattn.ops.triton.launch import Launcher
+from flashattn.ops.triton.launch import Launcher, pdl
 from flashattn.ops.variant import KVCache, Variant
 
 MAX_SPLITS = 128
+SATURATING_PER_SM = 1.8    # programs per SM that reach the memory bandwidth (num_splits_for)
+STARTUP_TILES = 1          # a program's start, in key tiles' read time (num_splits_for)
+
+
+@triton.jit
+def _dependent_start(PDL: tl.constexpr):
+    """The first statement of the split and combine kernels. With PDL (Hopper) the kernel may have
+    been launched with programmatic dependent launch, before the kernel ahead of it on the stream
+    ended: it waits until that kernel has finished and its writes are visible (without such a launch
+    the wait returns at once), and then lets the next kernel's programs be scheduled as soon as its
+    own last ones start (they too wait here first). The combine's launch thus overlaps the split's
+    end, and the split's the previous kernel's."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -67,10 +85,11 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
                   HAS_LEFTPAD: tl.constexpr = False, HAS_BATCH_IDX: tl.constexpr = False,
                   PAGE_SIZE: tl.constexpr = 0, HAS_WINDOW: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
-                  DOT_PRECISION: tl.constexpr = "ieee"):
+                  DOT_PRECISION: tl.constexpr = "ieee", PDL: tl.constexpr = False):
     """One program: the rows [pid_m * BLOCK_M, +BLOCK_M) of (query, head) pairs of one (batch, KV
     head) against one split of the keys. Grid (batch * KV heads, row blocks, splits): the product
     that grows with the batch on the axis of 2^31 - 1 programs (the others hold 65535)."""
+    _dependent_start(PDL)
     pid_m = tl.program_id(1)
     off_b = (tl.program_id(0) // (nheads // GROUP)).to(tl.int64)
     off_hk = (tl.program_id(0) % (nheads // GROUP)).to(tl.int64)
@@ -162,11 +181,12 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
 
 @triton.jit
 def _combine(O_PART, LSE_PART, O, LSE, stride_ob, stride_om, stride_oh, batch, seqlen_q, nheads, num_splits,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """Merge the splits of one output row (b, i, h): O = sum_s w_s O_s / sum_s w_s with
     w_s = 2^(lse_s - max lse); lse = log(sum_s 2^lse_s). No split saw a key: O = 0, lse = +inf.
     CHUNK splits are read at once (one round trip to memory each, not one per split), merged
     online as the forward merges key tiles. Grid (batch * seqlen_q * nheads, 1, 1)."""
+    _dependent_start(PDL)
     row = tl.program_id(0).to(tl.int64)                             # (b, i, h) flattened: any batch
     off_b = row // (seqlen_q * nheads)
     i = (row // nheads % seqlen_q).to(tl.int32)
@@ -321,31 +341,38 @@ def _shared_bytes(t: TileConfig, head_dim: int, elem: int) -> int:
     return (t.num_stages - 1) * 2 * t.block_n * d * elem + t.block_m * d * elem + 2048
 
 
+@functools.lru_cache(maxsize=4096)
 def num_splits_for(programs: int, key_tiles: int, resident: int, device: torch.device) -> int:
-    """Splits when num_splits=0. The SMs hold `resident` programs each at once (their shared
-    memory); a split count whose programs fill those slots in whole waves keeps every SM reading
-    until the end, where a partial last wave leaves most of them idle (benchmarks/TUNING.md,
-    § split-kv). The fewest splits within 95% of the best wave efficiency, each split at least
-    two key tiles, at most MAX_SPLITS. `key_tiles` counts the tiles of the longest possible sequence
-    (the cache's capacity: the lengths themselves are on the device)."""
+    """Splits when num_splits=0: the count that minimises a model of the read time (benchmarks/
+    TUNING.md, § split-kv). `programs` (batch x KV heads x row blocks) times the splits run in waves
+    of at most `resident` per SM; each program reads ceil(key_tiles / splits) tiles and pays about
+    one tile more to start. A wave's time is its bytes over the memory bandwidth, which takes about
+    1.8 programs per SM to reach: a wave of fewer programs costs as much as one of that many. Only
+    counts without an empty split are considered; fewer splits win ties (less to combine).
+    `key_tiles` counts the tiles of the longest possible sequence (the cache's capacity: the lengths
+    themselves are on the device)."""
     sms, _ = _sm(device)
     slots = sms * resident
-    most = max(1, min(key_tiles // 2, MAX_SPLITS))
+    saturating = math.ceil(SATURATING_PER_SM * sms)
 
-    def efficiency(s: int) -> float:
-        work = programs * s
-        return work / (cdiv(work, slots) * slots)
+    def cost(splits: int) -> float:
+        full, last = divmod(programs * splits, slots)
+        programs_read = full * slots + (max(last, saturating) if last else 0)
+        return (cdiv(key_tiles, splits) + STARTUP_TILES) * programs_read
 
-    best = max(efficiency(s) for s in range(1, most + 1))
-    return next(s for s in range(1, most + 1) if efficiency(s) >= 0.95 * best)
+    # ceil(key_tiles / tiles_per_split) for every tiles_per_split: the counts with no empty split.
+    counts = {cdiv(key_tiles, per) for per in range(1, key_tiles + 1)} if key_tiles > 1 else {1}
+    return min((c for c in counts if c <= MAX_SPLITS), key=lambda splits: (cost(splits), splits))
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, variant: Variant,
-            cache: KVCache | None = None, num_splits: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            cache: KVCache | None = None, num_splits: int = 0,
+            after_append: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """O (B, Sq, H, D) in q's dtype and lse (B, H, Sq) float32. Without `cache`, k and v are dense
     (B, Sk, Hk, D); with it they are the cache (contiguous (B_cache, S_cache, Hk, D) or paged
     (pages, page_size, Hk, D)) and `cache` says which keys each sequence has. Options: causal, window,
-    softcap, ALiBi (choice.SPLIT_KV_FEATURES); num_splits=0 chooses the splits."""
+    softcap, ALiBi (choice.SPLIT_KV_FEATURES); num_splits=0 chooses the splits. `after_append`: the
+    call follows `append`'s kernel on the stream (appends(...) was true)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     group = nheads // nheads_k
@@ -372,6 +399,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         kw.update(HAS_SEQLENS=per_sequence, HAS_LEFTPAD=cache.leftpad is not None,
                   HAS_BATCH_IDX=cache.batch_idx is not None, PAGE_SIZE=page_size)
     table = cache.block_table if cache is not None else None
+    # Programmatic dependent launch on Hopper: the combine always; the split unless the append
+    # kernel runs just before it (a split overlapping the append measured slower at long caches:
+    # benchmarks/TUNING.md, § split-kv).
+    chained = pdl(q.device)
+    overlap = chained and not after_append
     _launch_split(
         (batch * nheads_k, m_blocks, num_splits), q, k, v, o, lse, o_part, lse_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
@@ -382,13 +414,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         cache.leftpad if cache is not None else None, cache.batch_idx if cache is not None else None,
         table, table.stride(0) if table is not None else 0, **kw,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), PDL=chained,
+        num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=overlap)
     if split:
         _launch_combine((batch * seqlen_q * nheads, 1, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
                         nheads, num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-                        CHUNK=min(32, max(2, 1 << (num_splits - 1).bit_length())), num_warps=4, num_stages=1)
+                        CHUNK=min(32, max(2, 1 << (num_splits - 1).bit_length())), PDL=chained,
+                        num_warps=4, num_stages=1, launch_pdl=chained)
     return o, lse
+
+
+def appends(k: torch.Tensor | None, rotary_cos: torch.Tensor | None) -> bool:
+    """Whether `append` launches its kernel: new keys to write, or a query to rotate."""
+    return k is not None or rotary_cos is not None
 
 
 def append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
@@ -397,7 +435,7 @@ def append(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: tor
     """Write k, v (B, Sn, Hk, D) into the cache at cache.seqlens (k rotated when cos/sin are given)
     and return q, rotated into a new tensor when cos/sin are given (else q itself)."""
     rotary = rotary_cos is not None
-    if k is None and not rotary:
+    if not appends(k, rotary_cos):
         return q
     batch, seqlen_q, nheads, head_dim = q.shape
     nheads_k = k_cache.shape[2]

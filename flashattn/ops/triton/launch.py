@@ -107,7 +107,13 @@ class Launcher:
                 else _other(v)
                 for v, loose in zip(values, self.loose)]
 
-    def __call__(self, grid: tuple[int, int, int], *args, num_warps: int, num_stages: int, **kwargs) -> None:
+    def __call__(self, grid: tuple[int, int, int], *args, num_warps: int, num_stages: int,
+                 launch_pdl: bool = False, **kwargs) -> None:
+        """`launch_pdl=True` launches with programmatic dependent launch (sm_90+): the kernel may
+        start before the previous kernel on the stream ends, so it must execute
+        `gdc_wait()` before it touches memory (see `pdl`)."""
+        if launch_pdl:
+            kwargs["launch_pdl"] = True
         if self.scratch:
             contextvars.copy_context().run(self._with_scratch, grid, args, num_warps, num_stages, kwargs)
         else:
@@ -124,29 +130,48 @@ class Launcher:
             return
         device = driver.active.get_current_device()
         key = values = None
+        pdl = kwargs.pop("launch_pdl", False)
         if self.constexprs.issuperset(kwargs):
-            sig = (device, num_warps, num_stages, len(args), *kwargs.items())
+            sig = (device, num_warps, num_stages, pdl, len(args), *kwargs.items())
             tail = self.tails.get(sig)
             if tail is None and sig not in self.tails:
                 tail = self._tail(sig, len(args), kwargs, num_warps)
             if tail is not None:
                 values = [*args, *tail[0]]
-                key = (device, num_warps, num_stages, *self.key(args), *tail[1])
+                key = (device, num_warps, num_stages, pdl, *self.key(args), *tail[1])
         else:
             values = self._values(args, kwargs, num_warps)
             if values is not None:
-                key = (device, num_warps, num_stages, *self.key(values))
+                key = (device, num_warps, num_stages, pdl, *self.key(values))
         if key is not None:
             kernel = self.compiled.get(key)
             if kernel is not None:
                 kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
                            kernel.function, kernel.packed_metadata, None, None, None, *values)
                 return
+        if pdl:
+            kwargs["launch_pdl"] = True
         kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
         if key is not None:
             if len(self.compiled) >= MAX_KEPT:
                 self.compiled.clear()
             self.compiled[key] = kernel
+
+
+_PDL: dict[int, bool] = {}
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` may be launched with programmatic dependent launch: a CUDA
+    device of compute capability 9.0 or later (Hopper). The next kernel's launch then overlaps the
+    end of the one before it on the stream; a kernel so launched waits (`gdc_wait`) before its
+    first memory access, so the order of memory effects is the stream's."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL:
+        _PDL[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _PDL[index]
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
