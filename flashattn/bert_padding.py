@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from flashattn.interface import _check_tensor, _check_traced, _is_int
+
 Tensor = torch.Tensor
 
 __all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "pad_input"]
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_tensor(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
 def _check_indices(indices, name_x: str, x: Tensor, count_dim: int | None = None) -> None:
@@ -283,8 +276,7 @@ def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -
     _check_indices(indices, "hidden_states", hidden_states, count_dim=0)
     if torch.compiler.is_compiling():
         # The row count may be a data-dependent size there (unpad_input's): a runtime assertion, no guard.
-        torch._check(hidden_states.shape[0] <= batch * seqlen,
-                     lambda: f"hidden_states has more rows than batch x seqlen = {batch} x {seqlen} positions")
+        _check_traced(hidden_states.shape[0] <= batch * seqlen)
     elif hidden_states.shape[0] > batch * seqlen:
         raise ValueError(f"hidden_states has {hidden_states.shape[0]} rows, more than batch x seqlen = "
                          f"{batch} x {seqlen} = {batch * seqlen} positions")

@@ -79,6 +79,13 @@ MAX_TILE_ROWS = 256
 MAX_SEQLEN = 2 ** 29
 
 
+def _check_traced(condition) -> None:
+    """A check of sizes inside a torch.compile trace, where a size may be symbolic: asserted when
+    the graph runs (`if` on it would break the graph). Without a message: torch 2.11's dynamo cannot
+    pass the message function into the graph."""
+    torch._check_value(condition)
+
+
 def _check_extents(q: Tensor, k: Tensor, seqlens: tuple[int, int]) -> None:
     """The limits the Triton kernels' 32-bit indices leave: sequences (seqlens: the longest query and
     key sequence) shorter than MAX_SEQLEN rows, and tiles of MAX_TILE_ROWS rows of the outputs or
@@ -87,8 +94,7 @@ def _check_extents(q: Tensor, k: Tensor, seqlens: tuple[int, int]) -> None:
         if torch.compiler.is_compiling():
             # A length read inside a traced graph is symbolic: asserted there, not branched on (math.isfinite
             # and `if` on it would break the graph); -inf < x < inf likewise, above.
-            torch._check_value(seqlen < MAX_SEQLEN, lambda: "a sequence of 2^29 rows or more: the Triton kernels "
-                               "take shorter ones; use FLASHATTN_BACKEND=reference")
+            _check_traced(seqlen < MAX_SEQLEN)       # sequences shorter than 2^29 rows
             continue
         if seqlen >= MAX_SEQLEN:
             raise ValueError(f"a {side} sequence of {seqlen} rows: the Triton kernels take sequences shorter than "

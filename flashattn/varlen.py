@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flashattn.interface import _attend, _check_packed, _check_tensor, _is_int, _validate
+from flashattn.interface import _attend, _check_packed, _check_tensor, _check_traced, _is_int, _validate
 
 Tensor = torch.Tensor
 
@@ -30,8 +30,8 @@ def _check_cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, devi
         raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         # Traced, max_seqlen may have been read from a tensor (int(t.max())): a data-dependent value,
-        # which `if` cannot branch on; torch._check_value asserts it when the graph runs instead.
-        torch._check_value(max_seqlen >= 0, lambda: f"{max_name} must be an int >= 0")
+        # which `if` cannot branch on; _check_traced asserts it when the graph runs instead.
+        _check_traced(max_seqlen >= 0)
         return
     if max_seqlen < 0:
         raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
