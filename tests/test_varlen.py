@@ -77,7 +77,9 @@ def test_each_sequence_equals_its_dense_call(backend, option, use_backend):
                 continue
             ref = flash_attn_func(*one, **dense_kw)
             grads = torch.autograd.grad(ref, one, do[rq].unsqueeze(0))
-            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+            # The dense call of a short query may take another kernel (the split-KV one): two roundings
+            # to bf16 (2^-8 relative each) apart, not one.
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
             torch.testing.assert_close(out[rq], ref[0], **tol)
             for ours, theirs, r in zip((dq, dk, dv), grads, (rq, rk, rk)):
                 torch.testing.assert_close(ours[r], theirs[0], **tol)
