@@ -16,7 +16,9 @@ F.scaled_dot_product_attention, in the same process and the same run, and writes
     layer    flashattn.nn.FlashAttention's peak memory beside the same layer with
              standard attention and with SDPA                                             layer.py
 
-report.py turns the results (paper.json) into paper.md and the PNGs; cli.py runs the sections.
+common.py holds the three implementations (with the Fig. 3 options: dropout, a key-padding mask),
+the number formats and the hardware facts the text compares; report.py turns the results
+(paper.json) into paper.md and the PNGs; cli.py runs the sections.
 Every section states the paper's claim, the figure measured here, and where the two differ and why,
 phrased from the measurements. On a CPU the sections that can run do so at tiny sizes and the others
 are marked skipped with the reason.

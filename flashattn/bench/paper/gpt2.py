@@ -187,10 +187,14 @@ def markdown(data: dict, env: dict) -> str:
         elif std and std.get("error"):
             text += f"at context {context} standard attention stopped: {std['error']}; "
     if agree:
-        worst = max(agree.values(), key=lambda v: v["max_diff"])
+        ours = [v["max_diff"] for k, v in agree.items() if k.endswith(f":{OURS}")]
+        theirs = [v["max_diff"] for k, v in agree.items() if k.endswith(f":{SDPA}")]
         noise = [v["noise"] for v in agree.values() if v["noise"]]
-        text += (f"the smoothed loss curves differ from standard attention's by at most {worst['max_diff']:.4f}"
-                 + (f", against a step-to-step noise of {max(noise):.4f}" if noise else "") + ". ")
+        text += (f"ours' smoothed loss curve differs from standard attention's by at most {max(ours):.4f}"
+                 if ours else "")
+        text += (f" (SDPA's, another exact attention, by {max(theirs):.4f}: the scale of rounding differences "
+                 "between two correct runs)" if theirs else "")
+        text += (f", against a step-to-step noise of {max(noise):.4f}" if noise else "") + ". "
     found = {r["attention"]: r for r in data["longest"]}
     if found:
         text += "Longest context at batch 1: " + ", ".join(
@@ -208,15 +212,15 @@ def markdown(data: dict, env: dict) -> str:
               f"{common.times(speed)} standard attention's throughput, {common.compare(speed, 3, 3.5, 'speedup')}. "
               "End to end, only attention's share of the step can speed up: it is "
               + ", ".join(f"{v:.0%} of the FLOPs at context {c}" for c, v in share.items())
-              + " (the rest is the projections, the MLP and the output layer, identical in all three); standard "
+              + " (the rest is the projections and the MLP, identical in all three); standard "
               "attention costs more than its FLOPs say, since its softmax and masking are memory-bound passes over "
               "(B, H, N, N) tensors, which is where the speedup comes from. The paper compared whole training "
               "implementations (Hugging Face's, Megatron-LM's and its own, which differ in more than attention); the "
               "model here is the same in all three runs, so the difference is attention alone. The byte-level vocabulary makes the output layer "
               "small (256 columns instead of 50257), which raises attention's share against the paper's GPT-2. "
               "Loss curves: the three start from the same weights and see the same batches with dropout off, so "
-              "they differ by rounding (bf16 products, other summation orders), which grows over the run as in any "
-              "two bf16 runs, not by a different computation.")
+              f"they differ by rounding ({'bf16 products, ' if gpu else ''}other summation orders), which grows over "
+              "the run as between any two runs that round differently, not by a different computation.")
     if not gpu:
         differ += " " + common.hardware_paragraph(env.get("device", "?"), "cpu")
     return "\n".join(lines + [text, "", differ]) + "\n"

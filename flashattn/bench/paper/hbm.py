@@ -171,8 +171,9 @@ def markdown(data: dict, env: dict) -> str:
                       + ", ".join(f"{c[f'standard:{p}']:.1f} ({p})" for p in PASSES if f"standard:{p}" in c)
                       + "; ours = c x Σ N²d²/M with c = "
                       + ", ".join(f"{c[f'{OURS}:{p}']:.2f} ({p})" for p in PASSES if f"{OURS}:{p}" in c)
-                      + f". {2 if sizes['dtype'] in ('fp16', 'bf16') else 4} bytes an element; a c of a few means "
-                        "a few passes over each counted element."]
+                      + f". c is in bytes per access the model counts: an element is "
+                        f"{2 if sizes['dtype'] in ('fp16', 'bf16') else 4} bytes, so c = "
+                        f"{2 if sizes['dtype'] in ('fp16', 'bf16') else 4}k means k passes over each."]
         if ours_row and ours_row.get("tiles"):
             lines += ["", f"Tiles our kernels ran with at N={n0}: {_tiles_text(ours_row['tiles'], d)}."]
     lines += ["", f"![HBM traffic, measured and modelled]({KEY}.png)", ""]
