@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU tests, the tile sweep, the host profile, an A/B
-# comparison of two trees, the benchmark.
+# comparison of two trees, the benchmark, the paper's claims.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [sweep] [host] [compare] [bench] [bench-quick]   (default: tests bench)
+#     bash benchmarks/gpu_run.sh [tests] [sweep] [host] [compare] [bench] [bench-quick] [paper]   (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +56,11 @@ for step in "${steps[@]}"; do
         bench-quick)
             timeout 400 python3 -m flashattn.bench --quick --out "$OUT" >>"$LOG" 2>&1
             summary+=("bench-quick: rc=$?");;
+        paper)
+            # The paper's claims (about 8 minutes in all): PAPER_ARGS="--sections ..." splits it across calls.
+            timeout "${PAPER_TIMEOUT:-580}" python3 -m flashattn.bench paper --out "$OUT/paper" ${PAPER_ARGS:-} >>"$LOG" 2>&1
+            summary+=("paper: rc=$?")
+            grep -E "^[a-z0-9]+: (ok|skipped|error)" "$LOG" | tail -10;;
         *) echo "unknown step $step"; exit 2;;
     esac
     summary[-1]+=" (${step} took $((SECONDS - start)) s)"

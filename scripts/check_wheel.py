@@ -23,7 +23,8 @@ import zipfile
 from pathlib import Path
 
 # The subpackages that must be in the wheel (the file list is also compared with the checkout's whole package)
-SUBPACKAGES = ("flashattn/nn", "flashattn/integrations", "flashattn/bench", "flashattn/ops", "flashattn/ops/triton")
+SUBPACKAGES = ("flashattn/nn", "flashattn/integrations", "flashattn/bench", "flashattn/bench/paper", "flashattn/ops",
+               "flashattn/ops/triton")
 EXTRAS = {"transformers", "bench", "test"}
 # Extras whose distributions the clean environment gets (test's are the test runner's, not the package's)
 LINKED_EXTRAS = ("transformers", "bench")

@@ -4,6 +4,9 @@ On a CUDA GPU: the FlashAttention-2 paper's grid (bf16, 16k tokens, model dim 20
 SDPA's backends, FlexAttention, flash-attn (if installed) and standard attention, plus peak memory.
 Without one: a small float32 CPU comparison of flashattn's PyTorch path, standard attention and
 torch SDPA. Writes bench.json, summary.md, tflops.png and memory.png to --out.
+
+python -m flashattn.bench paper [--help]: the FlashAttention paper's claims, measured against standard
+attention and torch SDPA, into one report (flashattn/bench/paper/).
 """
 from __future__ import annotations
 
@@ -158,6 +161,10 @@ def build_config(args: argparse.Namespace, gpu: bool) -> suite.Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["paper"]:
+        from flashattn.bench.paper import cli
+        return cli.main(argv[1:])
     args = parse_args(argv)
     console = Console()
     if not console.is_terminal:

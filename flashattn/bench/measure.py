@@ -8,7 +8,8 @@ rounds, interleaved (the order reversed every other round), and keeps the median
 temperature drift and a slow first timing after a compile hit every implementation alike instead of
 whichever ran at that moment. The forward runs on inputs that require grad (a training forward,
 which saves what the backward needs, as in flash-attn's own benchmarks); the backward is timed as
-`out.backward(grad, retain_graph=True)` on a forward done beforehand.
+`out.backward(grad, retain_graph=True)` on a forward done beforehand; a "fwd+bwd" case times both in one
+call, `attention(q, k, v).backward(grad)`.
 CPU: time.perf_counter median of a few repeats after one warm-up call.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from flashattn.bench.cases import Case
+from flashattn.bench.cases import MEMORY_PASS, Case
 from flashattn.bench.peers import Peer, describe_error
 
 Tensor = torch.Tensor
@@ -146,6 +147,10 @@ def _prepare(peer: Peer, case: Case, device: torch.device) -> tuple[list[Callabl
     sets = make_inputs(case, peer.layout, device, input_sets(case, device))
     if case.pass_ == "fwd":
         calls = [lambda q=q, k=k, v=v: attention(q, k, v) for q, k, v in sets]
+    elif case.pass_ == MEMORY_PASS:
+        grads = [torch.randn_like(q) for q, _, _ in sets]    # out has q's shape in both layouts
+        calls = [lambda q=q, k=k, v=v, grad=grad: attention(q, k, v).backward(grad)
+                 for (q, k, v), grad in zip(sets, grads)]
     else:
         outs = [attention(q, k, v) for q, k, v in sets]
         grads = [torch.randn_like(out) for out in outs]
@@ -205,32 +210,48 @@ def time_case(peer: Peer, case: Case, device: torch.device, timer: Timer, rounds
     return time_row([peer], case, device, timer, rounds)[peer.name]
 
 
-def _peak_bytes(peer: Peer, case: Case, device: torch.device) -> int:
-    attention = peer.build(case, device)
-    (q, k, v), = make_inputs(case, peer.layout, device)
-    grad = torch.randn_like(q)  # out has q's shape in both layouts
+def _step_peak(step: Callable[[], object], reset: Callable[[], None], device: torch.device) -> int:
     # Warm-up at the same size: compilation, autotuning, cuDNN plans, workspace allocations.
-    attention(q, k, v).backward(grad)
-    q.grad = k.grad = v.grad = None
+    step()
+    reset()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    attention(q, k, v).backward(grad)
+    step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def peak_memory(peer: Peer, case: Case, device: torch.device) -> Measurement:
-    """Peak CUDA memory of one forward + backward beyond the inputs (q, k, v, dout) already
-    allocated. It includes dq, dk, dv (3 x the size of q), which every implementation writes."""
+def peak_bytes(step: Callable[[], object], device: torch.device,
+               reset: Callable[[], None] = lambda: None) -> Measurement:
+    """Peak CUDA memory of one call of `step` beyond what is allocated before it, after one warm-up
+    call (then `reset`, e.g. clearing the gradients it left). Never raises: an OOM or an error comes
+    back as the Measurement's status."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            peak = _peak_bytes(peer, case, device)
+            peak = _step_peak(step, reset, device)
     except Exception as exc:
         result = _failure(exc)
     else:
         result = Measurement("ok", peak_bytes=peak)
     _release(device)
     return result
+
+
+def peak_memory(peer: Peer, case: Case, device: torch.device) -> Measurement:
+    """Peak CUDA memory of one forward + backward beyond the inputs (q, k, v, dout) already
+    allocated. It includes dq, dk, dv (3 x the size of q), which every implementation writes."""
+    try:
+        attention = peer.build(case, device)
+        (q, k, v), = make_inputs(case, peer.layout, device)
+        grad = torch.randn_like(q)  # out has q's shape in both layouts
+    except Exception as exc:
+        result = _failure(exc)
+        _release(device)
+        return result
+
+    def reset() -> None:
+        q.grad = k.grad = v.grad = None
+    return peak_bytes(lambda: attention(q, k, v).backward(grad), device, reset)

@@ -2,8 +2,8 @@
 
 A peer turns a case and a device into an attention function `fn(q, k, v) -> out`; what is set up
 once per shape (a FlexAttention block mask, a compiled function) happens there, outside the
-timed region. Layouts: flashattn, flash-attn and attention_standard take (B, N, H, D); SDPA and
-FlexAttention take (B, H, N, D). Both are allocated contiguous, so no peer pays for a transpose.
+timed region. Layouts: flashattn and flash-attn take (B, N, H, D); SDPA, FlexAttention and standard
+attention take (B, H, N, D). Both are allocated contiguous, so no peer pays for a transpose.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from flashattn import flash_attn_func
 from flashattn.bench.cases import Case
-from flashattn.ops.reference import attention_standard
 
 Tensor = torch.Tensor
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -54,9 +53,34 @@ def _flashattn_deterministic(case: Case, device: torch.device) -> AttentionFn:
     return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal, deterministic=True)
 
 
+def standard_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, dropout_p: float = 0.0,
+                       key_padding_mask: Tensor | None = None) -> Tensor:
+    """The paper's baseline (its Algorithm 0), in the inputs' dtype: S = QK^T / sqrt(d) written to
+    memory, P = softmax(S) written to memory, O = PV. q, k, v (B, H, N, D); key_padding_mask (B, Nk)
+    bool, True = a real key; causal aligned to the top-left corner (square calls); dropout on P. The
+    scale rides on the first product's alpha (cuBLAS's epilogue, as Megatron-LM does): no extra pass
+    over S. Differentiable by autograd, which keeps S, P (and the dropout mask) for the backward: O(N^2)
+    memory."""
+    b, h, n, d = q.shape
+    nk = k.shape[2]
+    s = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * h, n, d), k.reshape(b * h, nk, d).transpose(1, 2),
+                      beta=0.0, alpha=1.0 / math.sqrt(d)).view(b, h, n, nk)
+    masked = None
+    if causal:
+        masked = torch.ones(n, nk, dtype=torch.bool, device=q.device).triu_(1)
+    if key_padding_mask is not None:
+        padding = ~key_padding_mask[:, None, None, :]
+        masked = padding if masked is None else masked | padding
+    if masked is not None:
+        s = s.masked_fill(masked, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p, v)
+
+
 def _standard(case: Case, device: torch.device) -> AttentionFn:
-    scale = 1.0 / math.sqrt(case.headdim)
-    return lambda q, k, v: attention_standard(q, k, v, scale, case.causal)[0]
+    return lambda q, k, v: standard_attention(q, k, v, case.causal)
 
 
 def _sdpa_default(case: Case, device: torch.device) -> AttentionFn:
@@ -126,7 +150,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 _SDPA_KERNEL = _needs("torch.nn.attention", "SDPBackend", "sdpa_kernel")
-_STANDARD = "flashattn.ops.reference.attention_standard (O(N^2))"
+_STANDARD = "standard attention, the paper's baseline: matmul, softmax, matmul (peers.standard_attention, O(N^2))"
 
 
 def _registry(mode: str) -> list[Peer]:
@@ -134,7 +158,7 @@ def _registry(mode: str) -> list[Peer]:
     if mode == "cpu":
         return [
             Peer(SUBJECT, "bnhd", _flashattn, description="this library (PyTorch tiled path)"),
-            Peer("standard", "bnhd", _standard, max_seqlen=4096, description=_STANDARD),
+            Peer("standard", "bhnd", _standard, max_seqlen=4096, description=_STANDARD),
             Peer("sdpa", "bhnd", _sdpa_default, description="torch SDPA, default CPU backend"),
         ]
     return [
@@ -154,7 +178,7 @@ def _registry(mode: str) -> list[Peer]:
                           "create_block_mask")),
         Peer("flash-attn", "bnhd", _flash_attn_pkg, description="flash_attn.flash_attn_func",
              probe=_needs("flash_attn", "flash_attn_func")),
-        Peer("standard", "bnhd", _standard, max_seqlen=2048, description=_STANDARD),
+        Peer("standard", "bhnd", _standard, max_seqlen=2048, description=_STANDARD),
     ]
 
 

@@ -16,7 +16,7 @@ from flashattn.bench.report import device_name, throughput_unit  # noqa: E402
 from flashattn.bench.suite import Results  # noqa: E402
 
 
-def _colors(names: list[str]) -> dict[str, str]:
+def colors_for(names: list[str]) -> dict[str, str]:
     """flashattn in black; every other implementation keeps one colour in every panel."""
     palette = plt.get_cmap("tab10").colors
     others = [name for name in names if name != SUBJECT]
@@ -25,7 +25,7 @@ def _colors(names: list[str]) -> dict[str, str]:
     return colors
 
 
-def _seqlen_axis(ax, seqlens: list[int]) -> None:
+def seqlen_axis(ax, seqlens: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(seqlens)
     ax.set_xticklabels([format_seqlen(n) for n in seqlens])
@@ -34,7 +34,7 @@ def _seqlen_axis(ax, seqlens: list[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _line(ax, label: str, xs: list[int], ys: list[float], color, subject: bool) -> None:
+def line(ax, label: str, xs: list[int], ys: list[float], color, subject: bool) -> None:
     ax.plot(xs, ys, marker="o", markersize=4, label=label, color=color,
             linewidth=2.5 if subject else 1.5, zorder=3 if subject else 2)
 
@@ -44,7 +44,7 @@ def plot_throughput(results: Results, path: Path) -> None:
     unit, factor = throughput_unit(results.config.mode)
     panel_rows = list(dict.fromkeys((r.case.dtype, r.case.headdim) for r in results.rows))
     panel_cols = list(dict.fromkeys((r.case.causal, r.case.pass_) for r in results.rows))
-    colors = _colors(results.names)
+    colors = colors_for(results.names)
     fig, axes = plt.subplots(len(panel_rows), len(panel_cols), squeeze=False,
                              figsize=(4.2 * len(panel_cols), 3.2 * len(panel_rows) + 0.8))
 
@@ -59,8 +59,8 @@ def plot_throughput(results: Results, path: Path) -> None:
                 points = [(r.case.seqlen, r.results[name].tflops * factor) for r in rows
                           if name in r.results and r.results[name].ok]
                 if points:
-                    _line(ax, name, *zip(*points), colors[name], subject=name == SUBJECT)
-            _seqlen_axis(ax, sorted({r.case.seqlen for r in rows}))
+                    line(ax, name, *zip(*points), colors[name], subject=name == SUBJECT)
+            seqlen_axis(ax, sorted({r.case.seqlen for r in rows}))
             ax.set_ylim(bottom=0)
             ax.set_ylabel(unit)
             ax.set_title(f"hdim {headdim}, {'causal' if causal else 'non-causal'}, {pass_} "
@@ -75,7 +75,7 @@ def plot_throughput(results: Results, path: Path) -> None:
 def plot_memory(results: Results, path: Path) -> None:
     """Peak extra memory of one forward + backward vs seqlen, log-log; OOM points are left out."""
     names = results.memory_names
-    colors = _colors(names)
+    colors = colors_for(names)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for name in names:
         points = [(r.case.seqlen, r.results[name].peak_bytes / 2 ** 20)
@@ -84,8 +84,8 @@ def plot_memory(results: Results, path: Path) -> None:
                if name in r.results and r.results[name].status == "oom"]
         if points:
             label = name + (f" (OOM from {format_seqlen(min(oom))})" if oom else "")
-            _line(ax, label, *zip(*points), colors[name], subject=name == SUBJECT)
-    _seqlen_axis(ax, [r.case.seqlen for r in results.memory_rows])
+            line(ax, label, *zip(*points), colors[name], subject=name == SUBJECT)
+    seqlen_axis(ax, [r.case.seqlen for r in results.memory_rows])
     ax.set_yscale("log")
     ax.set_ylabel("peak extra memory (MiB)")
     case = results.memory_rows[0].case

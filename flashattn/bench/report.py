@@ -252,7 +252,7 @@ def write_json(results: Results, env: dict, path: Path) -> None:
     path.write_text(json.dumps(to_json(results, env), indent=2) + "\n")
 
 
-def _markdown_table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+def markdown_table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
     align = ["---:" if i in right else ":---" for i in range(len(headers))]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -284,7 +284,7 @@ def markdown(results: Results, env: dict) -> str:
         cells = [f"**{_cell(row.results.get(n), factor)}**" if n == fastest
                  else _cell(row.results.get(n), factor) for n in results.names]
         table_rows.append(_key_cells(row) + cells + [_ratio(row), row.best_peer() or "-"])
-    lines += _markdown_table(headers, table_rows, right=set(range(4, len(headers) - 1)))
+    lines += markdown_table(headers, table_rows, right=set(range(4, len(headers) - 1)))
 
     if results.memory_rows:
         case = results.memory_rows[0].case
@@ -294,7 +294,7 @@ def markdown(results: Results, env: dict) -> str:
         memory_rows = [[format_seqlen(row.case.seqlen)]
                        + [_memory_cell(row.results.get(n)) for n in results.memory_names]
                        for row in results.memory_rows]
-        lines += _markdown_table(["seqlen"] + results.memory_names, memory_rows,
+        lines += markdown_table(["seqlen"] + results.memory_names, memory_rows,
                                  right=set(range(len(results.memory_names) + 1)))
     elif config.memory_note:
         lines += ["", f"Memory section skipped: {config.memory_note}"]

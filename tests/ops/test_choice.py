@@ -139,3 +139,30 @@ def test_packed_sequences_are_looked_up_at_their_longest_on_sm90(monkeypatch):
     long = _packed(y, [longest, 1, 0, 99])
     assert choice.kernel_for("fwd", y, y, y, long, 0.1) == choice.PING_PONG
     assert choice.kernel_for("bwd", y, y, y, long, 0.1, y) == choice.ONE_PASS
+
+
+def test_tiles_name_the_family_and_the_shapes_it_runs(tables_list_everything):
+    """choice.tiles: the Hopper kernels' fixed tiles; the portable kernels' from the tables (the
+    interpreter's on the CPU), the caller's tile_size, and the block mask's blocks."""
+    from flashattn.ops.triton import backward_sm90, forward_sm90
+    x = _x(128, torch.bfloat16)
+    fwd = choice.tiles("fwd", x, x, x, from_causal(False), 0.1)
+    assert fwd == choice.Tiles(choice.PING_PONG, (choice.Program("fwd", "queries", forward_sm90.BLOCK_M,
+                                                                 forward_sm90.BLOCK_N[128]),))
+    bwd = choice.tiles("bwd", x, x, x, from_causal(False), 0.1, x)
+    assert bwd == choice.Tiles(choice.ONE_PASS, (choice.Program("dkdv+dq", "keys", backward_sm90.BLOCK_N,
+                                                                backward_sm90.BLOCK_M[128]),))
+
+
+def test_portable_tiles_follow_the_table_tile_size_and_block_mask():
+    x = _x(64, torch.float32)
+    table, table_bwd = (configs.chosen(kind, 64, torch.float32, False, 64, x.device) for kind in ("fwd", "bwd"))
+    fwd = choice.tiles("fwd", x, x, x, from_causal(False), 0.1)
+    assert fwd.kernel == choice.PORTABLE
+    assert fwd.programs == (choice.Program("fwd", "queries", table.block_m, table.block_n),)
+    bwd = choice.tiles("bwd", x, x, x, from_causal(False), 0.1, x)
+    assert [p.role for p in bwd.programs] == ["dkdv", "dq"]
+    assert bwd.programs[0] == choice.Program("dkdv", "keys", table_bwd.kv.block_n, table_bwd.kv.block_m)
+    assert bwd.programs[1] == choice.Program("dq", "queries", table_bwd.q.block_m, table_bwd.q.block_n)
+    square = choice.tiles("fwd", x, x, x, Variant(tile_size=16), 0.1)
+    assert (square.programs[0].rows, square.programs[0].step) == (16, 16)

@@ -20,10 +20,12 @@ portable one (benchmarks/TUNING.md). Everything else runs the portable kernels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from flashattn.ops.triton import backward_sm90, configs, forward_sm90
-from flashattn.ops.triton.common import tma_ready
+from flashattn.ops.triton import backward_sm90, configs, decode, forward_sm90
+from flashattn.ops.triton.common import options, tma_ready
 from flashattn.ops.variant import Variant
 
 PORTABLE = "portable"
@@ -80,3 +82,55 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
             and tma_ready(q, k, v, dout)):
         return ONE_PASS
     return PORTABLE
+
+
+@dataclass(frozen=True)
+class Program:
+    """One kind of program of a kernel: it holds `rows` rows of one side on chip (`owns`: "queries" or
+    "keys") while the other side streams past `step` rows at a time, so that side is read from memory
+    once per owned block (the paper's Theorem 2 counts those passes)."""
+    role: str          # "fwd", "split-kv", "dkdv", "dk", "dv", "dq", "dkdv+dq"
+    owns: str
+    rows: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The kernel family that runs one pass of a call and the tile shapes of its programs."""
+    kernel: str
+    programs: tuple[Program, ...]
+
+
+def tiles(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant,
+          softmax_scale: float, dout: torch.Tensor | None = None, bias_grad: bool = False) -> Tiles:
+    """The family (kernel_for) and the tiles that `pass_` of this call runs with in this process
+    (configs.chosen: after a launch of the same shape, the shape that launch used). Arguments as
+    kernel_for's; the launchers' own preprocessing programs (backward's delta, dQ's conversion) are
+    row-wise passes and not listed."""
+    kernel = kernel_for(pass_, q, k, v, variant, softmax_scale, dout, bias_grad)
+    head_dim, dtype, causal, device = q.shape[-1], q.dtype, variant.causal, q.device
+    seqlen = max(variant.max_seqlen_q, variant.max_seqlen_k) if variant.varlen else max(q.shape[1], k.shape[1])
+    if kernel == SPLIT_KV:
+        t = decode.tiles(q.shape[1] * (q.shape[2] // k.shape[2]), head_dim)
+        return Tiles(kernel, (Program("split-kv", "queries", t.block_m, t.block_n),))
+    if kernel == PING_PONG:
+        return Tiles(kernel, (Program("fwd", "queries", forward_sm90.BLOCK_M, forward_sm90.BLOCK_N[head_dim]),))
+    if kernel == WARP_SPECIALIZED:
+        t = configs.chosen("fwd_ws", head_dim, dtype, causal, seqlen, device)
+        return Tiles(kernel, (Program("fwd", "queries", t.block_m, t.block_n),))
+    if kernel == ONE_PASS:
+        return Tiles(kernel, (Program("dkdv+dq", "keys", backward_sm90.BLOCK_N, backward_sm90.BLOCK_M[head_dim]),))
+    opts = options(variant, q, k, softmax_scale)
+    if pass_ == "fwd":
+        t = opts.tiles(configs.chosen("fwd", head_dim, dtype, causal, seqlen, device, opts.extra, variant.tile_size))
+        return Tiles(kernel, (Program("fwd", "queries", t.block_m, t.block_n),))
+    cfg = configs.chosen("bwd", head_dim, dtype, causal, seqlen, device,
+                         opts.extra + ("+dbias" if bias_grad else ""), variant.tile_size)
+    kv, qc = opts.tiles(cfg.kv), opts.tiles(cfg.q)
+    programs = [Program("dv" if cfg.dk is not None else "dkdv", "keys", kv.block_n, kv.block_m)]
+    if cfg.dk is not None:
+        dk = opts.tiles(cfg.dk)
+        programs.append(Program("dk", "keys", dk.block_n, dk.block_m))
+    programs.append(Program("dq", "queries", qc.block_m, qc.block_n))
+    return Tiles(kernel, tuple(programs))

@@ -403,6 +403,19 @@ def run(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int,
     return cfg
 
 
+def chosen(kind: str, head_dim: int, dtype: torch.dtype, causal: bool, seqlen: int, device: torch.device,
+           extra: str = "", tile_size: int = 0) -> Config:
+    """The shape `run` launches `kind` with for such a call in this process: the caller's square tiles,
+    else a shape fitted or tuned by an earlier launch of the same key, else the table's. Launch once
+    first where fitting may have stepped down (a GPU without its own table)."""
+    base = _table_config(kind, head_dim, dtype, causal, device, seqlen)
+    if tile_size:
+        return with_tiles(base, tile_size)
+    if device.type != "cuda" or not _chosen:
+        return base
+    return _chosen.get(_key(kind, head_dim, dtype, causal, seqlen, device, extra), base)
+
+
 def _launch_fitting(cfg: Config, launch: Callable[[Config], None]) -> Config:
     """launch(cfg), stepping down while the GPU cannot run the shape; returns the shape that ran."""
     while True:
