@@ -7,14 +7,14 @@ flashattn's dense flash_attn_func on the same cache (the path Hugging Face model
 decode through), torch SDPA's cuDNN backend (GQA native, enable_gqa=True) and FlashAttention-4 where
 it is importable, in the same process. Every implementation is timed inside a CUDA graph of
 GRAPH_CALLS calls, so the figure is the GPU's time per step, not the host's (a decode loop that
-cares runs in a CUDA graph: flash_attn_with_kvcache reads no device value while one is captured).
+cares runs in a CUDA graph: flash_attn_with_kvcache reads no device value while one is captured);
+a replay of the graph is one round of measure.time_rounds (median, spread, reruns of a noisy cell).
+On the CPU each implementation is timed as the grid's cells are.
 Paged cells: a block table of random pages; the peers' figures there are those of the contiguous
 cache of the same shape (timed once, in the contiguous row).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from flashattn import flash_attn_func, flash_attn_with_kvcache
+from flashattn.bench import measure
 from flashattn.bench.cases import DTYPES, format_seqlen
+from flashattn.bench.measure import Measurement
 
 Tensor = torch.Tensor
 GRAPH_CALLS = 20      # calls captured per graph
-ROUNDS = 7            # graph replays timed; the median is kept
+ROUNDS = 7            # graph replays timed per attempt (measure.time_rounds)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,16 @@ class DecodeRow:
     cache: int
     layout: str
     kv_bytes: int
-    us: dict[str, float | None] = field(default_factory=dict)     # None: not run here
-    errors: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, Measurement] = field(default_factory=dict)   # ms per step; absent: not run here
+
+    @property
+    def us(self) -> dict[str, float | None]:
+        """Microseconds per step of each implementation run (None: it failed)."""
+        return {n: m.ms * 1e3 if m.ok else None for n, m in self.timings.items()}
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {n: m.error or m.status for n, m in self.timings.items() if not m.ok}
 
     def tb_s(self, name: str) -> float | None:
         us = self.us.get(name)
@@ -76,23 +86,20 @@ class DecodeRow:
         return self.us[best] / ours if best and ours else None
 
     def as_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "timings"}
+        d["us"], d["errors"] = self.us, self.errors
+        d["timings"] = {n: m.as_dict() for n, m in self.timings.items()}
         d["tb_s"] = {n: self.tb_s(n) for n in self.us}
         d["best_peer"], d["ours_over_best_peer"] = self.best_peer(), self.ratio()
         return d
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    """Microseconds per call: on CUDA the median replay of a graph of GRAPH_CALLS calls, else a
-    perf_counter median."""
+def _time(fn: Callable[[], object], device: torch.device) -> Measurement:
+    """Milliseconds per call: on CUDA, rounds of one replay of a graph of GRAPH_CALLS calls each; else
+    the grid's CPU timing."""
     if device.type != "cuda":
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6
+        timer, rounds = measure.timing(device)
+        return measure.time_prepared({"": ([fn], [])}, timer, rounds)[""]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -104,16 +111,18 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
         for _ in range(GRAPH_CALLS):
             fn()
     graph.replay()
-    times = []
-    for _ in range(ROUNDS):
+
+    def replay() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / GRAPH_CALLS)
+        return start.elapsed_time(end) / GRAPH_CALLS
+
+    result = measure.time_rounds({"": replay}, ROUNDS)[""]
     del graph
-    return statistics.median(times)
+    return result
 
 
 def _fa4():
@@ -135,11 +144,8 @@ def _cell(cfg: DecodeConfig, kv_heads: int, batch: int, cache: int, layout: str,
     v = torch.randn_like(k)
 
     def attempt(name: str, make: Callable[[], Callable[[], object]]) -> None:
-        try:
-            row.us[name] = _time(make(), device)
-        except Exception as exc:         # one implementation failing must not end the panel
-            row.us[name] = None
-            row.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        timing, failure = measure.attempt(lambda: _time(make(), device))
+        row.timings[name] = failure or timing
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -190,8 +196,7 @@ def run_decode(cfg: DecodeConfig, device: torch.device, progress: Callable[[str]
                         contiguous = row
                     elif contiguous is not None:
                         # The peers read a contiguous cache of the same shape: timed once, in that row.
-                        row.us.update({n: us for n, us in contiguous.us.items() if n not in OURS})
-                        row.errors.update({n: e for n, e in contiguous.errors.items() if n not in OURS})
+                        row.timings.update({n: m for n, m in contiguous.timings.items() if n not in OURS})
                     rows.append(row)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -210,7 +215,8 @@ def _cell_text(row: DecodeRow, name: str) -> str:
     if us is None:
         return "err"
     tb = row.tb_s(name)
-    return f"{us:.1f} ({tb:.2f})" if tb is not None and tb >= 0.01 else f"{us:.1f}"
+    text = f"{us:.1f}{measure.noise_mark(row.timings[name])}"
+    return f"{text} ({tb:.2f})" if tb is not None and tb >= 0.01 else text
 
 
 def table(cfg: DecodeConfig, rows: list[DecodeRow]) -> Table:

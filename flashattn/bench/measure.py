@@ -10,7 +10,13 @@ whichever ran at that moment. The forward runs on inputs that require grad (a tr
 which saves what the backward needs, as in flash-attn's own benchmarks); the backward is timed as
 `out.backward(grad, retain_graph=True)` on a forward done beforehand; a "fwd+bwd" case times both in one
 call, `attention(q, k, v).backward(grad)`.
-CPU: time.perf_counter median of a few repeats after one warm-up call.
+CPU: the same rounds, each the time.perf_counter median of a few calls.
+
+Before the rounds, every input set of every implementation is called once, untimed (`warm_up`): the
+first call of a cell pays for compiles, allocations and caches (on the CPU the first backward of a
+process took 0.5 s against 3 ms after), and none of that belongs in a round. The rounds of a cell
+then give its figure, their median, and their spread (`spread`); `time_rounds` times again a cell
+whose rounds disagree by more than NOISE_LIMIT and marks it noisy if they still do.
 """
 from __future__ import annotations
 
@@ -40,9 +46,15 @@ GPU_REP_MS = 40
 ASSUMED_L2_BYTES = 50 * 2 ** 20  # H100; used when the device doesn't report its L2 size
 MAX_INPUT_SETS = 8
 
-CPU_MIN_REPEATS = 5
-CPU_MAX_REPEATS = 25
-CPU_BUDGET_S = 0.75  # stop repeating (after CPU_MIN_REPEATS) once this much was spent
+CPU_ROUNDS = 5
+CPU_MIN_REPEATS = 1     # calls per CPU round, at least,
+CPU_MAX_REPEATS = 25    # and at most;
+CPU_BUDGET_S = 0.15     # stop repeating (after CPU_MIN_REPEATS) once a round spent this much
+
+# A cell whose rounds spread more than this is timed again, at most MAX_RERUNS more times; if none of
+# its attempts is under it, the cell is marked noisy (benchmarks/README.md, "Spread and noisy cells").
+NOISE_LIMIT = 0.10
+MAX_RERUNS = 2
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -54,7 +66,11 @@ class Measurement:
     tflops: float | None = None
     peak_bytes: int | None = None
     error: str | None = None        # why it failed or was skipped
-    rounds_ms: list[float] | None = None  # each round's time when there were several (ms is their median)
+    rounds_ms: list[float] | None = None  # each round's time of the attempt kept (ms is their median)
+    spread: float | None = None     # of rounds_ms, floored by the fastest attempt (`spread`; None: one round)
+    reruns: int | None = None       # attempts after the first (0 to MAX_RERUNS)
+    noisy: bool | None = None       # spread still above NOISE_LIMIT after the reruns
+    other_attempts_ms: list[list[float]] | None = None  # the rounds of the attempts not kept, in order
 
     @property
     def ok(self) -> bool:
@@ -62,6 +78,35 @@ class Measurement:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def spread(rounds_ms: list[float], floor: float | None = None) -> float | None:
+    """(max - min) / median of a cell's rounds: how far apart its slowest and fastest rounds are,
+    relative to the figure reported (0.1: 10% of it). None with fewer than two rounds.
+
+    `floor`, when lower than every round, stands in for the min: `time_rounds` passes the fastest
+    median among a re-timed cell's attempts, so that an attempt slowed throughout (its rounds agree
+    with each other but not with an earlier attempt's) does not pass as steady. Only a faster attempt
+    counts: a disturbance slows a round, it does not speed one up."""
+    if len(rounds_ms) < 2:
+        return None
+    low = min(rounds_ms) if floor is None else min(min(rounds_ms), floor)
+    return (max(rounds_ms) - low) / statistics.median(rounds_ms)
+
+
+def format_spread(x: float) -> str:
+    """A spread in whole percent, rounded up: a noisy cell never reads as NOISE_LIMIT or under."""
+    return f"{math.ceil(round(x * 100, 6))}%"
+
+
+def noise_mark(m: Measurement | None) -> str:
+    """What a table appends to a noisy cell's figure: ' ~N%', N its spread; '' for any other."""
+    return f" ~{format_spread(m.spread)}" if m is not None and m.noisy else ""
+
+
+NOISE_FOOTNOTE = (f"`~N%` after a figure: noisy, its rounds still N% apart ((max - min) / median) after "
+                  f"{MAX_RERUNS} reruns: time it again before relying on it. The rounds of every other figure "
+                  f"agree within {NOISE_LIMIT:.0%}.")
 
 
 def _failure(exc: BaseException) -> Measurement:
@@ -122,23 +167,37 @@ def cuda_timer(calls: list[Callable[[], object]], grad_to_none: list[Tensor]) ->
                                    grad_to_none=grad_to_none, return_mode="median")
 
 
+def _clear(grad_to_none: list[Tensor]) -> None:
+    for x in grad_to_none:
+        x.grad = None
+
+
 def cpu_timer(calls: list[Callable[[], object]], grad_to_none: list[Tensor]) -> float:
+    """One CPU round: the median ms of CPU_MIN_REPEATS to CPU_MAX_REPEATS calls (CPU_BUDGET_S). No
+    warm-up of its own: callers call `warm_up` once before the first round."""
     fn = _cycle(calls)
-
-    def clear_grads() -> None:
-        for x in grad_to_none:
-            x.grad = None
-
-    clear_grads()
-    fn()  # warm-up
     times: list[float] = []
     while len(times) < CPU_MIN_REPEATS or (len(times) < CPU_MAX_REPEATS
                                            and sum(times) < CPU_BUDGET_S):
-        clear_grads()
+        _clear(grad_to_none)
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    _clear(grad_to_none)
     return statistics.median(times) * 1e3
+
+
+def timing(device: torch.device) -> tuple[Timer, int]:
+    """The timer of one round on `device` and the number of rounds per cell."""
+    return (cuda_timer, GPU_ROUNDS) if device.type == "cuda" else (cpu_timer, CPU_ROUNDS)
+
+
+def warm_up(calls: list[Callable[[], object]], grad_to_none: list[Tensor]) -> None:
+    """Every input set called once, untimed."""
+    for call in calls:
+        _clear(grad_to_none)
+        call()
+    _clear(grad_to_none)
 
 
 def _prepare(peer: Peer, case: Case, device: torch.device) -> tuple[list[Callable[[], object]], list[Tensor]]:
@@ -159,8 +218,9 @@ def _prepare(peer: Peer, case: Case, device: torch.device) -> tuple[list[Callabl
     return calls, [x for qkv in sets for x in qkv]
 
 
-def _attempt(fn: Callable[[], object]) -> tuple[object, Measurement | None]:
-    """fn()'s value, or the failure it raised as a Measurement."""
+def attempt(fn: Callable[[], object]) -> tuple[object, Measurement | None]:
+    """(fn()'s value, None), or (None, the failure it raised as a Measurement): one cell's failure
+    (out of memory, a kernel that cannot run here) must not end the run."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SDPA explains its refusals in warnings, then raises
@@ -169,11 +229,81 @@ def _attempt(fn: Callable[[], object]) -> tuple[object, Measurement | None]:
         return None, _failure(exc)
 
 
+def time_rounds(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, Measurement]:
+    """Each timer's median over `rounds` rounds (a timer call is one round, in ms), the timers
+    interleaved: each round calls them in the given order, reversed every other round.
+
+    A cell (one timer) whose rounds spread more than NOISE_LIMIT is timed again, `rounds` more rounds,
+    up to MAX_RERUNS times, the cells being re-timed interleaved among themselves; the attempt kept is
+    the one with the smallest spread (`spread`, floored by the cell's fastest attempt), and the cell
+    is noisy if even that one is above NOISE_LIMIT.
+    Keeping one attempt rather than pooling them: what spreads the rounds here is a disturbance
+    over a stretch of time (another process on the cores, a clock change, a slow host, a cold cache),
+    so the attempt it missed is a measurement of the code, while a pool keeps the disturbed rounds
+    in its median and, by max - min, is never steadier than its noisiest attempt. The floor: a
+    disturbance can also outlast an attempt, whose rounds then agree at a slow figure (on the 2-core
+    CPU, a backward read 227-241 ms in five rounds after an attempt whose median was 100 ms); judged
+    alone that attempt would pass. Every attempt's rounds stay in the result. A timer that raises
+    fails its cell (status "error" or "oom") and is not called again; the others go on."""
+    attempts: dict[str, list[list[float]]] = {name: [] for name in timers}
+    failed: dict[str, Measurement] = {}
+    pending = list(timers)
+    for _ in range(1 + MAX_RERUNS):
+        times: dict[str, list[float]] = {name: [] for name in pending}
+        for r in range(rounds):
+            for name in pending if r % 2 == 0 else pending[::-1]:
+                if name in failed:
+                    continue
+                ms, failure = attempt(timers[name])
+                if failure is not None:
+                    failed[name] = failure
+                else:
+                    times[name].append(ms)
+        for name in pending:
+            if name not in failed:
+                attempts[name].append(times[name])
+        pending = [name for name in pending
+                   if name not in failed and (_kept(attempts[name])[1] or 0.0) > NOISE_LIMIT]
+        if not pending:
+            break
+    return {name: failed.get(name) or _summary(attempts[name]) for name in timers}
+
+
+def _kept(attempts: list[list[float]]) -> tuple[int, float | None]:
+    """(index, spread) of the attempt with the smallest spread, the earliest of equals, each spread
+    floored by the fastest median of all attempts (see `spread`; None: single rounds)."""
+    fastest = min(statistics.median(rounds) for rounds in attempts)
+    spreads = [spread(rounds, fastest) for rounds in attempts]
+    best = min(range(len(spreads)), key=lambda i: spreads[i] or 0.0)
+    return best, spreads[best]
+
+
+def _summary(attempts: list[list[float]]) -> Measurement:
+    best, cell_spread = _kept(attempts)
+    rounds = attempts[best]
+    return Measurement("ok", ms=statistics.median(rounds), rounds_ms=rounds, spread=cell_spread,
+                       reruns=len(attempts) - 1, noisy=cell_spread is not None and cell_spread > NOISE_LIMIT,
+                       other_attempts_ms=[a for i, a in enumerate(attempts) if i != best] or None)
+
+
+def time_prepared(prepared: dict[str, tuple[list[Callable[[], object]], list[Tensor]]], timer: Timer,
+                  rounds: int) -> dict[str, Measurement]:
+    """`time_rounds` of `timer` on each (calls, tensors whose grads to clear), after one `warm_up`
+    of each (a failure there fails that cell)."""
+    results: dict[str, Measurement] = {}
+    for name, (calls, grads) in prepared.items():
+        _, failure = attempt(lambda: warm_up(calls, grads))
+        if failure is not None:
+            results[name] = failure
+    timed = time_rounds({name: (lambda p=p: timer(*p)) for name, p in prepared.items() if name not in results},
+                        rounds)
+    return {name: results.get(name) or timed[name] for name in prepared}
+
+
 def time_row(peers: list[Peer], case: Case, device: torch.device, timer: Timer,
              rounds: int = 1) -> dict[str, Measurement]:
-    """Median time of every peer on `case` (FLOP/s from the case's nominal FLOPs), over `rounds`
-    rounds in which each peer is timed once, in the given order and then reversed, alternately.
-    Inputs of all peers stay allocated between rounds."""
+    """Every peer on `case` through `time_prepared` (FLOP/s from the case's nominal FLOPs). Inputs of
+    all peers stay allocated between rounds."""
     results: dict[str, Measurement] = {}
     prepared: dict[str, tuple] = {}
     for peer in peers:
@@ -181,32 +311,21 @@ def time_row(peers: list[Peer], case: Case, device: torch.device, timer: Timer,
         if reason:
             results[peer.name] = Measurement("skipped", error=reason)
             continue
-        prepared[peer.name], failure = _attempt(lambda: _prepare(peer, case, device))
+        prepared[peer.name], failure = attempt(lambda: _prepare(peer, case, device))
         if failure is not None:
             results[peer.name] = failure
             del prepared[peer.name]
-    times: dict[str, list[float]] = {name: [] for name in prepared}
-    for r in range(rounds):
-        for name in list(prepared) if r % 2 == 0 else list(reversed(prepared)):
-            if name in results:
-                continue  # failed in an earlier round
-            ms, failure = _attempt(lambda: timer(*prepared[name]))
-            if failure is not None:
-                results[name] = failure
-            else:
-                times[name].append(ms)
-    for name, ms in times.items():
-        if name not in results:
-            median = statistics.median(ms)
-            results[name] = Measurement("ok", ms=median, tflops=case.flops / median / 1e9,
-                                        rounds_ms=ms if len(ms) > 1 else None)
+    for name, m in time_prepared(prepared, timer, rounds).items():
+        if m.ok:
+            m.tflops = case.flops / m.ms / 1e9
+        results[name] = m
     prepared.clear()
     _release(device)
     return {peer.name: results[peer.name] for peer in peers}
 
 
 def time_case(peer: Peer, case: Case, device: torch.device, timer: Timer, rounds: int = 1) -> Measurement:
-    """Median time of `peer` alone on `case` (`time_row` of one)."""
+    """`time_row` of `peer` alone."""
     return time_row([peer], case, device, timer, rounds)[peer.name]
 
 

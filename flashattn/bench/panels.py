@@ -17,14 +17,15 @@ varlen        forward and backward TFLOP/s of a packed batch (flash_attn_varlen_
               causal or not: packing should cost nothing beyond the real work. FLOPs are counted
               per sequence (4 H n^2 D each, halved when causal; backward 2.5x).
 
-CPU mode runs the same panels at tiny sizes on the PyTorch path (which skips the same tiles).
+CPU mode runs the same panels at tiny sizes on the PyTorch path (which skips the same tiles). Every
+cell is timed as the grid's are (measure.time_prepared: rounds, their spread, reruns of a noisy cell);
+a noisy one is marked `~N%` in the tables and hollow in the plots.
 Results go to the terminal, to bench.json (keys "block_sparse", "window" and "varlen"), to
 summary.md and to block_sparse.png / window.png.
 """
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,7 @@ from flashattn import BlockMask, flash_attn_func, flash_attn_varlen_func, local_
 from flashattn.bench import decode as decode_panel
 from flashattn.bench import measure
 from flashattn.bench.cases import DTYPES, format_seqlen
-from flashattn.bench.peers import describe_error
+from flashattn.bench.measure import Measurement
 from flashattn.sparse import num_blocks
 
 Tensor = torch.Tensor
@@ -99,23 +100,12 @@ CPU_VARLEN = VarlenConfig("fp32", nheads=2, headdim=32, total=512, min_len=16, m
 
 
 @dataclass
-class Timing:
-    """Median ms of one call, or why there is none."""
-
-    ms: float | None = None
-    error: str | None = None
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass
 class SparseRow:
     density: float               # the requested density (1.0 = every block listed)
     actual_density: float        # the block mask's
     pass_: str
-    sparse: Timing
-    dense: Timing
+    sparse: Measurement
+    dense: Measurement
 
     def speedup(self) -> float | None:
         if self.sparse.ms and self.dense.ms:
@@ -132,8 +122,8 @@ class SparseRow:
 class WindowRow:
     seqlen: int
     pass_: str
-    window: Timing
-    dense: Timing
+    window: Measurement
+    dense: Measurement
 
     def as_dict(self) -> dict:
         ratio = self.dense.ms / self.window.ms if self.dense.ms and self.window.ms else None
@@ -145,13 +135,13 @@ class WindowRow:
 class VarlenRow:
     causal: bool
     pass_: str
-    varlen: Timing
-    dense: Timing
+    varlen: Measurement
+    dense: Measurement
     varlen_flops: float
     dense_flops: float
-    torch_varlen: Timing          # torch.nn.attention.varlen.varlen_attn on the same packed batch
+    torch_varlen: Measurement     # torch.nn.attention.varlen.varlen_attn on the same packed batch
 
-    def tflops(self, t: Timing, flops: float) -> float | None:
+    def tflops(self, t: Measurement, flops: float) -> float | None:
         return flops / (t.ms * 1e-3) / 1e12 if t.ms else None
 
     def as_dict(self) -> dict:
@@ -206,30 +196,30 @@ def local_global_mask(seqlen: int, density: float, block_size: int, device) -> B
 
 
 def _time(fn: Callable[[Tensor, Tensor, Tensor], Tensor], shape: tuple[int, ...], dtype: torch.dtype,
-          pass_: str, device: torch.device, timer) -> Timing:
-    """Median ms of fn's forward (on inputs requiring grad) or of its backward."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-            if pass_ == "fwd":
-                calls = [lambda: fn(q, k, v)]
-            else:
-                out = fn(q, k, v)
-                grad = torch.randn_like(out)
-                calls = [lambda: out.backward(grad, retain_graph=True)]
-            ms = timer(calls, [q, k, v])
-    except Exception as exc:  # out of memory, a kernel that cannot run here: one cell, not the run
-        result = Timing(error=describe_error(exc))
-    else:
-        result = Timing(ms=ms)
+          pass_: str, device: torch.device, timing: tuple[measure.Timer, int]) -> Measurement:
+    """fn's forward (on inputs requiring grad) or its backward, timed as the grid's cells are
+    (measure.time_prepared: warm-up, rounds, reruns of a noisy cell)."""
+    def prepare():
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        if pass_ == "fwd":
+            return [lambda: fn(q, k, v)], [q, k, v]
+        out = fn(q, k, v)
+        grad = torch.randn_like(out)
+        return [lambda: out.backward(grad, retain_graph=True)], [q, k, v]
+
+    prepared, result = measure.attempt(prepare)      # out of memory, a kernel that cannot run here
+    if result is None:
+        timer, rounds = timing
+        result = measure.time_prepared({"": prepared}, timer, rounds)[""]
+    del prepared
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     return result
 
 
-def run_sparse(cfg: SparseConfig, device: torch.device, timer, progress: Callable[[str], None]) -> list[SparseRow]:
+def run_sparse(cfg: SparseConfig, device: torch.device, timing: tuple[measure.Timer, int],
+               progress: Callable[[str], None]) -> list[SparseRow]:
     dtype = DTYPES[cfg.dtype]
     shape = (cfg.batch, cfg.seqlen, cfg.nheads, cfg.headdim)
     n = num_blocks(cfg.seqlen, cfg.block_size)
@@ -240,7 +230,7 @@ def run_sparse(cfg: SparseConfig, device: torch.device, timer, progress: Callabl
     dense_ms = {}
     for pass_ in ("fwd", "bwd"):
         progress(f"dense {pass_}")
-        dense_ms[pass_] = _time(dense, shape, dtype, pass_, device, timer)
+        dense_ms[pass_] = _time(dense, shape, dtype, pass_, device, timing)
     rows = []
     for density in cfg.densities:
         if cfg.pattern == "random":
@@ -254,11 +244,12 @@ def run_sparse(cfg: SparseConfig, device: torch.device, timer, progress: Callabl
         for pass_ in ("fwd", "bwd"):
             progress(f"density {density} {pass_}")
             rows.append(SparseRow(density, bm.density(), pass_,
-                                  _time(sparse, shape, dtype, pass_, device, timer), dense_ms[pass_]))
+                                  _time(sparse, shape, dtype, pass_, device, timing), dense_ms[pass_]))
     return rows
 
 
-def run_window(cfg: WindowConfig, device: torch.device, timer, progress: Callable[[str], None]) -> list[WindowRow]:
+def run_window(cfg: WindowConfig, device: torch.device, timing: tuple[measure.Timer, int],
+               progress: Callable[[str], None]) -> list[WindowRow]:
     dtype = DTYPES[cfg.dtype]
     causal = cfg.window[1] == 0
 
@@ -273,8 +264,8 @@ def run_window(cfg: WindowConfig, device: torch.device, timer, progress: Callabl
         shape = (cfg.batch, seqlen, cfg.nheads, cfg.headdim)
         for pass_ in ("fwd", "bwd"):
             progress(f"seqlen {format_seqlen(seqlen)} {pass_}")
-            rows.append(WindowRow(seqlen, pass_, _time(windowed, shape, dtype, pass_, device, timer),
-                                  _time(dense, shape, dtype, pass_, device, timer)))
+            rows.append(WindowRow(seqlen, pass_, _time(windowed, shape, dtype, pass_, device, timing),
+                                  _time(dense, shape, dtype, pass_, device, timing)))
     return rows
 
 
@@ -283,7 +274,8 @@ def _attention_flops(lengths: list[int], cfg: VarlenConfig, causal: bool, pass_:
     return forward * (2.5 if pass_ == "bwd" else 1.0)
 
 
-def run_varlen(cfg: VarlenConfig, device: torch.device, timer, progress: Callable[[str], None]) -> list[VarlenRow]:
+def run_varlen(cfg: VarlenConfig, device: torch.device, timing: tuple[measure.Timer, int],
+               progress: Callable[[str], None]) -> list[VarlenRow]:
     dtype = DTYPES[cfg.dtype]
     lengths = varlen_lengths(cfg)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -301,12 +293,12 @@ def run_varlen(cfg: VarlenConfig, device: torch.device, timer, progress: Callabl
         for pass_ in ("fwd", "bwd"):
             progress(f"{'causal' if causal else 'non-causal'} {pass_}")
             rows.append(VarlenRow(
-                causal, pass_, _time(packed, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timer),
+                causal, pass_, _time(packed, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timing),
                 _time(dense, (len(dense_lengths), cfg.dense_seqlen, cfg.nheads, cfg.headdim), dtype, pass_, device,
-                      timer),
+                      timing),
                 _attention_flops(lengths, cfg, causal, pass_), _attention_flops(dense_lengths, cfg, causal, pass_),
-                _time(peer, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timer) if callable(peer)
-                else Timing(error=peer)))
+                _time(peer, (cfg.total, cfg.nheads, cfg.headdim), dtype, pass_, device, timing) if callable(peer)
+                else Measurement("skipped", error=peer)))
     return rows
 
 
@@ -328,17 +320,17 @@ def _torch_varlen(cu: Tensor, longest: int, causal: bool):
 
 
 def run(panels: Panels, console: Console) -> Panels:
-    timer = measure.cuda_timer if panels.device.type == "cuda" else measure.cpu_timer
+    timing = measure.timing(panels.device)
     torch.manual_seed(0)
     with console.status("") as status:
         if panels.sparse is not None:
-            panels.sparse_rows = run_sparse(panels.sparse, panels.device, timer,
+            panels.sparse_rows = run_sparse(panels.sparse, panels.device, timing,
                                             lambda text: status.update(f"block-sparse: {text}"))
         if panels.window is not None:
-            panels.window_rows = run_window(panels.window, panels.device, timer,
+            panels.window_rows = run_window(panels.window, panels.device, timing,
                                             lambda text: status.update(f"window: {text}"))
         if panels.varlen is not None:
-            panels.varlen_rows = run_varlen(panels.varlen, panels.device, timer,
+            panels.varlen_rows = run_varlen(panels.varlen, panels.device, timing,
                                             lambda text: status.update(f"varlen: {text}"))
         if panels.decode is not None:
             panels.decode_rows = decode_panel.run_decode(panels.decode, panels.device,
@@ -348,8 +340,8 @@ def run(panels: Panels, console: Console) -> Panels:
 
 # ----------------------------------------------------------------------------- reporting
 
-def _ms(t: Timing) -> str:
-    return f"{t.ms:.3f}" if t.ms is not None else "err"
+def _ms(t: Measurement) -> str:
+    return f"{t.ms:.3f}{measure.noise_mark(t)}" if t.ms is not None else "err"
 
 
 def _ratio(x: float | None) -> str:
@@ -373,8 +365,9 @@ def _varlen_title(cfg: VarlenConfig) -> str:
             f"{cfg.max_len} tokens against {cfg.total // cfg.dense_seqlen} of {cfg.dense_seqlen}")
 
 
-def _tflops(x: float | None) -> str:
-    return "err" if x is None else f"{x:.1f}" if x >= 1 else f"{x:.4f}"
+def _tflops(x: float | None, t: Measurement) -> str:
+    """TFLOP/s from the timing t (marked when t is noisy)."""
+    return "err" if x is None else (f"{x:.1f}" if x >= 1 else f"{x:.4f}") + measure.noise_mark(t)
 
 
 def varlen_table(panels: Panels) -> Table:
@@ -385,8 +378,9 @@ def varlen_table(panels: Panels) -> Table:
     for row in panels.varlen_rows:
         d = row.as_dict()
         table.add_row("yes" if row.causal else "no", row.pass_, _ms(row.varlen), _ms(row.dense),
-                      _tflops(d["varlen_tflops"]), _tflops(d["dense_tflops"]), _ratio(d["varlen_over_dense_tflops"]),
-                      _tflops(d["torch_varlen_attn_tflops"]), _ratio(d["varlen_over_torch_varlen_attn"]))
+                      _tflops(d["varlen_tflops"], row.varlen), _tflops(d["dense_tflops"], row.dense),
+                      _ratio(d["varlen_over_dense_tflops"]), _tflops(d["torch_varlen_attn_tflops"], row.torch_varlen),
+                      _ratio(d["varlen_over_torch_varlen_attn"]))
     return table
 
 
@@ -406,11 +400,26 @@ def window_table(panels: Panels) -> Table:
                    "dense / window"):
         table.add_column(header, justify="right")
     for row in panels.window_rows:
-        per_k = lambda t: f"{t.ms * 1024 / row.seqlen:.4f}" if t.ms is not None else "err"  # noqa: E731
+        def per_k(t: Measurement, row=row) -> str:
+            return f"{t.ms * 1024 / row.seqlen:.4f}{measure.noise_mark(t)}" if t.ms is not None else "err"
+
         d = row.as_dict()
         table.add_row(format_seqlen(row.seqlen), row.pass_, _ms(row.window), _ms(row.dense), per_k(row.window),
                       per_k(row.dense), _ratio(d["dense_over_window"]))
     return table
+
+
+def _timings(panels: Panels) -> list[Measurement]:
+    """Every timed cell of the block-sparse, window and varlen panels (the decode panel's are in its
+    rows' `timings`)."""
+    return ([t for r in panels.sparse_rows for t in (r.sparse, r.dense)]
+            + [t for r in panels.window_rows for t in (r.window, r.dense)]
+            + [t for r in panels.varlen_rows for t in (r.varlen, r.dense, r.torch_varlen)])
+
+
+def _any_noisy(panels: Panels) -> bool:
+    return any(t.noisy for t in _timings(panels)) or any(
+        m.noisy for r in panels.decode_rows for m in r.timings.values())
 
 
 def print_panels(panels: Panels, console: Console) -> None:
@@ -422,9 +431,9 @@ def print_panels(panels: Panels, console: Console) -> None:
     if panels.decode_rows:
         console.print()
         console.print(decode_panel.table(panels.decode, panels.decode_rows))
-    errors = {t.error for r in panels.sparse_rows for t in (r.sparse, r.dense) if t.error}
-    errors |= {t.error for r in panels.window_rows for t in (r.window, r.dense) if t.error}
-    errors |= {t.error for r in panels.varlen_rows for t in (r.varlen, r.dense, r.torch_varlen) if t.error}
+    if _any_noisy(panels):
+        console.print(measure.NOISE_FOOTNOTE.replace("`", ""))
+    errors = {t.error for t in _timings(panels) if t.error}
     errors |= {f"{n}: {e}" for r in panels.decode_rows for n, e in r.errors.items()}
     for error in sorted(errors):
         console.print(f"[red]err[/]: {error}")
@@ -474,12 +483,15 @@ def markdown(panels: Panels) -> str:
         for r in panels.varlen_rows:
             d = r.as_dict()
             lines.append(f"| {'yes' if r.causal else 'no'} | {r.pass_} | {_ms(r.varlen)} | {_ms(r.dense)} | "
-                         f"{_tflops(d['varlen_tflops'])} | {_tflops(d['dense_tflops'])} | "
-                         f"{_ratio(d['varlen_over_dense_tflops'])} | {_tflops(d['torch_varlen_attn_tflops'])} | "
+                         f"{_tflops(d['varlen_tflops'], r.varlen)} | {_tflops(d['dense_tflops'], r.dense)} | "
+                         f"{_ratio(d['varlen_over_dense_tflops'])} | "
+                         f"{_tflops(d['torch_varlen_attn_tflops'], r.torch_varlen)} | "
                          f"{_ratio(d['varlen_over_torch_varlen_attn'])} |")
     text = "\n".join(lines) + "\n" if lines else ""
     if panels.decode_rows:
         text += decode_panel.markdown(panels.decode, panels.decode_rows)
+    if _any_noisy(panels):
+        text += "\n" + measure.NOISE_FOOTNOTE + "\n"
     return text
 
 
@@ -488,6 +500,8 @@ def write_plots(panels: Panels, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
+
+    from flashattn.bench.plots import mark_noisy
 
     def save(fig, ax, title: str, path: Path) -> Path:
         """The panels' common finish: grid, two-line title, legend, PNG."""
@@ -509,10 +523,12 @@ def write_plots(panels: Panels, out: Path) -> list[Path]:
                 continue
             ax.plot([r.actual_density for r in rows], [r.sparse.ms for r in rows], styles[pass_], color="black",
                     label=f"block-sparse {pass_}")
+            mark_noisy(ax, [(r.actual_density, r.sparse.ms) for r in rows if r.sparse.noisy], "black",
+                       styles[pass_][0])
             if rows[0].dense.ms is not None:
                 dense = rows[0].dense.ms
                 ax.axhline(dense, color="tab:red", linestyle=":" if pass_ == "fwd" else "-.",
-                           label=f"dense {pass_}")
+                           label=f"dense {pass_}" + (" (noisy)" if rows[0].dense.noisy else ""))
                 xs = [0.0, 1.0]
                 ax.plot(xs, [0.0, dense], color="tab:gray", linewidth=0.8, alpha=0.6,
                         label="proportional to density" if pass_ == "fwd" else None)
@@ -530,6 +546,7 @@ def write_plots(panels: Panels, out: Path) -> list[Path]:
                 points = [(r.seqlen, get(r).ms) for r in rows if get(r).ms is not None]
                 if points:
                     ax.plot(*zip(*points), styles[pass_], color=color, label=f"{label} {pass_}")
+                    mark_noisy(ax, [(r.seqlen, get(r).ms) for r in rows if get(r).noisy], color, styles[pass_][0])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(seqlens)

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
 from flashattn.bench.cases import format_seqlen  # noqa: E402
+from flashattn.bench.measure import MAX_RERUNS, NOISE_LIMIT  # noqa: E402
 from flashattn.bench.peers import SUBJECT  # noqa: E402
 from flashattn.bench.report import device_name, throughput_unit  # noqa: E402
 from flashattn.bench.suite import Results  # noqa: E402
@@ -39,6 +40,21 @@ def line(ax, label: str, xs: list[int], ys: list[float], color, subject: bool) -
             linewidth=2.5 if subject else 1.5, zorder=3 if subject else 2)
 
 
+NOISY_LABEL = f"noisy (rounds spread > {NOISE_LIMIT:.0%} after {MAX_RERUNS} reruns)"
+
+
+def mark_noisy(ax, points: list[tuple[float, float]], color, marker: str = "o") -> None:
+    """Draw the noisy points of a line hollow (a white face over the line's filled marker), and give
+    the axes one grey legend entry for them."""
+    if not points:
+        return
+    ax.plot(*zip(*points), linestyle="none", marker=marker, markersize=7, markerfacecolor="white",
+            markeredgecolor=color, markeredgewidth=1.5, zorder=4)
+    if NOISY_LABEL not in ax.get_legend_handles_labels()[1]:
+        ax.plot([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="white",
+                markeredgecolor="tab:gray", markeredgewidth=1.5, label=NOISY_LABEL)
+
+
 def plot_throughput(results: Results, path: Path) -> None:
     """One panel per (dtype, head dim, causal, pass): throughput vs seqlen per implementation."""
     unit, factor = throughput_unit(results.config.mode)
@@ -56,10 +72,12 @@ def plot_throughput(results: Results, path: Path) -> None:
                 ax.axis("off")
                 continue
             for name in results.names:
-                points = [(r.case.seqlen, r.results[name].tflops * factor) for r in rows
-                          if name in r.results and r.results[name].ok]
-                if points:
-                    line(ax, name, *zip(*points), colors[name], subject=name == SUBJECT)
+                cells = [(r.case.seqlen, r.results[name]) for r in rows
+                         if name in r.results and r.results[name].ok]
+                if cells:
+                    line(ax, name, *zip(*[(x, m.tflops * factor) for x, m in cells]), colors[name],
+                          subject=name == SUBJECT)
+                    mark_noisy(ax, [(x, m.tflops * factor) for x, m in cells if m.noisy], colors[name])
             seqlen_axis(ax, sorted({r.case.seqlen for r in rows}))
             ax.set_ylim(bottom=0)
             ax.set_ylabel(unit)

@@ -23,7 +23,7 @@ from flashattn.bench.measure import Measurement
 from flashattn.bench.peers import SUBJECT
 from flashattn.bench.suite import Results, Row
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # bench.json's layout (2: each timed cell's spread, reruns and noisy flag)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -106,10 +106,21 @@ _NOT_OK = {"oom": "OOM", "skipped": "-", "error": "err"}
 
 
 def _cell(m: Measurement | None, factor: float) -> str:
-    """Throughput in the table's unit, or what happened instead."""
+    """Throughput in the table's unit (marked when noisy: measure.noise_mark), or what happened instead."""
     if m is None:
         return ""
-    return f"{m.tflops * factor:.1f}" if m.ok else _NOT_OK[m.status]
+    return f"{m.tflops * factor:.1f}{measure.noise_mark(m)}" if m.ok else _NOT_OK[m.status]
+
+
+def _spread(row: Row) -> str:
+    """The largest spread of the row's figures, in percent ('-' when none has one)."""
+    spreads = [m.spread for m in row.results.values() if m.ok and m.spread is not None]
+    return measure.format_spread(max(spreads)) if spreads else "-"
+
+
+SPREAD_HEADER = "max spread"
+SPREAD_NOTE = (f"`{SPREAD_HEADER}`: the largest spread of the row's figures, (max - min) / median of the "
+               f"{{rounds}} rounds that each figure is the median of.")
 
 
 def _memory_cell(m: Measurement | None) -> str:
@@ -160,6 +171,7 @@ def timing_table(results: Results) -> Table:
         table.add_column(name, justify="right", style="bold cyan" if name == SUBJECT else None)
     table.add_column(f"{SUBJECT} / best peer", justify="right")
     table.add_column("best peer")
+    table.add_column(SPREAD_HEADER, justify="right")
     previous = None
     for row in results.rows:
         if previous is not None and row.case.group != previous:
@@ -168,18 +180,30 @@ def timing_table(results: Results) -> Table:
         fastest = _fastest(row)
         cells = []
         for name in results.names:
-            text = _cell(row.results.get(name), factor)
+            m = row.results.get(name)
+            text = _cell(m, factor)
+            if m is not None and m.noisy:
+                text = f"[yellow]{text}[/]"
             if name == fastest:
                 text = f"[bold underline]{text}[/]"
-            elif row.results.get(name) and row.results[name].status in ("error", "oom"):
+            elif m is not None and m.status in ("error", "oom"):
                 text = f"[red]{text}[/]"
             cells.append(text)
         ratio = row.ratio()
         ratio_text = _ratio(row)
         if ratio is not None:
             ratio_text = f"[{'green' if ratio >= 1 else 'yellow'}]{ratio_text}[/]"
-        table.add_row(*_key_cells(row), *cells, ratio_text, row.best_peer() or "-")
+        table.add_row(*_key_cells(row), *cells, ratio_text, row.best_peer() or "-", _spread(row))
     return table
+
+
+def _noise_notes(results: Results) -> list[str]:
+    """The footnotes of the timing table: the spread column, and the noisy marker where one is shown."""
+    _, rounds = measure.timing(results.config.device)
+    notes = [SPREAD_NOTE.format(rounds=rounds)]
+    if any(m.noisy for row in results.rows for m in row.results.values()):
+        notes.append(measure.NOISE_FOOTNOTE)
+    return notes
 
 
 def memory_table(results: Results) -> Table:
@@ -201,6 +225,8 @@ def print_report(results: Results, console: Console) -> None:
     config = results.config
     console.print()
     console.print(timing_table(results))
+    for note in _noise_notes(results):
+        console.print(note.replace("`", ""))
     if results.memory_rows:
         console.print()
         console.print(memory_table(results))
@@ -226,12 +252,20 @@ def to_json(results: Results, env: dict) -> dict:
         "environment": env,
         "method": {
             "flops": "fwd 4*B*H*N^2*D, halved when causal; bwd 2.5 x fwd",
-            "timing": (f"median of {measure.GPU_ROUNDS} rounds, the implementations of a case "
-                       f"interleaved (order reversed every other round); each a triton.testing.do_bench "
-                       f"median, warmup {measure.GPU_WARMUP_MS} ms, rep {measure.GPU_REP_MS} ms"
+            "timing": (f"one untimed call of every input set, then the median of {measure.GPU_ROUNDS} "
+                       f"rounds, the implementations of a case interleaved (order reversed every other "
+                       f"round); each a triton.testing.do_bench median, warmup {measure.GPU_WARMUP_MS} ms, "
+                       f"rep {measure.GPU_REP_MS} ms"
                        if config.device.type == "cuda" else
-                       f"time.perf_counter median of {measure.CPU_MIN_REPEATS}-"
-                       f"{measure.CPU_MAX_REPEATS} repeats after one warm-up"),
+                       f"one untimed call, then the median of {measure.CPU_ROUNDS} rounds, the "
+                       f"implementations of a case interleaved (order reversed every other round); each "
+                       f"the time.perf_counter median of {measure.CPU_MIN_REPEATS}-"
+                       f"{measure.CPU_MAX_REPEATS} calls ({measure.CPU_BUDGET_S} s)"),
+            "noise": (f"spread = (max - min) / median of a cell's rounds, min counting the fastest median "
+                      f"of its attempts; a cell above {measure.NOISE_LIMIT} is timed again, at most "
+                      f"{measure.MAX_RERUNS} times, and keeps the attempt with the smallest spread "
+                      f"(rounds_ms; the others in other_attempts_ms); noisy: that spread is still above "
+                      f"{measure.NOISE_LIMIT}"),
             "backward": "out.backward(grad, retain_graph=True) on a forward done beforehand",
             "memory": "max_memory_allocated - memory_allocated before one fwd+bwd, with inputs "
                       "and dout allocated (includes dq, dk, dv)",
@@ -277,14 +311,16 @@ def markdown(results: Results, env: dict) -> str:
         "`-` skipped (O(N²) memory), `err` failed (see below).",
         "",
     ]
-    headers = KEY_HEADERS + results.names + [f"{SUBJECT} / best peer", "best peer"]
+    headers = KEY_HEADERS + results.names + [f"{SUBJECT} / best peer", "best peer", SPREAD_HEADER]
     table_rows = []
     for row in results.rows:
         fastest = _fastest(row)
         cells = [f"**{_cell(row.results.get(n), factor)}**" if n == fastest
                  else _cell(row.results.get(n), factor) for n in results.names]
-        table_rows.append(_key_cells(row) + cells + [_ratio(row), row.best_peer() or "-"])
-    lines += markdown_table(headers, table_rows, right=set(range(4, len(headers) - 1)))
+        table_rows.append(_key_cells(row) + cells + [_ratio(row), row.best_peer() or "-", _spread(row)])
+    lines += markdown_table(headers, table_rows, right=set(range(4, len(headers) - 2)) | {len(headers) - 1})
+    for note in _noise_notes(results) if results.rows else []:
+        lines += ["", note]
 
     if results.memory_rows:
         case = results.memory_rows[0].case

@@ -85,9 +85,7 @@ def _progress(console: Console) -> Progress:
 
 
 def run(config: Config, console: Console) -> Results:
-    gpu = config.device.type == "cuda"
-    timer = measure.cuda_timer if gpu else measure.cpu_timer
-    rounds = measure.GPU_ROUNDS if gpu else 1
+    timer, rounds = measure.timing(config.device)
     cases = config.grid.cases()
     memory_peers = [p for p in config.peers if p.name in MEMORY_PEERS]
     memory_cases = config.memory.cases(config.grid.dtypes[0]) if config.memory else []
@@ -95,14 +93,17 @@ def run(config: Config, console: Console) -> Results:
 
     rows, memory_rows = [], []
     with _progress(console) as progress:
-        # One untimed pass of every implementation over the first case: compiles, autotuner and cuDNN
-        # plan caches, and GPU clocks settle before anything is timed (without it the first timed
-        # cell of a run read up to 10x slow).
-        if cases:
-            warm = progress.add_task("", section="warm-up", total=1)
-            progress.update(warm, description=cases[0].label())
-            measure.time_row(config.peers, cases[0], config.device, timer)
-            progress.advance(warm)
+        # One untimed pass of every implementation over the first case of each pass: compiles,
+        # autotuner and cuDNN plan caches, a process's first backward (0.5 s on the CPU), and GPU
+        # clocks settle before anything is timed (without it the first timed cell of a run read up to
+        # 10x slow).
+        firsts = [next(c for c in cases if c.pass_ == p) for p in dict.fromkeys(c.pass_ for c in cases)]
+        if firsts:
+            warm = progress.add_task("", section="warm-up", total=len(firsts))
+            for case in firsts:
+                progress.update(warm, description=case.label())
+                measure.time_row(config.peers, case, config.device, timer)
+                progress.advance(warm)
             progress.update(warm, description="done")
         timing = progress.add_task("", section="timing", total=len(cases))
         for case in cases:

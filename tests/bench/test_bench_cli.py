@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flashattn.bench import measure
 from flashattn.bench.cases import CPU_GRID, Case, parse_seqlen
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,11 +48,17 @@ def test_cpu_run_writes_json_markdown_and_plot(tmp_path):
         for name, result in row["results"].items():
             assert result["status"] == "ok", (name, result)
             assert result["ms"] > 0 and result["tflops"] > 0
+            # Whether a cell was noisy on this machine is not asserted, only that it is recorded.
+            assert len(result["rounds_ms"]) == measure.CPU_ROUNDS and result["spread"] >= 0
+            assert 0 <= result["reruns"] <= measure.MAX_RERUNS and isinstance(result["noisy"], bool)
+            assert result["noisy"] == (result["spread"] > measure.NOISE_LIMIT)
         assert row["best_peer"] in {"standard", "sdpa"}
         assert row["flashattn_over_best_peer"] > 0
+    assert "spread" in report["method"]["noise"]
     assert "skipped" in report["memory"]
 
-    assert (tmp_path / "summary.md").read_text().startswith("# flashattn benchmark")
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# flashattn benchmark") and "| max spread |" in summary
     assert (tmp_path / "tflops.png").stat().st_size > 0
 
 
@@ -94,3 +101,67 @@ def test_deterministic_entry_is_ours_and_backward_only():
         peers.SUBJECT: Measurement("ok", tflops=100.0), peers.DETERMINISTIC: Measurement("ok", tflops=300.0),
         "sdpa-flash": Measurement("ok", tflops=50.0)})
     assert row.best_peer() == "sdpa-flash" and row.ratio() == 2.0
+
+
+def _noisy_results():
+    """A CPU grid's Results with one noisy cell (flashattn, bwd), one failure and steady others."""
+    import torch
+    from flashattn.bench import peers, suite
+    from flashattn.bench.cases import CPU_QUICK
+    from flashattn.bench.measure import Measurement
+
+    grid = CPU_QUICK.override(seqlens=(64, 128), passes=("fwd", "bwd"), causal=(False,))
+    chosen, _ = peers.available("cpu", ["sdpa"])
+    config = suite.Config(mode="cpu", device=torch.device("cpu"), grid=grid, peers=chosen, unavailable={},
+                          memory=None, memory_note="no GPU")
+
+    def ok(ms, noisy=False):
+        rounds = [ms, ms * 1.25, ms, ms, ms] if noisy else [ms] * 5
+        return Measurement("ok", ms=ms, tflops=1e-3 / ms, rounds_ms=rounds, spread=measure.spread(rounds),
+                           reruns=measure.MAX_RERUNS if noisy else 0, noisy=noisy)
+
+    rows = []
+    for case in grid.cases():
+        noisy = case.pass_ == "bwd" and case.seqlen == 128
+        rows.append(suite.Row(case, {"flashattn": ok(2.0, noisy), "sdpa": ok(1.0) if case.seqlen == 64
+                                     else Measurement("error", error="RuntimeError: no")}))
+    return suite.Results(config, rows, [])
+
+
+def test_tables_and_plot_show_a_noisy_cell(tmp_path):
+    from rich.console import Console
+    from flashattn.bench import plots, report
+
+    results = _noisy_results()
+    env = report.environment(results.config.device)
+    text = report.markdown(results, env)
+    assert "| **0.5 ~25%** |" in text                  # the noisy (and fastest) figure, with its spread
+    assert text.count("~25%") == 1 and measure.NOISE_FOOTNOTE in text and "max spread" in text
+    noisy_row = next(line for line in text.splitlines() if "| bwd | 128 |" in line)
+    assert noisy_row.endswith("| 25% |")
+    steady_row = next(line for line in text.splitlines() if "| fwd | 64 |" in line)
+    assert steady_row.endswith("| 0% |")
+
+    console = Console(record=True, width=200)
+    report.print_report(results, console)
+    printed = console.export_text()
+    assert "0.5 ~25%" in printed and "after 2 reruns" in printed
+
+    plots.plot_throughput(results, tmp_path / "tflops.png")
+    assert (tmp_path / "tflops.png").stat().st_size > 0
+
+
+def test_noisy_points_are_drawn_hollow_with_one_legend_entry():
+    import matplotlib.pyplot as plt
+    from flashattn.bench import plots
+
+    fig, ax = plt.subplots()
+    plots.mark_noisy(ax, [], "black")
+    assert not ax.lines
+    plots.mark_noisy(ax, [(1, 2.0), (2, 3.0)], "black")
+    plots.mark_noisy(ax, [(4, 1.0)], "tab:red")
+    assert ax.get_legend_handles_labels()[1] == [plots.NOISY_LABEL]
+    rings = [line for line in ax.lines if len(line.get_xdata())]
+    assert [list(line.get_xdata()) for line in rings] == [[1, 2], [4]]
+    assert all(line.get_markerfacecolor() == "white" for line in ax.lines)
+    plt.close(fig)

@@ -32,8 +32,8 @@ CPU = panels.SparseConfig("fp32", batch=1, nheads=2, headdim=32, seqlen=256, blo
 
 def run(ctx: common.Context) -> dict:
     cfg = GPU if ctx.gpu else CPU
-    timer = measure.cuda_timer if ctx.gpu else measure.cpu_timer
-    rows = panels.run_sparse(cfg, ctx.device, timer, lambda text: ctx.log(text))
+    timer, rounds = measure.timing(ctx.device)
+    rows = panels.run_sparse(cfg, ctx.device, (timer, rounds), lambda text: ctx.log(text))
     reference = {}
     others = [p for p in common.peers() if p.name in (STANDARD, SDPA)]
     for pass_ in ("fwd", "bwd"):
