@@ -9,6 +9,7 @@ rows), spread over each sequence and past its 2^31-element boundary; delta = row
 the kernel's O, as in the kernels.
 GPU only (`pytest -m gpu`), skipped where the GPU lacks the memory (about 45 GiB).
 """
+import fcntl
 import math
 
 import pytest
@@ -112,9 +113,21 @@ def _inputs(shape):
 
 
 @pytest.fixture(autouse=True)
-def _release_memory():
-    yield
-    torch.cuda.empty_cache()
+def _one_at_a_time(tmp_path_factory):
+    """Each test needs NEEDS bytes of the GPU: under pytest-xdist's workers, which share one GPU, the
+    tests of this file take turns (an exclusive lock on a file all workers see), and one that finds
+    too little memory free when its turn comes is skipped, not run out of memory."""
+    lock = tmp_path_factory.getbasetemp().parent / "flashattn-test-large.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            free = torch.cuda.mem_get_info()[0]
+            if free < NEEDS:
+                pytest.skip(f"needs {NEEDS >> 30} GiB of GPU memory free, {free >> 30} GiB are")
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 @pytest.fixture
