@@ -52,8 +52,8 @@ def _compile_instead_of_launch() -> list[dict]:
     rows of what was compiled accumulate in the returned list."""
     compiled = []
 
-    def compile_instead(self, grid, args, num_warps, num_stages, kwargs):
-        kernel = compile_sm90(self.fn, args, kwargs, num_warps, num_stages)
+    def compile_instead(self, grid, args, num_warps, num_stages, pdl, kwargs):
+        kernel = compile_sm90(self.fn, args, {**kwargs, "launch_pdl": True} if pdl else kwargs, num_warps, num_stages)
         compiled.append(dict(kernel=self.fn.__name__, shared=kernel.metadata.shared,
                              num_warps=kernel.metadata.num_warps, launch_warps=num_warps))
 

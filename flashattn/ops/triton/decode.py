@@ -37,8 +37,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from flashattn.ops.triton.common import LN2, LOG2E, block_d, cdiv, options as common_options, scores
+from flashattn.ops.triton import configs
 from flashattn.ops.triton.configs import TileConfig, dot_precision
-from flashattn.ops.triton.launch import Launcher, pdl
+from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.variant import KVCache, Variant
 
 MAX_SPLITS = 128
@@ -335,6 +336,14 @@ def _sm(device: torch.device) -> tuple[int, int]:
     return _SM[index]
 
 
+def _pdl(device: torch.device) -> bool:
+    """Whether the split and combine kernels are launched with programmatic dependent launch on
+    `device`: a CUDA device of compute capability 9.0 or later (Hopper)."""
+    if device.type != "cuda":
+        return False
+    return configs._capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
 def _shared_bytes(t: TileConfig, head_dim: int, elem: int) -> int:
     """The split kernel's shared memory: num_stages - 1 K and V tiles in flight, and the q tile."""
     d = block_d(head_dim)
@@ -361,9 +370,11 @@ def num_splits_for(programs: int, key_tiles: int, resident: int, device: torch.d
         programs_read = full * slots + (max(last, saturating) if last else 0)
         return (cdiv(key_tiles, splits) + STARTUP_TILES) * programs_read
 
-    # ceil(key_tiles / tiles_per_split) for every tiles_per_split: the counts with no empty split.
-    counts = {cdiv(key_tiles, per) for per in range(1, key_tiles + 1)} if key_tiles > 1 else {1}
-    return min((c for c in counts if c <= MAX_SPLITS), key=lambda splits: (cost(splits), splits))
+    # ceil(key_tiles / tiles_per_split) for every tiles_per_split that needs at most MAX_SPLITS
+    # splits: the counts with no empty split.
+    tiles = max(key_tiles, 1)
+    counts = {cdiv(tiles, per) for per in range(cdiv(tiles, MAX_SPLITS), tiles + 1)}
+    return min(counts, key=lambda splits: (cost(splits), splits))
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, variant: Variant,
@@ -404,7 +415,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     # Programmatic dependent launch on Hopper: the combine always; the split unless the append
     # kernel runs just before it (a split overlapping the append measured slower at long caches:
     # benchmarks/TUNING.md, § split-kv).
-    chained = pdl(q.device)
+    chained = _pdl(q.device)
     overlap = chained and not after_append
     _launch_split(
         (batch * nheads_k, m_blocks, num_splits), q, k, v, o, lse, o_part, lse_part,

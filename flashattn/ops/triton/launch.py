@@ -110,27 +110,24 @@ class Launcher:
     def __call__(self, grid: tuple[int, int, int], *args, num_warps: int, num_stages: int,
                  launch_pdl: bool = False, **kwargs) -> None:
         """`launch_pdl=True` launches with programmatic dependent launch (sm_90+): the kernel may
-        start before the previous kernel on the stream ends, so it must execute
-        `gdc_wait()` before it touches memory (see `pdl`)."""
-        if launch_pdl:
-            kwargs["launch_pdl"] = True
+        start before the previous kernel on the stream ends, so it must execute `gdc_wait()`
+        before it touches memory."""
         if self.scratch:
-            contextvars.copy_context().run(self._with_scratch, grid, args, num_warps, num_stages, kwargs)
+            contextvars.copy_context().run(self._with_scratch, grid, args, num_warps, num_stages, launch_pdl, kwargs)
         else:
-            self._launch(grid, args, num_warps, num_stages, kwargs)
+            self._launch(grid, args, num_warps, num_stages, launch_pdl, kwargs)
 
-    def _with_scratch(self, grid, args, num_warps, num_stages, kwargs) -> None:
+    def _with_scratch(self, grid, args, num_warps, num_stages, pdl, kwargs) -> None:
         triton.set_allocator(_scratch)
-        self._launch(grid, args, num_warps, num_stages, kwargs)
+        self._launch(grid, args, num_warps, num_stages, pdl, kwargs)
 
-    def _launch(self, grid: tuple[int, int, int], args: tuple, num_warps: int, num_stages: int,
+    def _launch(self, grid: tuple[int, int, int], args: tuple, num_warps: int, num_stages: int, pdl: bool,
                 kwargs: dict) -> None:
         if not self.direct or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
-            self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+            self._triton(grid, args, num_warps, num_stages, pdl, kwargs)
             return
         device = driver.active.get_current_device()
         key = values = None
-        pdl = kwargs.pop("launch_pdl", False)
         if self.constexprs.issuperset(kwargs):
             sig = (device, num_warps, num_stages, pdl, len(args), *kwargs.items())
             tail = self.tails.get(sig)
@@ -149,29 +146,18 @@ class Launcher:
                 kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
                            kernel.function, kernel.packed_metadata, None, None, None, *values)
                 return
-        if pdl:
-            kwargs["launch_pdl"] = True
-        kernel = self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+        kernel = self._triton(grid, args, num_warps, num_stages, pdl, kwargs)
         if key is not None:
             if len(self.compiled) >= MAX_KEPT:
                 self.compiled.clear()
             self.compiled[key] = kernel
 
-
-_PDL: dict[int, bool] = {}
-
-
-def pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` may be launched with programmatic dependent launch: a CUDA
-    device of compute capability 9.0 or later (Hopper). The next kernel's launch then overlaps the
-    end of the one before it on the stream; a kernel so launched waits (`gdc_wait`) before its
-    first memory access, so the order of memory effects is the stream's."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PDL:
-        _PDL[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-    return _PDL[index]
+    def _triton(self, grid, args, num_warps, num_stages, pdl, kwargs):
+        """Triton's own launch path (it compiles a new key). launch_pdl is a compile option there,
+        named only when set: other backends know no such option."""
+        if pdl:
+            kwargs = {**kwargs, "launch_pdl": True}
+        return self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
