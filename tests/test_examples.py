@@ -1,6 +1,6 @@
 """The examples run end to end. examples/decode.py: its cached greedy decoding (packed prefill, then
 flash_attn_with_kvcache steps) produces the same tokens as recomputing the whole sequence at every
-step, with a paged and with a contiguous cache. examples/gpt2.py: the three attentions train the same
+step, with a paged and with a contiguous cache. examples/train_gpt2.py: the three attentions train the same
 model to the same losses, and its longest-context search doubles, then bisects. On a CPU machine the
 main cases take the PyTorch path (the interpreter would be slow) and one tiny case runs the Triton
 kernels in the interpreter."""
@@ -64,11 +64,11 @@ def test_decode_triton_kernels(decode_example, capsys, use_backend):
 
 @pytest.fixture(scope="module")
 def gpt2_example():
-    yield from _example("gpt2.py")
+    yield from _example("train_gpt2.py")
 
 
 def test_gpt2_trains_the_same_model_with_each_attention(gpt2_example, use_backend):
-    """examples/gpt2.py: the same seed gives the three attentions the same weights and batches, so
+    """examples/train_gpt2.py: the same seed gives the three attentions the same weights and batches, so
     their loss curves agree to rounding (float32 on a CPU; bf16 autocast on a GPU)."""
     if not HAS_CUDA:
         use_backend("reference")

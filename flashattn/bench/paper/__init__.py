@@ -11,8 +11,8 @@ F.scaled_dot_product_attention, in the same process and the same run, and writes
              padding mask                                                                 memory.py
     speed    forward + backward time against N, plain and with dropout + padding mask     speed.py
     sparse   block-sparse speedup against density, beside the ideal 1 / density          sparse.py
-    gpt2     GPT-2 small trained with each attention (examples/gpt2.py): tokens/s, step
-             time, peak memory, loss curves; the longest context each trains at batch 1   gpt2.py
+    gpt2     GPT-2 small trained with each attention (examples/train_gpt2.py): tokens/s,
+             step time, peak memory, loss curves; the longest context at batch 1          gpt2.py
     layer    flashattn.nn.FlashAttention's peak memory beside the same layer with
              standard attention and with SDPA                                             layer.py
 

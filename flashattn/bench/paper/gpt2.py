@@ -1,4 +1,4 @@
-"""End to end: GPT-2 small trained with each attention (examples/gpt2.py), at two contexts, from the
+"""End to end: GPT-2 small trained with each attention (examples/train_gpt2.py), at two contexts, from the
 same seed on the same batches: tokens/s, step time, peak memory and the loss curves; then the longest
 context each attention trains at batch 1 within the GPU's memory.
 
@@ -27,7 +27,7 @@ CLAIM = ("GPT-2 small trained with FlashAttention is 3.5x faster than with Huggi
          "Megatron-LM, at the same perplexity (Table 2); and the memory it saves buys longer context: GPT-2 "
          "small at context 4k with FlashAttention still trains faster than Megatron-LM at 1k (Table 4).")
 GPU_ONLY = None
-EXAMPLE = REPO_ROOT / "examples" / "gpt2.py"
+EXAMPLE = REPO_ROOT / "examples" / "train_gpt2.py"
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ CPU = Sizes(layers=2, heads=2, dim=32, runs=((32, 4), (128, 1)), steps=20, data_
 
 
 def load_example():
-    """examples/gpt2.py as a module (it lives in the checkout, not in the installed package)."""
+    """examples/train_gpt2.py as a module (it lives in the checkout, not in the installed package)."""
     if not EXAMPLE.is_file():
         raise common.Skip(f"{EXAMPLE} not found: this section runs the example from a checkout of the repository")
     name = "flashattn_examples_gpt2"
@@ -139,7 +139,7 @@ def markdown(data: dict, env: dict) -> str:
              "include 38.6M of its 50257-token embedding); trained on "
              f"{data['data_bytes'] / 2 ** 20:.0f} MiB of Python's standard library, {sizes['steps']} AdamW steps "
              f"{'in bf16 autocast' if gpu else 'in float32'}, dropout 0, the same seed and batches for every attention "
-             "(examples/gpt2.py). Tokens/s and step time over the steps after the first tenth.", ""]
+             "(examples/train_gpt2.py). Tokens/s and step time over the steps after the first tenth.", ""]
     headers = ["context", "batch", "attention", "tokens/s", "ms/step", "peak GiB", "final loss", "ours faster by"]
     table = []
     for r in runs:

@@ -3,10 +3,10 @@ command line: this library's ("flashattn"), standard attention written out ("sta
 softmax, matmul, as Hugging Face's eager GPT-2 does), or torch's F.scaled_dot_product_attention
 ("sdpa"). The FlashAttention paper's Table 2 trains GPT-2 this way against Hugging Face's model.
 
-    python examples/gpt2.py                                   # all three, 300 steps each, context 1024, batch 8
-    python examples/gpt2.py --attention flashattn --context 4096 --batch 2
-    python examples/gpt2.py --longest                         # the longest context each trains at batch 1
-    python examples/gpt2.py --device cpu --layers 2 --heads 2 --dim 64 --context 64 --batch 4 --steps 20
+    python examples/train_gpt2.py                                   # all three, 300 steps each, context 1024, batch 8
+    python examples/train_gpt2.py --attention flashattn --context 4096 --batch 2
+    python examples/train_gpt2.py --longest                         # the longest context each trains at batch 1
+    python examples/train_gpt2.py --device cpu --layers 2 --heads 2 --dim 64 --context 64 --batch 4 --steps 20
 
 The model is GPT-2 (Radford et al., 2019) as nanoGPT writes it: learned token and position
 embeddings, pre-LayerNorm blocks of causal self-attention (one fused QKV projection, 12 heads of 64)
