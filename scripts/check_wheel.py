@@ -89,6 +89,8 @@ def inspect(wheel: str, sdist: str, repo: str) -> None:
           f"Requires-Python {meta['Requires-Python']}")
     check(meta["License-Expression"] == project["license"] == "BSD-3-Clause",
           f"License-Expression {meta['License-Expression']}")
+    check(meta.get_all("License-File") == ["LICENSE"] and f"{dist_info}/licenses/LICENSE" in names,
+          f"License-File {meta.get_all('License-File')}: the wheel must carry LICENSE")
     check(meta["Summary"] == project["description"], "Summary differs from pyproject's description")
     check(meta["Description-Content-Type"] == "text/markdown"
           and meta.get_payload().strip() == (repo_path / "README.md").read_text().strip(),
@@ -106,7 +108,7 @@ def inspect(wheel: str, sdist: str, repo: str) -> None:
         want = {_key(r) for r in _requirements(project["optional-dependencies"][extra])}
         check(got == want, f"extra {extra}: Requires-Dist {sorted(got)}, pyproject {sorted(want)}")
     print(f"ok: metadata: {name} {version}, Requires-Python {meta['Requires-Python']}, "
-          f"License-Expression {meta['License-Expression']}, readme README.md (text/markdown)")
+          f"License-Expression {meta['License-Expression']} (LICENSE in the wheel), readme README.md (text/markdown)")
     print(f"ok: Requires-Dist: {', '.join(str(r) for r in requires if 'extra ==' not in str(r.marker or ''))}; "
           f"extras: {', '.join(sorted(extras))}")
 
@@ -142,9 +144,9 @@ def inspect(wheel: str, sdist: str, repo: str) -> None:
         members = [m.name.split("/", 1)[1] for m in t.getmembers() if "/" in m.name]
     stray = [m for m in members if m.split("/")[0] in ("tests", "benchmarks", "examples", "scripts")]
     check(not stray, f"the sdist holds {stray}")
-    check("pyproject.toml" in members and "README.md" in members, "the sdist lacks pyproject.toml or README.md")
+    check({"pyproject.toml", "README.md", "LICENSE"} <= set(members), "the sdist lacks pyproject.toml, README.md or LICENSE")
     print(f"ok: sdist {Path(sdist).name}: {Path(sdist).stat().st_size / 1e3:.0f} kB, the package, README.md, "
-          f"pyproject.toml; no tests")
+          f"pyproject.toml, LICENSE; no tests")
 
 
 # ---------------------------------------------------------------------------------------------- link
