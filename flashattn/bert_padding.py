@@ -62,9 +62,9 @@ class _IndexPutFirstAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
         ctx.save_for_backward(indices)
-        out = values.new_zeros((first_axis_dim, *values.shape[1:]))       # (N, ...)
-        out.index_copy_(0, indices, values)
-        return out
+        # Out of place: torch 2.11's AOTAutograd lost the gradient of an output filled in place here
+        # (zeros instead of the incoming gradient, on CUDA under torch.compile).
+        return values.new_zeros((first_axis_dim, *values.shape[1:])).index_copy(0, indices, values)  # (N, ...)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
-from errors import assert_within_factor
+from errors import assert_within_factor, summation_rounding
 from flashattn.nn import MultiheadAttention
 
 E, H = 16, 2                  # head dim 8
@@ -129,7 +129,10 @@ def _check(ours, theirs, theirs64, query, key, value, kpm, attn, **kwargs):
     grads32 = torch.autograd.grad(loss(*ref, torch.float32), theirs_wrt)
     grads64 = torch.autograd.grad(loss(*ref64, torch.float64), wrt64)
     for name, a, b, c in zip(names, grads, grads32, grads64):
-        assert_within_factor(name, a, b, c, torch.float32, head_dim)
+        # The inputs' and parameters' gradients also pass through the width-E projections (in_proj,
+        # out_proj), whose fp32 sums add their own rounding at the gradient's scale.
+        projections = summation_rounding(c, E) if name in ("dinput", "dparam") else 0.0
+        assert_within_factor(name, a, b, c, torch.float32, head_dim, extra_floor=projections)
 
 
 MASKS = ["none", "kpm-bool", "kpm-float", "attn-bool-2d", "attn-float-2d", "attn-bool-3d", "attn-float-3d",
@@ -237,8 +240,8 @@ def test_dropout_in_training_only_and_weights_are_what_produced_the_output():
     assert not torch.allclose(out, evaluated)
     # torch's convention: the weights after dropout, kept ones scaled by 1 / (1 - p), dropped ones 0;
     # and they are the weights the output was computed with.
-    dropped = (weights == 0) & ~kpm[:, None, None, :]
-    assert 0.3 < dropped.float().mean() < 0.7
+    open_ = ~kpm[:, None, None, :].expand_as(weights)          # the keys padding leaves visible
+    assert 0.3 < (weights == 0)[open_].float().mean() < 0.7
     w_v = ours.in_proj_weight.chunk(3)[2]
     b_v = ours.in_proj_bias.chunk(3)[2]
     v = F.linear(value, w_v, b_v).view(N, S, H, E // H)

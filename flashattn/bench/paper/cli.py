@@ -107,6 +107,7 @@ def merge(results: dict, paths: list[Path], console: Console) -> None:
         for key, entry in other["sections"].items():
             if entry.get("status") == "ok" and results["sections"].get(key, {}).get("status") != "ok":
                 entry.setdefault("environment", other["environment"])
+                entry.setdefault("command", other.get("command"))
                 results["sections"][key] = entry
                 console.print(f"  {key}: from {path} ({entry['environment'].get('device')})", highlight=False)
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         section = report.BY_KEY[key]
         console.rule(f"[bold]{section.TITLE}[/] [dim]({key}, at {time.perf_counter() - began:.0f} s)[/]")
         start = time.perf_counter()
-        entry = {"environment": _environment_brief(env)}
+        entry = {"environment": _environment_brief(env), "command": results["command"]}
         if not gpu and section.GPU_ONLY:
             entry.update(status="skipped", reason=section.GPU_ONLY)
         else:

@@ -189,3 +189,4 @@ def panel(ax, data: dict) -> None:
     if dtype is not None:
         _draw(ax, data, dtype, "out")
     ax.set_title(f"Exact: output error vs float64 ({dtype})", fontsize=9)
+    ax.legend(fontsize=6)

@@ -43,6 +43,20 @@ def _commit(env: dict) -> str:
     return (git.get("commit") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
 
 
+def _commands(results: dict) -> str:
+    """The command(s) that measured the sections: one, or each with the sections it measured (a report
+    merged from several runs)."""
+    default = results.get("command", "python -m flashattn.bench paper")
+    by: dict[str, list[str]] = {}
+    for key in KEYS:
+        entry = results["sections"].get(key, {})
+        if entry.get("status") == "ok":
+            by.setdefault(entry.get("command", default), []).append(key)
+    if len(by) <= 1:
+        return f"`{next(iter(by), default)}`"
+    return ", ".join(f"`{cmd}` ({', '.join(keys)})" for cmd, keys in by.items()) + ", merged into one report"
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     sections = results["sections"]
@@ -52,9 +66,8 @@ def markdown(results: dict) -> str:
              "with IO-Awareness* (NeurIPS 2022), the figure measured here, and where the two differ and why. Every "
              "section measures ours (flashattn) beside standard attention, the paper's baseline (matmul, softmax, "
              "matmul in PyTorch: `flashattn.bench.peers.standard_attention`), and beside torch's "
-             "`F.scaled_dot_product_attention` (SDPA), in the same run. Produced by "
-             f"`{results.get('command', 'python -m flashattn.bench paper')}`; the numbers behind it are in "
-             f"[{JSON_NAME}]({JSON_NAME}).", ""]
+             f"`F.scaled_dot_product_attention` (SDPA), in the same run. Produced by {_commands(results)}; the "
+             f"numbers behind it are in [{JSON_NAME}]({JSON_NAME}).", ""]
     lines += ["| | section | status | time |", "| ---: | :--- | :--- | ---: |"]
     for i, key in enumerate(KEYS, 1):
         entry = sections.get(key, {"status": "not run"})

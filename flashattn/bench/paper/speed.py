@@ -99,7 +99,7 @@ def markdown(data: dict, env: dict) -> str:
     plain = [r for r in data["rows"] if r["variant"] == PLAIN]
     std_fig3 = [(r["seqlen"], speedup(r, STANDARD)) for r in fig3 if speedup(r, STANDARD)]
     std_plain = [speedup(r, STANDARD) for r in plain if speedup(r, STANDARD)]
-    sdpa_all = [speedup(r, SDPA) for r in data["rows"] if speedup(r, SDPA)]
+    sdpa_by = {v: [speedup(r, SDPA) for r in rows if speedup(r, SDPA)] for v, rows in ((PLAIN, plain), (FIG3, fig3))}
     oom = {r["seqlen"] for r in fig3 if r["results"][STANDARD].get("status") in ("oom", "skipped")
            and "memory" in r["results"][STANDARD].get("error", "")}
     text = "**Measured figure**: "
@@ -113,18 +113,41 @@ def markdown(data: dict, env: dict) -> str:
     if oom:
         text += f"Standard attention runs out of memory from N={common.seq(min(oom))}, ours runs to " \
                 f"N={common.seq(max(r['seqlen'] for r in fig3 if r['results'][OURS].get('status') == 'ok'))}. "
-    if sdpa_all:
-        text += f"SDPA's time over ours is {common.range_text(sdpa_all)} (below 1: SDPA is faster)."
+    if any(sdpa_by.values()):
+        text += "SDPA's time over ours (below 1: SDPA is faster) is " + " and ".join(
+            f"{common.range_text(v)} {name}" for name, v in sdpa_by.items() if v) + "."
     median = sorted(s for _, s in std_fig3)[len(std_fig3) // 2] if std_fig3 else None
     differ = ("**Where they differ and why**: the median speedup over standard attention with dropout and padding is "
               f"{common.times(median)}, {common.compare(median, 2, 4, 'range')}. " if median else
               "**Where they differ and why**: ")
+    cost = _option_cost(plain, fig3)
+    if cost:
+        n, ours, sdpa = cost
+        differ += (f"Dropout and the padding mask cost ours more than SDPA: at N={common.seq(n)} ours takes "
+                   f"{common.times(ours)} its plain time with them, SDPA {common.times(sdpa)}. Our Hopper kernels take "
+                   "neither option, so such a call runs on our portable kernels, which also draw the dropout mask from "
+                   "Philox in the forward and again in the backward (benchmarks/TUNING.md); the speedup over standard "
+                   "attention shrinks by as much. ")
     differ += common.hardware_paragraph(env.get("device", "?"), env.get("device_type", "cpu")) + " " + common.SOFTWARE
     if env.get("device_type") == "cuda":
         differ += (" At short N the call is too small to fill the GPU and time goes to launches (standard attention "
                    "runs several kernels, ours one or two per pass), so the ratio there measures host overhead more "
                    "than IO.")
     return "\n".join(lines + [text, "", differ]) + "\n"
+
+
+def _option_cost(plain: list[dict], fig3: list[dict]) -> tuple[int, float, float] | None:
+    """(N, ours' dropout+padding time over its plain time, SDPA's) at the longest N where both ran
+    both variants."""
+    both = {r["seqlen"]: r for r in plain}
+    ratios = []
+    for r in fig3:
+        p = both.get(r["seqlen"])
+        times = [(x["results"][name].get("ms") if x["results"][name].get("status") == "ok" else None)
+                 for x in (r, p) if x is not None for name in (OURS, SDPA)]
+        if p is not None and all(times):
+            ratios.append((r["seqlen"], times[0] / times[2], times[1] / times[3]))
+    return max(ratios) if ratios else None
 
 
 def _draw_times(ax, rows: list[dict], title: str) -> None:
