@@ -302,7 +302,10 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
 
     Returns:
         out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, attn_probs) when
-        return_attn_probs. softmax_lse is +inf for rows that see no key.
+        return_attn_probs. softmax_lse is +inf for rows that see no key. out is contiguous, except
+        where torch's fused CPU kernel computes it (plain calls on the CPU, outside torch.compile):
+        there it has the layout torch.empty_like(q) gives: q's own when q is dense (a transposed
+        view, say).
     """
     call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                      deterministic, return_attn_probs, attn_bias, block_mask, tile_size=tile_size)

@@ -34,7 +34,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             With L < S this needs an explicit (L, S) bool mask, which is built (O(L S) memory).
         scale: defaults to 1 / sqrt(E).
 
-    A row that may attend to no key gives 0 (as torch's kernels do). Returns (batch, heads, L, E).
+    A row that may attend to no key gives 0 (as torch's kernels do). Returns (batch, heads, L, E), a
+    transposed view of a contiguous (batch, L, heads, E) tensor, or where torch's fused CPU kernel
+    computes it (flash_attn_func's Returns), in query's layout: contiguous for contiguous inputs.
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, x)

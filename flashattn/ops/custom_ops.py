@@ -12,7 +12,9 @@ forward` / `attention_backward`, which have fake (meta) implementations, so torc
 True) traces a model that calls flashattn without graph breaks. In plain eager mode it calls the
 backend directly: a custom operator's dispatch, and torch.library's autograd layer (which rebuilds
 the schema's argument list for every argument), cost the host more per call than a short kernel
-takes on the GPU (benchmarks/TUNING.md, § host-cost).
+takes on the GPU (benchmarks/TUNING.md, § host-cost). The operator's O is contiguous, as its fake
+declares; in eager mode O keeps the backend's layout, which on torch's fused CPU kernel is q's when
+q is dense (flashattn/ops/cpu.py): the two differ in strides only.
 
 Both operators take the options as the same explicit arguments, in this order (VARIANT_ARGS):
 causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed, attn_bias, block_mask,
@@ -63,10 +65,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, cau
                       deterministic: bool, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
                       max_seqlen_q: int, max_seqlen_k: int, tile_size: int, backend: str,
                       ) -> tuple[Tensor, Tensor]:
-    return _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                        dropout_p, seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks,
-                        q_indices, block_size, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, tile_size, backend)
+    """O (B, Sq, H, D) and lse (B, H, Sq), both contiguous: the layout the fake implementation declares,
+    which inductor compiles the graph around (an eager call keeps the backend's O: dispatch.forward)."""
+    out, lse = _run_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                            dropout_p, seed, attn_bias, block_mask, kv_num_blocks, kv_indices, q_num_blocks,
+                            q_indices, block_size, deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, tile_size, backend)
+    return out.contiguous(), lse
 
 
 @attention_forward.register_fake
@@ -161,7 +166,9 @@ class _Attention(torch.autograd.Function):
         tensors = [i for i, value in enumerate(options) if value is not None and isinstance(value, Tensor)]
         ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensors))
         ctx.tensor_positions = tensors
-        ctx.options = [None if i in tensors else value for i, value in enumerate(options)]
+        for i in tensors:               # `options` is this call's own list: ctx keeps no tensor outside
+            options[i] = None           # save_for_backward
+        ctx.options = options
         ctx.softmax_scale, ctx.backend = softmax_scale, backend
         ctx.set_materialize_grads(False)
         return out, lse

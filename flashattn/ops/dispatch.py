@@ -90,7 +90,8 @@ def _reference_tiles(variant: Variant) -> tuple[int, ...]:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Variant, backend: str,
             ) -> tuple[Tensor, Tensor]:
-    """O (B, Sq, H, D) contiguous and lse (B, H, Sq)."""
+    """O (B, Sq, H, D) and lse (B, H, Sq), contiguous; O from torch's CPU kernel is in the layout
+    torch.empty_like(q) gives instead (cpu.forward)."""
     batch, seqlen_q, nheads, _ = q.shape
     if q.numel() == 0 or k.shape[1] == 0:
         # No key at all: every row sees nothing, so O = 0 and lse = +inf (the kernel's convention).

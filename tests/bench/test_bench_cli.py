@@ -44,7 +44,7 @@ def test_cpu_run_writes_json_markdown_and_plot(tmp_path):
     assert {row["seqlen"] for row in rows} == {64, 128}
     for row in rows:
         assert row["headdim"] == 32
-        assert set(row["results"]) == {"flashattn", "standard", "sdpa"}
+        assert set(row["results"]) == {"flashattn", "flashattn-sdpa", "standard", "sdpa"}
         for name, result in row["results"].items():
             assert result["status"] == "ok", (name, result)
             assert result["ms"] > 0 and result["tflops"] > 0
@@ -101,6 +101,21 @@ def test_deterministic_entry_is_ours_and_backward_only():
         peers.SUBJECT: Measurement("ok", tflops=100.0), peers.DETERMINISTIC: Measurement("ok", tflops=300.0),
         "sdpa-flash": Measurement("ok", tflops=50.0)})
     assert row.best_peer() == "sdpa-flash" and row.ratio() == 2.0
+
+
+def test_sdpa_drop_in_entry_is_ours():
+    """On the CPU, flashattn through its SDPA drop-in runs on SDPA's layout and is never the best peer
+    (it is this library)."""
+    from flashattn.bench import peers
+    from flashattn.bench.measure import Measurement
+    from flashattn.bench.suite import Row
+
+    entry = next(p for p in peers._registry("cpu") if p.name == peers.SDPA_DROP_IN)
+    assert entry.layout == "bhnd"
+    row = Row(Case("fp32", 1, 8, 256, 64, False, "fwd"), {
+        peers.SUBJECT: Measurement("ok", tflops=100.0), peers.SDPA_DROP_IN: Measurement("ok", tflops=300.0),
+        "sdpa": Measurement("ok", tflops=50.0)})
+    assert row.best_peer() == "sdpa" and row.ratio() == 2.0
 
 
 def _noisy_results():

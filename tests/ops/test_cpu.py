@@ -7,8 +7,9 @@ import torch
 
 from conftest import DEVICE
 from errors import assert_within_factor
+import flashattn
 from flashattn import flash_attn_func
-from flashattn.ops import cpu
+from flashattn.ops import cpu, custom_ops
 from flashattn.ops.reference import attention_standard
 from flashattn.ops.variant import CAUSAL, PLAIN, Variant
 
@@ -27,6 +28,30 @@ def test_which_calls_it_serves():
     bad = q.clone()
     bad[0, 3, 1, 2] = float("nan")
     assert not cpu.applies(bad, k, PLAIN, bad, k)
+    bad[0, 3, 1, 2] = float("-inf")
+    assert not cpu.applies(bad, k, PLAIN, bad, k)
+    big = torch.full((1, 9, 4, 16), 60000.0, dtype=torch.float16)   # finite; its float16 sum would overflow
+    assert cpu.applies(big, big, PLAIN, big)
+
+
+def test_output_layout(use_backend):
+    """O comes back where torch's kernel writes it, as torch.empty_like(q) would lay it out: q's layout
+    when q is dense (so the SDPA drop-in's contiguous (B, H, S, D) inputs get a contiguous O, nothing
+    copied), contiguous otherwise; the custom operator's O is contiguous, as its fake declares."""
+    use_backend("reference")
+    dense = {"bshd": torch.randn(1, 33, 4, 16), "bhsd": torch.randn(1, 4, 33, 16).transpose(1, 2),
+             "sbhd": torch.randn(33, 2, 4, 16).transpose(0, 1)}
+    packed = torch.randn(1, 33, 3, 4, 16)[:, :, 0]                      # not dense: qkvpacked's view
+    for name, x in (*dense.items(), ("packed", packed)):
+        out = flash_attn_func(x, x, x)
+        assert out.stride() == torch.empty_like(x).stride(), name
+    q = torch.randn(1, 4, 33, 16)
+    assert flashattn.scaled_dot_product_attention(q, q, q).is_contiguous()
+    x = dense["bhsd"]
+    out, lse = custom_ops.attention_forward(x, x, x, 0.25, False, -1, -1, 0.0, None, 0.0, None, None, None, None,
+                                            None, None, None, 0, False, None, None, 0, 0, 0, "reference")
+    assert out.is_contiguous() and lse.is_contiguous()
+    torch.testing.assert_close(out, flash_attn_func(x, x, x, softmax_scale=0.25), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
