@@ -5,15 +5,16 @@ counter-based generator: a pure function of (seed, counters), so the forward, th
 PyTorch path all regenerate the same keep mask Z from the seed alone, in any tile order.
 
 The contract (a Triton kernel and this file must agree bit for bit; tests/ops/test_philox.py checks
-it against ``tl.philox`` run by Triton):
+it against ``tl.philox`` and the kernels' own tile helper run by Triton):
 
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)     # 10 rounds, 32-bit counters, first output
+    r = tl.philox(seed, c0, c1, c2, c3)[j % 4]       # 10 rounds, 32-bit counters; four keys a call
     u = tl.uint_to_uniform_float(r)                  # float32 in [0, 1)
     keep = u >= dropout_p                            # dropout_p as a float32 kernel argument
 
 with the counters (all int32, bitcast to uint32):
 
-    c0 = j                  key index, 0 <= j < seqlen_k
+    c0 = j // 4             key index j, 0 <= j < seqlen_k: keys 4g .. 4g + 3 share a call, each
+                            taking its own output (the draw costs a quarter of one call per key)
     c1 = i                  query index, 0 <= i < seqlen_q
     c2 = b * nheads + h     batch index b, *query* head h (with GQA, h is not the key/value head)
     c3 = 0
@@ -93,10 +94,13 @@ def uniform(seed: int, rows: Tensor, cols: Tensor, heads: Tensor) -> Tensor:
 
     rows: query indices i; cols: key indices j; heads: the c2 counters b * nheads + h, any shape.
     """
-    c0 = cols.to(torch.int64)[None, :]
+    cols = cols.to(torch.int64)[None, :]
     c1 = rows.to(torch.int64)[:, None]
     c2 = heads.to(torch.int64)[..., None, None]
-    r, _, _, _ = philox(seed, c0, c1, c2, torch.zeros((), dtype=torch.int64, device=cols.device))
+    outputs = philox(seed, cols // 4, c1, c2, torch.zeros((), dtype=torch.int64, device=cols.device))
+    which = cols % 4                                                   # key j takes output j % 4
+    r = torch.where(which == 0, outputs[0], torch.where(which == 1, outputs[1],
+                                                        torch.where(which == 2, outputs[2], outputs[3])))
     return uint_to_uniform_float(r)
 
 

@@ -14,30 +14,35 @@ import triton.language as tl
 
 from flashattn import flash_attn_func
 from flashattn.ops import capabilities, philox
+from flashattn.ops.triton.common import _seed_halves, dropout_keep
 
 from conftest import DEVICE, HAS_CUDA
 
 
 @triton.jit
 def _philox_kernel(seed, C0, C1, C2, C3, R, U, N: tl.constexpr):
+    """All four outputs of tl.philox (R: (4, N)) and the first one's uniform."""
     offs = tl.arange(0, N)
-    r, _, _, _ = tl.philox(seed, tl.load(C0 + offs), tl.load(C1 + offs), tl.load(C2 + offs),
-                           tl.load(C3 + offs))
-    tl.store(R + offs, r.to(tl.int32, bitcast=True))
-    tl.store(U + offs, tl.uint_to_uniform_float(r))
+    r0, r1, r2, r3 = tl.philox(seed, tl.load(C0 + offs), tl.load(C1 + offs), tl.load(C2 + offs),
+                               tl.load(C3 + offs))
+    tl.store(R + offs, r0.to(tl.int32, bitcast=True))
+    tl.store(R + N + offs, r1.to(tl.int32, bitcast=True))
+    tl.store(R + 2 * N + offs, r2.to(tl.int32, bitcast=True))
+    tl.store(R + 3 * N + offs, r3.to(tl.int32, bitcast=True))
+    tl.store(U + offs, tl.uint_to_uniform_float(r0))
 
 
 @triton.jit
-def _dropout_tile_kernel(seed, p, KEEP, bh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep mask of one tile exactly as a kernel will make it: counters (j, i, b * H + h, 0)."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    c0 = offs_n[None, :] + offs_m[:, None] * 0
-    c1 = offs_m[:, None] + offs_n[None, :] * 0
-    c2 = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32) + bh
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c2 * 0)
-    keep = tl.uint_to_uniform_float(r) >= p
-    tl.store(KEEP + offs_m[:, None] * BLOCK_N + offs_n[None, :], keep.to(tl.int8))
+def _dropout_tile_kernel(seed_lo, seed_hi, p, KEEP, bh, first_row, first_col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         KEYS_FIRST: tl.constexpr):
+    """The keep mask of one tile as the kernels make it (common.dropout_keep), rows first or keys first."""
+    offs_m = first_row + tl.arange(0, BLOCK_M)
+    keep = dropout_keep(seed_lo, seed_hi, p, offs_m, first_col, bh, BLOCK_N, KEYS_FIRST)
+    if KEYS_FIRST:
+        ptrs = KEEP + tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    else:
+        ptrs = KEEP + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(ptrs, keep.to(tl.int8))
 
 
 def test_interpreter_is_on_without_cuda():
@@ -54,23 +59,29 @@ def test_philox_is_bit_identical_to_triton(seed):
     counters = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n,), dtype=torch.int32, generator=g) for _ in range(4)]
     counters[0][:16] = torch.arange(16)            # small counters, the common case
     counters[3][:512] = 0
-    r = torch.empty(n, dtype=torch.int32, device=DEVICE)
+    r = torch.empty(4, n, dtype=torch.int32, device=DEVICE)
     u = torch.empty(n, dtype=torch.float32, device=DEVICE)
     _philox_kernel[(1,)](seed, *(c.to(DEVICE) for c in counters), r, u, N=n)
-    ours, *_ = philox.philox(seed, *counters)
-    assert torch.equal(r.cpu().to(torch.int64) & philox.MASK32, ours)
-    uniform = philox.uint_to_uniform_float(ours)
+    ours = philox.philox(seed, *counters)
+    for i in range(4):
+        assert torch.equal(r[i].cpu().to(torch.int64) & philox.MASK32, ours[i])
+    uniform = philox.uint_to_uniform_float(ours[0])
     assert torch.equal(u.cpu(), uniform)
     assert 0.0 <= uniform.min() and uniform.max() < 1.0
 
 
-@pytest.mark.parametrize("seed, p, bh", [(7, 0.1, 0), (2 ** 33 + 5, 0.5, 13), (99, 0.9, 5)])
-def test_dropout_tile_matches_a_triton_kernel(seed, p, bh):
-    """keep_mask with the documented counter layout == what a Triton kernel computes."""
-    keep = torch.empty(32, 16, dtype=torch.int8, device=DEVICE)
-    _dropout_tile_kernel[(1,)](seed, p, keep, bh, BLOCK_M=32, BLOCK_N=16)
-    ours = philox.keep_mask(seed, p, torch.arange(32), torch.arange(16), torch.tensor(bh))
-    assert torch.equal(keep.cpu().bool(), ours)
+@pytest.mark.parametrize("keys_first", [False, True], ids=["rows-first", "keys-first"])
+@pytest.mark.parametrize("seed, p, bh, first_row, first_col",
+                         [(7, 0.1, 0, 0, 0), (2 ** 33 + 5, 0.5, 13, 48, 32), (99, 0.9, 5, 7, 4096)])
+def test_dropout_tile_matches_the_kernels_helper(seed, p, bh, first_row, first_col, keys_first):
+    """keep_mask with the documented counters == the kernels' tile helper (four keys a Philox call),
+    in both of its orientations, for tiles away from the origin."""
+    shape = (16, 32) if keys_first else (32, 16)
+    keep = torch.empty(shape, dtype=torch.int8, device=DEVICE)
+    _dropout_tile_kernel[(1,)](*_seed_halves(seed), p, keep, bh, first_row, first_col, BLOCK_M=32, BLOCK_N=16,
+                               KEYS_FIRST=keys_first)
+    ours = philox.keep_mask(seed, p, first_row + torch.arange(32), first_col + torch.arange(16), torch.tensor(bh))
+    assert torch.equal(keep.cpu().bool(), ours.T if keys_first else ours)
 
 
 def test_keep_rate_is_one_minus_p():

@@ -97,6 +97,9 @@ def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom,
     window edges or tail rows. BLOCK_SPARSE: [lo, hi) are positions in the walk over the listed
     query blocks. DKDV: 3 both, 1 only dV, 2 only dK (and the bias gradient)."""
     ROW_T: tl.constexpr = tl.int64 if WIDE else tl.int32          # row offsets' type (common.py, WIDE)
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    if DROPOUT:
+        first_n = tl.min(offs_n, axis=0)                        # the program's first key
     for it in range(lo, hi, 1 if BLOCK_SPARSE else BLOCK_M):
         if BLOCK_SPARSE:
             start_m = sparse_tile_start(Q_IDX, it, SPARSE_BLOCK, BLOCK_M)
@@ -125,7 +128,7 @@ def _bwd_dkdv_inner(dk, dv, db, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom,
             if MASK:
                 pT = tl.where(tl.trans(tile_mask(offs_m, offs_n, seqlen_q, seqlen_k, IS_CAUSAL)), pT, 0.0)
         if DROPOUT:
-            keepT = dropout_keep(seed_lo, seed_hi, dropout_p, offs_m[None, :], offs_n[:, None], bh)
+            keepT = dropout_keep(seed_lo, seed_hi, dropout_p, offs_m, first_n, bh, BLOCK_N, KEYS_FIRST=True)
         if DKDV & 1:
             if DROPOUT:
                 # (P * Z)^T dO; the 1 / (1 - p) is applied to dV once, at the end.
@@ -306,7 +309,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, off
                 p = tl.where(tile_mask(offs_m, cols, seqlen_q, seqlen_k, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                # [BLOCK_M, BLOCK_N]
         if DROPOUT:
-            keep = dropout_keep(seed_lo, seed_hi, dropout_p, offs_m[:, None], cols[None, :], bh)
+            keep = dropout_keep(seed_lo, seed_hi, dropout_p, offs_m, start_n, bh, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:

@@ -20,7 +20,7 @@ plain code (the option branches below are never generated):
                  softcap_log2 = softcap * log2(e)
     HAS_ALIBI    x -= slope * |i + offset - j|, slope_log2 = slope * log2(e) of the program's (b, h)
     BIAS_KIND    0: none, 1: float bias added to x, 2: bool mask (read as uint8; 0 = masked)
-    DROPOUT      keep P_ij iff uniform(Philox(seed, j, i, b * H + h)) >= dropout_p (philox.py)
+    DROPOUT      keep P_ij iff uniform(Philox(seed, j // 4, i, b * H + h)[j % 4]) >= dropout_p (philox.py)
     BLOCK_SPARSE the tiles walked are those of the listed blocks (SPARSE_BLOCK rows/columns each,
                  cut into tiles that divide it), found by sparse_tiles_before
     WIDE         an element's offset from its (batch, head, sequence) base, row index x row stride,
@@ -404,14 +404,25 @@ def scores(qk, i, j, seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2, 
 
 
 @triton.jit
-def dropout_keep(seed_lo, seed_hi, dropout_p, i, j, bh):
-    """Z of one tile: True where P_ij is kept. Philox(seed, c0=j, c1=i, c2=b * H + h, c3=0), first
-    output, uniform float >= dropout_p: bit for bit flashattn/ops/philox.py. The seed comes as two
-    int32 halves so that the kernel's signature never depends on its value."""
+def dropout_keep(seed_lo, seed_hi, dropout_p, rows, first_col, bh, BLOCK_N: tl.constexpr,
+                 KEYS_FIRST: tl.constexpr = False):
+    """Z of the tile rows x [first_col, first_col + BLOCK_N): True where P_ij is kept; [len(rows),
+    BLOCK_N], or its transpose with KEYS_FIRST. Bit for bit flashattn/ops/philox.py: one Philox call
+    (seed, c0=j // 4, c1=i, c2=b * H + h, c3=0) serves four keys, output j % 4 becoming key j's
+    uniform, kept iff >= dropout_p. first_col is a multiple of 4 (tiles start at multiples of
+    BLOCK_N). The seed comes as two int32 halves so that the kernel's signature never depends on its
+    value."""
+    tl.static_assert(BLOCK_N % 4 == 0, "four keys per Philox call")
     seed = ((seed_hi.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
             | seed_lo.to(tl.uint32, bitcast=True).to(tl.uint64))
-    r, _, _, _ = tl.philox(seed, j, i, bh, 0)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    groups = first_col // 4 + tl.arange(0, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :], rows[:, None], bh, 0)      # [rows, BLOCK_N / 4]
+    # [rows, BLOCK_N / 4, 2, 2] with r_(2x + y) at [.., g, x, y]: row-major, column 4 g + t holds r_t.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], BLOCK_N])
+    keep = tl.uint_to_uniform_float(r) >= dropout_p
+    if KEYS_FIRST:
+        keep = tl.trans(keep)
+    return keep
 
 
 @triton.jit

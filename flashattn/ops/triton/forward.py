@@ -114,7 +114,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_n, off
                       BLOCK_D, MASK)                                            # [BLOCK_N, BLOCK_D]
         if DROPOUT:
             # P * Z; the 1 / (1 - p) is applied to O once, at the end.
-            p = tl.where(dropout_keep(seed_lo, seed_hi, dropout_p, offs_m[:, None], cols[None, :], bh), p, 0.0)
+            p = tl.where(dropout_keep(seed_lo, seed_hi, dropout_p, offs_m, start_n, bh, BLOCK_N), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
