@@ -6,7 +6,8 @@ With the argument `gluon`, compile every build of the Gluon kernels instead (hea
 persistent or deterministic, packed sequences or not), those no table sends a call to included; with
 `varlen`, the packed-sequence (VARLEN) builds that bf16 varlen calls launch: the portable kernels, and
 the Hopper kernels where the tables send the longest sequence; with `wide`, the portable kernels' WIDE
-builds (tiles from 64-bit bases, for tensors past 2^31 elements within a sequence).
+builds (tiles from 64-bit bases, for tensors past 2^31 elements within a sequence); with `dropout`,
+the portable kernels' dropout builds.
 
 Run by tests/ops/test_sm90_compile.py in a process of its own: the kernels must be real @triton.jit
 functions, which the interpreter the other tests use (TRITON_INTERPRET=1) replaces. The library's
@@ -128,6 +129,23 @@ def wide() -> None:
                 print(json.dumps(dict(head_dim=head_dim, causal=causal, **row)), flush=True)
 
 
+def dropout() -> None:
+    """The portable kernels' dropout builds (the tile's keep mask from Philox, common.dropout_keep) for
+    bf16 calls at each head dim, causal or not (the Hopper kernels take no dropout)."""
+    from flashattn.ops.variant import Variant
+
+    compiled = _compile_instead_of_launch()
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            q = torch.zeros(1, 4096, 2, head_dim, dtype=torch.bfloat16)
+            variant = Variant(causal=causal, window_right=0 if causal else -1, dropout_p=0.1, seed=2 ** 40 + 3)
+            start = len(compiled)
+            out, lse = forward.forward(q, q, q, head_dim ** -0.5, variant)
+            backward.backward(q, q, q, q, out, lse, head_dim ** -0.5, variant)
+            for row in compiled[start:]:
+                print(json.dumps(dict(head_dim=head_dim, causal=causal, **row)), flush=True)
+
+
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16",
             "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEM": "*i32", "COUNTER": "*i32"}
 # The packed-sequence arguments: these types with VARLEN, None (a constexpr) without, as the launches pass them.
@@ -165,4 +183,4 @@ def gluon_builds() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit({"gluon": gluon_builds, "varlen": varlen, "wide": wide}.get(sys.argv[1] if sys.argv[1:] else "", main)())
+    sys.exit({"gluon": gluon_builds, "varlen": varlen, "wide": wide, "dropout": dropout}.get(sys.argv[1] if sys.argv[1:] else "", main)())

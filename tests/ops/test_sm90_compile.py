@@ -102,3 +102,13 @@ def test_wide_builds_compile_and_fit():
     assert len({(row["head_dim"], row["causal"]) for row in rows}) == 6
     too_big = [row for row in rows if row["shared"] > H100_SHARED]
     assert not too_big, too_big
+
+
+def test_dropout_builds_compile_and_fit():
+    """The portable kernels with dropout (four keys' keep decisions per Philox call, joined into the
+    tile and transposed for dK/dV: common.dropout_keep) compile for sm_90 at every head dim."""
+    rows = _compiled("dropout")
+    assert {row["kernel"] for row in rows} == {"_attn_fwd", "_bwd_preprocess", "_bwd"}
+    assert len({(row["head_dim"], row["causal"]) for row in rows}) == 6
+    too_big = [row for row in rows if row["shared"] > H100_SHARED]
+    assert not too_big, too_big
