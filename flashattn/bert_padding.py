@@ -62,8 +62,9 @@ class _IndexPutFirstAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
         ctx.save_for_backward(indices)
-        # Out of place: torch 2.11's AOTAutograd lost the gradient of an output filled in place here
-        # (zeros instead of the incoming gradient, on CUDA under torch.compile).
+        # Out of place, a purely functional graph: filled in place (index_copy_ into new zeros), this
+        # output's gradient reached torch 2.11's compiled backward on CUDA as zeros
+        # (tests/test_compile.py::test_unpad_varlen_pad_round_trip).
         return values.new_zeros((first_axis_dim, *values.shape[1:])).index_copy(0, indices, values)  # (N, ...)
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""The examples run end to end. examples/decode.py: its cached greedy decoding (packed prefill, then
+"""The examples run end to end. examples/train_ring.py: under torchrun with 2 CPU processes its loss
+equals the single-process model's. examples/decode.py: its cached greedy decoding (packed prefill, then
 flash_attn_with_kvcache steps) produces the same tokens as recomputing the whole sequence at every
 step, with a paged and with a contiguous cache. examples/train_gpt2.py: the three attentions train the same
 model to the same losses, and its longest-context search doubles, then bisects. On a CPU machine the
