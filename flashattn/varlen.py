@@ -16,9 +16,9 @@ from flashattn.interface import _attend, _check_packed, _check_tensor, _check_tr
 Tensor = torch.Tensor
 
 
-def _check_cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device: torch.device) -> None:
-    """cu_seqlens: int32 (B + 1,) on q's device, from 0, non-decreasing, ending at the total; its
-    longest sequence within max_seqlen. The values are read on the host (one device sync) except
+def _check_cu_seqlens(name: str, cu, total: int | None, max_seqlen, max_name: str, device: torch.device) -> None:
+    """cu_seqlens: int32 (B + 1,) on q's device, from 0, non-decreasing, ending at the total (any end
+    where total is None); its longest sequence within max_seqlen. The values are read on the host (one device sync) except
     while a CUDA graph is being captured or torch.compile traces, where they cannot be."""
     _check_tensor(name, cu)
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -45,7 +45,7 @@ def _check_cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, devi
     if any(n < 0 for n in lengths):
         b = next(i for i, n in enumerate(lengths) if n < 0)
         problems.append(f"it decreases at entry {b + 1} ({values[b]} -> {values[b + 1]})")
-    if values[-1] != total:
+    if total is not None and values[-1] != total:
         problems.append(f"it ends at {values[-1]}, but the packed tensor has {total} rows")
     if max(lengths) > max_seqlen:
         problems.append(f"its longest sequence has {max(lengths)} rows, more than {max_name}={max_seqlen}")
@@ -78,25 +78,38 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         return_attn_probs: also return the log-sum-exp (nheads, total_q) float32 and the
             probabilities (batch, nheads, max_seqlen_q, max_seqlen_k), zero past each sequence
             (O(N^2): a debugging aid).
-        block_table: a paged KV cache is not implemented in this function yet (NotImplementedError).
+        block_table: int32 (batch, max_blocks): k and v are then a paged KV cache, a pool of pages
+            (num_pages, page_size, nheads_k, headdim) with page_size a multiple of 16, as in
+            flash_attn_with_kvcache; sequence b's keys are its first cu_seqlens_k[b + 1] -
+            cu_seqlens_k[b] slots, and its queries the last of them (chunked prefill). Inference:
+            no gradient, and neither dropout, return_attn_probs nor tile_size.
         tile_size: keyword only, beyond flash-attn: the square tiles of flash_attn_func's tile_size.
 
     Returns:
         out (total_q, nheads, headdim), or (out, softmax_lse, attn_probs) when return_attn_probs.
     """
+    paged = block_table is not None
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
-        if x.dim() != 3:
-            raise ValueError(f"{name} must have 3 dims (total_tokens, nheads, headdim), got shape "
-                             f"{tuple(x.shape)}")
-    if block_table is not None:
-        raise NotImplementedError("flash_attn_varlen_func: a paged KV cache (block_table) is not "
-                                  "implemented yet; pass contiguous k and v")
+        dims, layout = ((4, "(num_pages, page_size, nheads_k, headdim), a paged cache") if paged and name != "q"
+                        else (3, "(total_tokens, nheads, headdim)"))
+        if x.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dims {layout}, got shape {tuple(x.shape)}")
+    if paged:
+        unsupported = [what for what, on in (("dropout", dropout_p != 0.0), ("return_attn_probs", return_attn_probs),
+                                             ("tile_size", tile_size is not None)) if on]
+        if unsupported:
+            raise NotImplementedError(f"flash_attn_varlen_func over a paged KV cache (block_table) is for "
+                                      f"inference and takes no {', '.join(unsupported)}")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0], max_seqlen_k, "max_seqlen_k",
+                      q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if paged:
+        return _paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale, causal,
+                      window_size, softcap, alibi_slopes)
     n_seq = cu_seqlens_q.numel() - 1
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)       # (1, total, H, D)
     call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -108,6 +121,31 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         return result[0]                                               # (total_q, H, D)
     out, lse, probs = result
     return out[0], lse[0], probs
+
+
+def _paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+           max_seqlen_q: int, block_table: Tensor, softmax_scale, causal, window_size, softcap,
+           alibi_slopes) -> Tensor:
+    """Packed queries against a paged KV cache, through flash_attn_with_kvcache: sequence b's rows go
+    to the end of a (batch, max_seqlen_q) query block, so that its bottom-right alignment (query row i
+    of L_q against L_k keys sees keys j <= i + L_k - L_q) is the cache function's, and come back to
+    their packed rows; the rows in front see no key and are dropped. No host read: the row maps are
+    built on the device."""
+    from flashattn.kvcache import flash_attn_with_kvcache
+
+    batch, total, nheads, head_dim = cu_seqlens_q.numel() - 1, q.shape[0], q.shape[1], q.shape[2]
+    lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                                      # (batch,)
+    seq = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths_q, output_size=total)  # (total,)
+    # Packed row r, position r - cu_seqlens_q[b] of sequence b, goes to row max_seqlen_q - L_q + that.
+    rows = (torch.arange(total, device=q.device) - cu_seqlens_q[seq] + max_seqlen_q - lengths_q[seq]
+            + seq * max_seqlen_q)                                                        # (total,)
+    padded = q.new_zeros(batch * max_seqlen_q, nheads, head_dim).index_copy(0, rows, q)
+    with torch.no_grad():
+        out = flash_attn_with_kvcache(padded.view(batch, max_seqlen_q, nheads, head_dim), k_cache, v_cache,
+                                      cache_seqlens=cu_seqlens_k[1:] - cu_seqlens_k[:-1], block_table=block_table,
+                                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                      softcap=softcap, alibi_slopes=alibi_slopes)
+    return out.view(batch * max_seqlen_q, nheads, head_dim).index_select(0, rows)       # (total, H, D)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,

@@ -252,9 +252,57 @@ def test_bad_input_raises_before_any_kernel(case):
         flash_attn_varlen_func(*args, **kwargs)
 
 
-def test_paged_kv_is_refused_by_name():
-    with pytest.raises(NotImplementedError, match="block_table"):
-        flash_attn_varlen_func(*_good(), block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+def _paged_cache(k, v, lens_k, page_size, generator):
+    """k, v (total_k, Hk, D) packed as a pool of pages in shuffled order (and a few unused ones) with
+    its block table (batch, max_blocks), as a serving engine's cache holds the same keys."""
+    blocks = [math.ceil(n / page_size) for n in lens_k]
+    order = torch.randperm(sum(blocks) + 3, generator=generator).tolist()
+    pool_k = torch.randn(len(order), page_size, *k.shape[1:], dtype=k.dtype, device=k.device)
+    pool_v = torch.randn_like(pool_k)
+    table = torch.zeros(len(lens_k), max(max(blocks), 1), dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(lens_k):
+        for i in range(blocks[b]):
+            page, rows = order.pop(), slice(start + i * page_size, start + min((i + 1) * page_size, n))
+            table[b, i] = page
+            pool_k[page, :rows.stop - rows.start] = k[rows]
+            pool_v[page, :rows.stop - rows.start] = v[rows]
+        start += n
+    return pool_k, pool_v, table.to(k.device)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_cache_equals_the_contiguous_call(backend, option, use_backend):
+    """With block_table, k and v are a paged cache (chunked prefill against cached keys): the same
+    result as the packed call on the same keys, each sequence aligned at its own bottom-right corner,
+    including sequences with no query, no key, or more queries than keys."""
+    use_backend(backend)
+    torch.manual_seed(0)
+    lens_q, lens_k = LENS
+    nheads, nheads_k, head_dim = 4, 2, 40
+    dtype = _dtypes(backend)[0]
+    q, k, v = _packed(lens_q, lens_k, nheads, nheads_k, head_dim, dtype)
+    pool_k, pool_v, table = _paged_cache(k, v, lens_k, 16, torch.Generator().manual_seed(1))
+    kwargs = _kwargs(option, len(lens_q), nheads)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    expected = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kwargs)
+    before = pool_k.clone(), pool_v.clone()
+    got = flash_attn_varlen_func(q, pool_k, pool_v, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table,
+                                 **kwargs)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    assert torch.equal(pool_k, before[0]) and torch.equal(pool_v, before[1])   # read, never written
+
+
+def test_paged_cache_takes_no_training_options():
+    q, k, v, cu_q, cu_k, max_q, max_k = _good()
+    pool = torch.zeros(4, 16, k.shape[1], k.shape[2], dtype=k.dtype, device=DEVICE)
+    table = torch.zeros(cu_q.numel() - 1, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="dropout, return_attn_probs, tile_size"):
+        flash_attn_varlen_func(q, pool, pool, cu_q, cu_k, max_q, max_k, dropout_p=0.1, return_attn_probs=True,
+                               block_table=table, tile_size=32)
+    with pytest.raises(ValueError, match=r"k must have 4 dims \(num_pages, page_size"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, block_table=table)
 
 
 # The Hopper kernels on packed sequences (sm_90; the warp-specialized forward also under the CPU
