@@ -4,6 +4,7 @@
                             parallelism): K/V slices travel around the ring, partial results merge by
                             their log-sum-exp; forward and backward
     ring_attn_varlen_func   the same for packed sequences, which may cross rank boundaries
+    positions               the global positions of a rank's rows (rotary embeddings need them)
     shard_sequence          a rank's slice of a tensor in the layout both expect (zigzag: causal work
                             balanced over the ranks)
     RingFlashAttention      flashattn.nn.FlashAttention with its attention done by ring_attn_func
@@ -12,5 +13,6 @@ NCCL moves CUDA tensors (the Triton kernels compute), gloo CPU tensors (the PyTo
 """
 from flashattn.distributed.layout import positions
 from flashattn.distributed.ring import ring_attn_func, ring_attn_varlen_func, shard_sequence
+from flashattn.distributed.module import RingFlashAttention
 
-__all__ = ["ring_attn_func", "ring_attn_varlen_func", "shard_sequence", "positions"]
+__all__ = ["ring_attn_func", "ring_attn_varlen_func", "shard_sequence", "positions", "RingFlashAttention"]

@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 
 from errors import assert_within_factor, max_error
 from flashattn import flash_attn_func, flash_attn_varlen_func
-from flashattn.distributed import layout, positions, ring_attn_func, ring_attn_varlen_func, shard_sequence
+from flashattn.distributed import (RingFlashAttention, layout, positions, ring_attn_func, ring_attn_varlen_func,
+                                   shard_sequence)
+from flashattn.nn import FlashAttention
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,14 @@ def _cu(case: Case) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(case.packed).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _ring_case(case: Case, index: int, world: int, rank: int) -> dict:
+def _ring_case(case: Case, index: int, world: int, rank: int, device: torch.device) -> dict:
     dim = 0 if case.packed else 1
     q, k, v, dout, dlse = _inputs(case, index)
-    shard = lambda x, d=dim: shard_sequence(x, world, rank, dim=d).requires_grad_(x.is_floating_point())
+    shard = lambda x, d=dim: shard_sequence(x, world, rank, dim=d).to(device).requires_grad_()
     ql, kl, vl = shard(q), shard(k), shard(v)
     if case.packed:
-        out, lse = ring_attn_varlen_func(ql, kl, vl, _cu(case), max(case.packed), return_lse=True, **case.opts)
+        out, lse = ring_attn_varlen_func(ql, kl, vl, _cu(case).to(device), max(case.packed), return_lse=True,
+                                         **case.opts)
     else:
         out, lse = ring_attn_func(ql, kl, vl, return_lse=True, **case.opts)
     loss = (out * shard(dout).to(out.dtype)).sum()
@@ -89,7 +92,23 @@ def _ring_case(case: Case, index: int, world: int, rank: int) -> dict:
         lse_dim = 1 if case.packed else 2
         loss = loss + (torch.where(torch.isinf(lse), 0, lse) * shard(dlse, lse_dim).to(lse.dtype)).sum()
     loss.backward()
-    return dict(out=out.detach(), lse=lse.detach(), dq=ql.grad, dk=kl.grad, dv=vl.grad)
+    return {name: x.detach().cpu() for name, x in
+            dict(out=out, lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad).items()}
+
+
+def _module_case(world: int, rank: int) -> dict:
+    """RingFlashAttention with FlashAttention's weights: its output slice, the input's gradient and the
+    parameters' gradients summed over the ranks."""
+    torch.manual_seed(5)
+    layer = RingFlashAttention(32, 4, causal=True, num_kv_heads=2, rotary=True, dtype=torch.float64)
+    x, dout = (torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+               for s in (1, 2))
+    xl = shard_sequence(x, world, rank).requires_grad_()
+    out = layer(xl)
+    (out * shard_sequence(dout, world, rank)).sum().backward()
+    for p in layer.parameters():
+        dist.all_reduce(p.grad)
+    return dict(out=out.detach(), dx=xl.grad, grads={n: p.grad for n, p in layer.named_parameters()})
 
 
 def _dropout_case(world: int, rank: int) -> dict:
@@ -146,22 +165,32 @@ def _bad_calls(world: int, rank: int) -> dict:
     return messages
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str, backend: str) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str, backend: str, names: list[str]) -> None:
+    """One rank: the cases `names` (and, on the PyTorch path, dropout, the layer and the bad calls);
+    NCCL on this rank's GPU when `backend` is triton and CUDA is there, gloo on the CPU otherwise."""
     os.environ["FLASHATTN_BACKEND"] = backend
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    nccl = backend == "triton" and torch.cuda.is_available()
+    if nccl:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if nccl else torch.device("cpu")
+    dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        results = {case.name: _ring_case(case, i, world, rank) for i, case in enumerate(CASES)}
-        results["dropout"] = _dropout_case(world, rank)
-        results["bad"] = _bad_calls(world, rank)
+        results = {case.name: _ring_case(case, i, world, rank, device)
+                   for i, case in enumerate(CASES) if case.name in names}
+        if backend == "reference":
+            results["dropout"] = _dropout_case(world, rank)
+            results["module"] = _module_case(world, rank)
+            results["bad"] = _bad_calls(world, rank)
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, backend: str = "reference") -> list[dict]:
+def _spawn(world: int, backend: str = "reference", names: list[str] | None = None) -> list[dict]:
+    names = [c.name for c in CASES] if names is None else names
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), tmp, backend), nprocs=world)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), tmp, backend, names), nprocs=world)
         return [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
 
 
@@ -191,11 +220,7 @@ def _references(case: Case, index: int) -> tuple[dict, dict]:
     return results[0], results[1]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[c.name for c in CASES])
-def test_ring_matches_single_process(ring_results, use_backend, index):
-    use_backend("reference")
-    world, per_rank = ring_results
-    case = CASES[index]
+def _compare(case: Case, index: int, world: int, per_rank: list[dict]) -> None:
     ref64, same = _references(case, index)
     for rank, results in enumerate(per_rank):
         ours = results[case.name]
@@ -203,9 +228,52 @@ def test_ring_matches_single_process(ring_results, use_backend, index):
             dim = (0 if case.packed else 1) if name != "lse" else (1 if case.packed else 2)
             cut = lambda x: shard_sequence(x, world, rank, dim=dim)
             if name == "lse":
-                assert max_error(ours[name], cut(ref64[name])) <= 1e-5 if case.dtype == torch.float32 else 1e-12
+                assert max_error(ours[name], cut(ref64[name])) <= (1e-5 if case.dtype == torch.float32 else 1e-12)
             else:
                 assert_within_factor(name, ours[name], cut(same[name]), cut(ref64[name]), case.dtype, case.headdim)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c.name for c in CASES])
+def test_ring_matches_single_process(ring_results, use_backend, index):
+    use_backend("reference")
+    world, per_rank = ring_results
+    _compare(CASES[index], index, world, per_rank)
+
+
+TRITON_CASES = ["fp32-window", "varlen-fp32"]
+
+
+def test_ring_triton_kernels(use_backend):
+    """The Triton kernels' blocks: over NCCL on a machine with 2 GPUs or more (every float32 case), under
+    the Triton interpreter on gloo otherwise (two small cases)."""
+    use_backend("reference")
+    if torch.cuda.device_count() >= 2:
+        names = [c.name for c in CASES if c.dtype == torch.float32]
+    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        names = TRITON_CASES
+    else:
+        pytest.skip("no 2 GPUs, and TRITON_INTERPRET unset")
+    per_rank = _spawn(2, "triton", names)
+    for index, case in enumerate(CASES):
+        if case.name in names:
+            _compare(case, index, 2, per_rank)
+
+
+def test_ring_module_matches_flash_attention(ring_results, use_backend):
+    use_backend("reference")
+    world, per_rank = ring_results
+    torch.manual_seed(5)
+    layer = FlashAttention(32, 4, causal=True, num_kv_heads=2, rotary=True, dtype=torch.float64)
+    x, dout = (torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+               for s in (1, 2))
+    x.requires_grad_()
+    (layer(x) * dout).sum().backward()
+    for rank, results in enumerate(per_rank):
+        ours = results["module"]
+        torch.testing.assert_close(ours["out"], shard_sequence(layer(x).detach(), world, rank))
+        torch.testing.assert_close(ours["dx"], shard_sequence(x.grad, world, rank))
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(ours["grads"][name], p.grad)
 
 
 def test_ring_dropout(ring_results):
