@@ -113,3 +113,18 @@ def test_gpt2_longest_context_doubles_then_bisects(gpt2_example, monkeypatch):
     assert (found["longest"], found["first_oom"], found["stopped_by"]) == (10000, None, "cap")
     fits_up_to["n"] = 100
     assert gpt2_example.longest_context(cfg, "standard", DEVICE, start=1024, cap=10000, log=None)["longest"] is None
+
+
+def test_train_ring_matches_single_process_under_torchrun(tmp_path):
+    """examples/train_ring.py under torchrun with 2 CPU processes (gloo, the PyTorch path): the ring's
+    loss equals the single-process loss of the same weights, and a few steps train."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "FLASHATTN_BACKEND": "reference",
+           "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(EXAMPLES / "train_ring.py"), "--device", "cpu", "--steps", "3"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "loss matches single process: True" in run.stdout, run.stdout
