@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 # The subpackages that must be in the wheel (the file list is also compared with the checkout's whole package)
-SUBPACKAGES = ("flashattn/nn", "flashattn/integrations", "flashattn/bench", "flashattn/bench/paper", "flashattn/ops",
+SUBPACKAGES = ("flashattn/nn", "flashattn/distributed", "flashattn/integrations", "flashattn/bench", "flashattn/bench/paper", "flashattn/ops",
                "flashattn/ops/triton")
 EXTRAS = {"transformers", "bench", "test"}
 # Extras whose distributions the clean environment gets (test's are the test runner's, not the package's)
@@ -289,9 +289,13 @@ def smoke(repo: str) -> None:
     from flashattn import flash_attn_func, flash_attn_with_kvcache, scaled_dot_product_attention
     from flashattn.bert_padding import index_first_axis, pad_input, unpad_input
     from flashattn.nn import FlashAttention, MultiheadAttention
+    import flashattn.distributed
+    for name in flashattn.distributed.__all__:
+        check(hasattr(flashattn.distributed, name), f"flashattn.distributed.__all__ names {name}, which it lacks")
     entry = ["flashattn." + n for n in flashattn.__all__] + [
         "flashattn.nn.FlashAttention", "flashattn.nn.MultiheadAttention", "flashattn.bert_padding.unpad_input",
-        "flashattn.bert_padding.pad_input", "flashattn.bert_padding.index_first_axis"]
+        "flashattn.bert_padding.pad_input", "flashattn.bert_padding.index_first_axis"] + [
+        "flashattn.distributed." + n for n in flashattn.distributed.__all__]
     have = {name: importlib.util.find_spec(name) is not None for names in NEEDS_EXTRA.values() for name in names}
     if have["transformers"]:
         import flashattn.integrations.transformers as fa_hf
