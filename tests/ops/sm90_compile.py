@@ -60,7 +60,7 @@ def _compile_instead_of_launch() -> list[dict]:
 
     launch.Launcher._launch = compile_instead
     configs._capability = lambda index: (9, 0)
-    forward_sm90._sm_count = lambda index: 132
+    configs.sm_resources = lambda device: (132, 227 * 1024)
     forward_sm90._tile_counter = lambda device: torch.zeros(1, dtype=torch.int32)   # no CUDA streams here
     # The tables are asked about the CPU tensors' device: answer for an H100's.
     for name in ("_table_config", "warp_specialized", "ping_pong_forward", "ping_pong_persistent",

@@ -167,6 +167,19 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def sm_resources(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory bytes per SM that blocks may use) of a CUDA device: what grids of one
+    program per SM and occupancy estimates are sized by."""
+    return _sm_resources(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_resources(index: int) -> tuple[int, int]:
+    # Cached: asked on every call.
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) - 1024
+
+
 def _arch_tables(device: torch.device) -> dict | None:
     """The tables measured for this CUDA device's architecture, or None when it has none."""
     return _TABLES.get(_capability(device.index if device.index is not None else torch.cuda.current_device()))

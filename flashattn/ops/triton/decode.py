@@ -320,20 +320,12 @@ def tiles(rows: int, head_dim: int) -> TileConfig:
     return TileConfig(block_m, 32, num_warps=4, num_stages=2)
 
 
-_SM: dict[int, tuple[int, int]] = {}
-
-
 def _sm(device: torch.device) -> tuple[int, int]:
-    """(SM count, shared memory bytes per SM) of a CUDA device; the interpreter's stand-in is a few
-    small SMs, so that the CPU tests split and combine."""
+    """(SM count, shared memory bytes per SM) of a CUDA device (configs.sm_resources); the
+    interpreter's stand-in is a few small SMs, so that the CPU tests split and combine."""
     if device.type != "cuda":
         return 8, 2 * 72 * 1024
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM:
-        props = torch.cuda.get_device_properties(index)
-        _SM[index] = (props.multi_processor_count,
-                      getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) - 1024)
-    return _SM[index]
+    return configs.sm_resources(device)
 
 
 def _pdl(device: torch.device) -> bool:

@@ -42,7 +42,6 @@ The persistent grid takes no packed sequences: a program's tiles would change se
 Only plain attention (causal or not, GQA, any lengths, a positive softmax scale) at head dims 64,
 128 and 256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the other kernels.
 """
-import functools
 
 import torch
 from triton.experimental import gluon
@@ -407,7 +406,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         batch, rows, seqlen = cu_seqlens_q.numel() - 1, max_seqlen_q, max(max_seqlen_q, max_seqlen_k)
     n_tiles = cdiv(rows, BLOCK_M) * nheads * batch
     persistent = cu_seqlens_q is None and configs.ping_pong_persistent(head_dim, causal, seqlen, q.device)
-    grid = min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles
+    grid = min(n_tiles, configs.sm_resources(q.device)[0]) if persistent else n_tiles
     counter = _tile_counter(q.device) if persistent else lse
     # Packed tensors keep their own batch strides: each sequence is their one batch entry.
     _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse, counter,
@@ -432,9 +431,3 @@ def _tile_counter(device: torch.device) -> torch.Tensor:
     if counter is None:
         counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                            ).multi_processor_count
