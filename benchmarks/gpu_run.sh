@@ -3,7 +3,8 @@
 # comparison of two trees, the benchmark, the paper's claims.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [sweep] [host] [compare] [bench] [bench-quick] [paper]   (default: tests bench)
+#     bash benchmarks/gpu_run.sh [tests] [integration] [sweep] [host] [compare] [bench] [bench-quick] [paper]
+#                                                                                      (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,21 @@ for step in "${steps[@]}"; do
             rc=$?
             summary+=("tests: rc=$rc $(grep -cE ' PASSED ' "$LOG") passed, $(grep -cE ' FAILED ' "$LOG") failed")
             grep -E ' FAILED ' "$LOG" | sed 's/.*FAILED //' | sort -u | head -30;;
+        integration)
+            # Everything above the kernels on the GPU: compile/export/CUDA graphs, the layers, transformers,
+            # varlen, the KV cache, SDPA, padding helpers, the examples, ring attention; test_large alone
+            # after them (48 GiB a test).
+            par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 12)
+            files=(tests/test_compile.py tests/test_readme.py tests/nn tests/integrations tests/test_varlen.py
+                   tests/test_kvcache.py tests/test_sdpa.py tests/test_bert_padding.py tests/test_examples.py
+                   tests/test_tile_size.py tests/distributed)
+            timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider "${par[@]}" -rfE --tb=short \
+                "${files[@]}" >>"$LOG" 2>&1
+            rc=$?
+            timeout "${LARGE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_large.py \
+                >>"$LOG" 2>&1
+            summary+=("integration: rc=$rc, test_large rc=$? ($(grep -cE '^FAILED' "$LOG") failed)")
+            grep -E '^FAILED' "$LOG" | sort -u | head -30;;
         sweep)
             timeout 560 python3 -m flashattn.bench.sweep --out "$OUT/sweep.json" ${SWEEP_ARGS:-} >>"$LOG" 2>&1
             summary+=("sweep: rc=$?")
