@@ -173,9 +173,10 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                 work.wait()
             part += dkv
         # Pass the accumulator on with its K/V; after the last step it reaches the owner.
-        dkv = part.new_empty(_kv_shape(part, plan.lengths[ring.source(step + 1)]))
-        dkv_pending = ring.post(part, dkv, _DKV_TAG) if ring.size > 1 else None
-        if dkv_pending is None:
+        if ring.size > 1:
+            dkv = part.new_empty(_kv_shape(part, plan.lengths[ring.source(step + 1)]))
+            dkv_pending = ring.post(part, dkv, _DKV_TAG)
+        else:
             dkv = part
         if kv_pending is not None:
             for work in kv_pending:

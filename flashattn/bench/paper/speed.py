@@ -139,15 +139,18 @@ def markdown(data: dict, env: dict) -> str:
 def _option_cost(plain: list[dict], fig3: list[dict]) -> tuple[int, float, float] | None:
     """(N, ours' dropout+padding time over its plain time, SDPA's) at the longest N where both ran
     both variants."""
-    both = {r["seqlen"]: r for r in plain}
-    ratios = []
+    def ms(row: dict, name: str) -> float | None:
+        result = row["results"][name]
+        return result.get("ms") if result.get("status") == "ok" else None
+
+    plain_at = {r["seqlen"]: r for r in plain}
+    found = []
     for r in fig3:
-        p = both.get(r["seqlen"])
-        times = [(x["results"][name].get("ms") if x["results"][name].get("status") == "ok" else None)
-                 for x in (r, p) if x is not None for name in (OURS, SDPA)]
-        if p is not None and all(times):
-            ratios.append((r["seqlen"], times[0] / times[2], times[1] / times[3]))
-    return max(ratios) if ratios else None
+        p = plain_at.get(r["seqlen"])
+        ratio = {name: ms(r, name) / ms(p, name) for name in (OURS, SDPA) if p and ms(r, name) and ms(p, name)}
+        if len(ratio) == 2:
+            found.append((r["seqlen"], ratio[OURS], ratio[SDPA]))
+    return max(found) if found else None
 
 
 def _draw_times(ax, rows: list[dict], title: str) -> None:
