@@ -9,6 +9,8 @@ key-padding mask into this layout and back.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from flashattn.interface import _attend, _check_packed, _check_tensor, _check_traced, _is_int, _validate
@@ -16,10 +18,34 @@ from flashattn.interface import _attend, _check_packed, _check_tensor, _check_tr
 Tensor = torch.Tensor
 
 
+# cu_seqlens tensors already read, by id: (a weak reference to the tensor, its version, its values).
+# A model passes one cu_seqlens to every layer: its values are read (a device sync, which stalls the
+# host until the GPU's queue drains) at the first layer only. The version counter moves with every
+# in-place write through torch, so a rewritten tensor is read again; inference tensors keep no
+# version counter and are read at every call.
+_READ: dict[int, tuple[weakref.ref, int, list[int]]] = {}
+_READ_MAX = 64
+
+
+def _values(cu: Tensor) -> list[int]:
+    """cu's values as a list, read from the device unless this very tensor, unchanged, was read before."""
+    if cu.is_inference():
+        return cu.tolist()
+    entry = _READ.get(id(cu))
+    if entry is not None and entry[0]() is cu and entry[1] == cu._version:
+        return entry[2]
+    values = cu.tolist()
+    if len(_READ) >= _READ_MAX:
+        _READ.clear()
+    _READ[id(cu)] = (weakref.ref(cu), cu._version, values)
+    return values
+
+
 def _check_cu_seqlens(name: str, cu, total: int | None, max_seqlen, max_name: str, device: torch.device) -> None:
     """cu_seqlens: int32 (B + 1,) on q's device, from 0, non-decreasing, ending at the total (any end
-    where total is None); its longest sequence within max_seqlen. The values are read on the host (one device sync) except
-    while a CUDA graph is being captured or torch.compile traces, where they cannot be."""
+    where total is None); its longest sequence within max_seqlen. The values are read on the host (one
+    device sync, once per tensor: _values) except while a CUDA graph is being captured or torch.compile
+    traces, where they cannot be."""
     _check_tensor(name, cu)
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be an int32 tensor of shape (batch + 1,) with batch >= 1, got "
@@ -37,7 +63,7 @@ def _check_cu_seqlens(name: str, cu, total: int | None, max_seqlen, max_name: st
         raise ValueError(f"{max_name} must be an int >= 0, got {max_seqlen!r}")
     if cu.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    values = cu.tolist()
+    values = _values(cu)
     lengths = [b - a for a, b in zip(values, values[1:])]
     problems = []
     if values[0] != 0:
@@ -68,7 +94,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim) (MQA/GQA as in
             flash_attn_func).
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths from 0 to total_q /
-            total_k, on q's device. Checked on the host (one device sync) outside graph capture.
+            total_k, on q's device. Checked on the host outside graph capture: a device sync the
+            first time a tensor is passed (not again while it is unchanged, so the layers of a
+            model that share one cu_seqlens sync once).
         max_seqlen_q, max_seqlen_k: the longest sequence of each side (the grid's size).
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as in
             flash_attn_func, applied within each sequence: causal and windows are aligned to the

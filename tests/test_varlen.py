@@ -252,6 +252,34 @@ def test_bad_input_raises_before_any_kernel(case):
         flash_attn_varlen_func(*args, **kwargs)
 
 
+def test_cu_seqlens_are_read_once_until_written(monkeypatch):
+    """A cu_seqlens tensor that calls share (a model's layers) is read from the device at its first
+    call only; an in-place write makes the next call read and check it again."""
+    q, k, v, cu_q, cu_k, max_q, max_k = _good()
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(x):
+        reads.append(x.numel())
+        return tolist(x)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    first = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    assert len(reads) == 2
+    assert torch.equal(flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k), first)
+    assert len(reads) == 2
+    cu_k[1] = cu_k[2] + 1                                   # no longer non-decreasing
+    with pytest.raises(ValueError, match="decreases"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    assert len(reads) == 3
+    with torch.inference_mode():                            # inference tensors: read at every call
+        cu_i = _cu([3, 5])
+        flash_attn_varlen_func(q, k, v, cu_i, cu_q, max_q, max_k)
+        cu_i[1] = 9
+        with pytest.raises(ValueError, match="decreases"):
+            flash_attn_varlen_func(q, k, v, cu_i, cu_q, max_q, max_k)
+
+
 def _paged_cache(k, v, lens_k, page_size, generator):
     """k, v (total_k, Hk, D) packed as a pool of pages in shuffled order (and a few unused ones) with
     its block table (batch, max_blocks), as a serving engine's cache holds the same keys."""
@@ -315,8 +343,10 @@ HOPPER_LENS = (([0, 1, 17, 5, 700, 1025, 300, 2048, 17], [64, 129, 17, 0, 900, 1
                else ([0, 1, 17, 5, 40, 33], [9, 20, 17, 0, 31, 33]))
 # family -> (head dims, configs' choice functions answered so, launchers that may not run)
 HOPPER = {
-    "ping-pong": ((64, 128, 256), dict(ping_pong_forward=True), [("forward", "_launch_fwd"),
-                                                                  ("forward", "_launch_fwd_ws")]),
+    "ping-pong": ((64, 128, 256), dict(ping_pong_forward=True, ping_pong_persistent=False),
+                  [("forward", "_launch_fwd"), ("forward", "_launch_fwd_ws")]),
+    "ping-pong-persistent": ((64, 128, 256), dict(ping_pong_forward=True, ping_pong_persistent=True),
+                             [("forward", "_launch_fwd"), ("forward", "_launch_fwd_ws")]),
     "warp-specialized": ((64, 128, 256) if HAS_CUDA else (40, 64), dict(ping_pong_forward=False, warp_specialized=True),
                          [("forward", "_launch_fwd"), ("forward_sm90", "_launch_fwd_sm90")]),
     "one-pass": ((64, 128), dict(one_pass_backward=True), [("backward", "_launch_bwd")]),
@@ -339,19 +369,10 @@ def _hopper_cases():
 def test_hopper_kernels_on_packed_sequences(family, head_dim, causal, deterministic, monkeypatch, use_backend):
     """Forward and backward of a packed call that the Hopper kernel `family` runs (the other kernels of
     its pass may not), against float64; deterministic=True gives bit-identical gradients twice."""
-    from flashattn.ops.triton import backward, configs, forward, forward_sm90
+    from flashattn.ops.triton import configs
 
     use_backend("triton")
-    _, choices, refused = HOPPER[family]
-    modules = dict(forward=forward, backward=backward, forward_sm90=forward_sm90)
-
-    def other_kernel(*args, **kwargs):
-        raise AssertionError(f"the call left the {family} kernel")
-
-    for name, answer in choices.items():
-        monkeypatch.setattr(configs, name, lambda *args, answer=answer, **kwargs: answer)
-    for module, name in refused:
-        monkeypatch.setattr(modules[module], name, other_kernel)
+    _force_family(family, monkeypatch)
     if family == "warp-specialized" and HAS_CUDA:
         # The sm_90 table has no warp-specialized shape of its own for head dim 64 causal.
         monkeypatch.setitem(configs._TABLES[(9, 0)]["fwd_ws"], (64, True, True), configs.TileConfig(128, 64, 4, 2))
@@ -369,6 +390,46 @@ def test_hopper_kernels_on_packed_sequences(family, head_dim, causal, determinis
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(*runs))
     _check_each_sequence(q, k, v, do, runs[0], lens_q, lens_k, causal)
+
+
+def _force_family(family, monkeypatch):
+    """Answer configs' kernel choices so that the forward runs the Hopper kernel `family`, and make
+    the other forward launchers fail."""
+    from flashattn.ops.triton import backward, configs, forward, forward_sm90
+
+    _, choices, refused = HOPPER[family]
+    modules = dict(forward=forward, backward=backward, forward_sm90=forward_sm90)
+
+    def other_kernel(*args, **kwargs):
+        raise AssertionError(f"the call left the {family} kernel")
+
+    for name, answer in choices.items():
+        monkeypatch.setattr(configs, name, lambda *args, answer=answer, **kwargs: answer)
+    for module, name in refused:
+        monkeypatch.setattr(modules[module], name, other_kernel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="the Hopper kernels run on sm_90")
+@pytest.mark.parametrize("family", ["ping-pong", "ping-pong-persistent", "warp-specialized"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_a_nan_stays_in_its_sequence(family, causal, monkeypatch, use_backend):
+    """A NaN in one packed sequence's q, k and v (every row) reaches no other sequence: the Hopper
+    forwards read no key or value past a sequence's ends, though their tiles overhang them."""
+    use_backend("triton")
+    _force_family(family, monkeypatch)
+    torch.manual_seed(8)
+    lens_q, lens_k = [300, 40, 129, 200, 70], [250, 40, 200, 129, 90]
+    q, k, v = _packed(lens_q, lens_k, 4, 2, 128, torch.bfloat16)
+    args = (_cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k))
+    clean = flash_attn_varlen_func(q, k, v, *args, causal=causal)
+    cq, ck = _cu(lens_q).tolist(), _cu(lens_k).tolist()
+    for x, c in ((q, cq), (k, ck), (v, ck)):
+        x[c[2]:c[3]] = float("nan")
+    out = flash_attn_varlen_func(q, k, v, *args, causal=causal)
+    assert torch.isnan(out[cq[2]:cq[3]]).all()
+    for b in (0, 1, 3, 4):
+        assert torch.equal(out[cq[b]:cq[b + 1]], clean[cq[b]:cq[b + 1]]), f"sequence {b}"
 
 
 @pytest.mark.gpu

@@ -163,12 +163,12 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_bias, call):
         softmax_scale, *options, backend = call
         out, lse = _forward(q, k, v, *call)
-        tensors = [i for i, value in enumerate(options) if value is not None and isinstance(value, Tensor)]
+        tensors = [i for i, value in enumerate(options) if isinstance(value, Tensor)]
         ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensors))
         ctx.tensor_positions = tensors
-        for i in tensors:               # `options` is this call's own list: ctx keeps no tensor outside
-            options[i] = None           # save_for_backward
-        ctx.options = options
+        # ctx keeps no tensor outside save_for_backward. (A new list: torch 2.11's dynamo takes the
+        # starred `options` above for a tuple and cannot trace item assignment into it.)
+        ctx.options = [None if isinstance(value, Tensor) else value for value in options]
         ctx.softmax_scale, ctx.backend = softmax_scale, backend
         ctx.set_materialize_grads(False)
         return out, lse

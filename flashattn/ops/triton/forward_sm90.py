@@ -31,13 +31,15 @@ descriptors are made once a program. Glossary (the names of forward.py):
 Rows past seqlen_q and keys past seqlen_k are read as zeros (4-D descriptors over (B, S, H, D) bound
 each sequence); a row that sees no key gets O = 0 and LSE = +inf, as in forward.py.
 
-VARLEN (packed sequences, common.py): one program per tile, over the tiles of every sequence as long
-as the longest (batch: the sequences; max_seqlen_q: the longest); a program whose query block lies
-past its sequence exits at once. The others see their sequence as the packed tensors' one batch
-entry: Q, K, V and O start at its first rows and the descriptors end at its last (TMA clips every
-load, so nothing is read from the next sequence; the stores of O are masked at its end); seqlen_q and
-seqlen_k arrive as the totals (the LSE's rows are (H, total_q)) and become the sequence's lengths.
-The persistent grid takes no packed sequences: a program's tiles would change sequence.
+VARLEN (packed sequences, common.py): the tiles of every sequence as long as the longest (batch: the
+sequences; max_seqlen_q: the longest), one program per tile or persistent as for dense calls; a tile
+whose query block lies past its sequence is passed over (_claim). The descriptors span the packed
+tensors, (1, total, H, D), and a tile's loads start at its sequence's first query and key rows; the
+producer hands each tile over with its sequence's first query row and lengths (_hand_over). The last
+query block of a sequence overhangs into the next sequence's rows (their O rows are never stored) and
+so does its last key block: its scores are masked, and the consumers zero the overhang of V
+(_clear_rows), so that nothing of one sequence reaches another's output; past the last sequence TMA
+reads zeros.
 
 Only plain attention (causal or not, GQA, any lengths, a positive softmax scale) at head dims 64,
 128 and 256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the other kernels.
@@ -93,9 +95,57 @@ def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BL
 
 
 @gluon.jit
+def _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS: gl.constexpr,
+           BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
+    """VARLEN: tile t, or if its query block lies past its sequence, the next tile that does not:
+    persistent, taken from COUNTER (one fetch per tile passed over, as per tile worked); else none.
+    t >= n_tiles when none is left."""
+    searching = t < n_tiles
+    while searching:
+        seq_q = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, t // (n_m * nheads))[2]
+        searching = _tile(t, n_m, nheads, group_size, seq_q, 0, ROWS, BLOCK_N, IS_CAUSAL)[0] >= seq_q
+        if searching:
+            if PERSISTENT:
+                t = _fetch(COUNTER, n_tiles)
+            else:
+                t = n_tiles
+            searching = t < n_tiles
+    return t
+
+
+@gluon.jit
+def _fetch(COUNTER, n_tiles):
+    """The next untaken tile of the persistent grid. Fetches count from 0 to n_tiles - 1 over the
+    launch (one a tile); the last one resets COUNTER for the next launch on this stream."""
+    fetched = gl.atomic_add(COUNTER, 1)
+    if fetched == n_tiles - 1:
+        gl.atomic_xchg(COUNTER, 0)
+    return gl.num_programs(0) + fetched
+
+
+@gluon.jit
+def _hand_over(next_tile, tc, t, q_start, seq_q, seq_k):
+    """VARLEN: the consumers' tc-th tile t and its sequence's first query row and lengths,
+    into slot tc % 2 of `next_tile` (they read it once its Q has arrived, or q_bar's arrival past the
+    last tile, and again for the epilogue: the slot is rewritten only after their next tile's S)."""
+    slots = gl.arange(0, 8, layout=gl.BlockedLayout([1], [32], [1], [0]))
+    info = gl.where(slots == 0, t, gl.where(slots == 1, q_start, gl.where(slots == 2, seq_q, seq_k)))
+    next_tile.index(tc & 1).store(info)
+
+
+@gluon.jit
+def _taken(next_tile, tc, field: gl.constexpr):
+    """Field `field` of _hand_over's slot for the consumers' tc-th tile: 0 t, 1 q_start, 2 seq_q,
+    3 seq_k."""
+    whole: gl.constexpr = gl.BlockedLayout([8], [32], [4], [0])        # every thread reads the slot
+    info = next_tile.index(tc & 1).load(whole)
+    return gl.sum(gl.where(gl.arange(0, 8, layout=whole) == field, info, 0), axis=0)
+
+
+@gluon.jit
 def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
               COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-              stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+              stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, CU_SEQLENS_Q, CU_SEQLENS_K,
               HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
     """The load warp, over the program's tiles: both halves of Q once both consumers are done with
@@ -103,12 +153,17 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
     them. One descriptor per tensor bounds every (batch, head) (rows past a sequence read as 0).
     Persistent: after the first tile (the program's own index) it takes the next from COUNTER and
     hands its index to the consumers in `next_tile`, with the next Q (an index past the last tile,
-    with an arrival of its own, ends the consumers' loop). VARLEN: the tensors hold the program's
-    sequence alone, as batch entry 0."""
+    with an arrival of its own, ends the consumers' loop).
+    VARLEN: the descriptors span the packed rows, and a tile's loads start at its sequence's first
+    query and key rows (the last Q or K/V block of a sequence overhangs into the next sequence's rows,
+    which the consumers mask: see _clear_rows); every tile, the first included, is handed over with
+    its sequence's first query row and lengths (next_tile)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, ROWS, 1, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, 1, HEAD_DIM], dtype)
     nheads_k = nheads // group_size
+    if VARLEN:
+        batch = 1
     q_desc = tma.make_tensor_descriptor(Q, shape=[batch, seqlen_q, nheads, HEAD_DIM],
                                         strides=[stride_qb, stride_qm, stride_qh, 1],
                                         block_shape=[1, ROWS, 1, HEAD_DIM], layout=q_layout)
@@ -121,33 +176,48 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
     it = 0              # K / V blocks loaded so far: ring slot and phase
     tc = 0              # tiles so far: Q's phase
     t = gl.program_id(0)
+    if VARLEN:
+        t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS, BLOCK_N, IS_CAUSAL,
+                   PERSISTENT)
     while t < n_tiles:
-        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
+        q_start = t * 0                     # the tile's sequence (VARLEN): first rows, lengths
+        k_start = q_start
+        seq_q = seqlen_q
+        seq_k = seqlen_k
+        if VARLEN:
+            q_start, k_start, seq_q, seq_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, t // (n_m * nheads))
+            q_start = q_start.to(gl.int32)          # TMA coordinates (rows of a tensor, < 2^31)
+            k_start = k_start.to(gl.int32)
+        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seq_q, seq_k,
                                                                 ROWS, BLOCK_N, IS_CAUSAL)
         if VARLEN:
             off_b = 0
         mbarrier.wait(q_empty, (tc & 1) ^ 1)
+        if VARLEN:
+            _hand_over(next_tile, tc, t, q_start, seq_q, seq_k)
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         for half in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [off_b, start_m + half * ROWS, off_h, 0], q_bar,
+            tma.async_copy_global_to_shared(q_desc, [off_b, q_start + start_m + half * ROWS, off_h, 0], q_bar,
                                             q_smem.index(half)._reinterpret(dtype, [1, ROWS, 1, HEAD_DIM], q_layout))
         if n_blocks > 0:
-            _load_block(k_desc, k_smem, k_ready, k_empty, it, 0, off_b, off_hk, k_layout, BLOCK_N, HEAD_DIM, STAGES)
+            _load_block(k_desc, k_smem, k_ready, k_empty, it, k_start, off_b, off_hk, k_layout, BLOCK_N, HEAD_DIM,
+                        STAGES)
         for j in range(n_blocks):
             if j + 1 < n_blocks:
-                _load_block(k_desc, k_smem, k_ready, k_empty, it + j + 1, j + 1, off_b, off_hk, k_layout, BLOCK_N,
-                            HEAD_DIM, STAGES)
-            _load_block(v_desc, v_smem, v_ready, v_empty, it + j, j, off_b, off_hk, k_layout, BLOCK_N, HEAD_DIM,
-                        STAGES)
+                _load_block(k_desc, k_smem, k_ready, k_empty, it + j + 1, k_start + (j + 1) * BLOCK_N, off_b, off_hk,
+                            k_layout, BLOCK_N, HEAD_DIM, STAGES)
+            _load_block(v_desc, v_smem, v_ready, v_empty, it + j, k_start + j * BLOCK_N, off_b, off_hk, k_layout,
+                        BLOCK_N, HEAD_DIM, STAGES)
         it += n_blocks
         tc += 1
-        if PERSISTENT:
-            # Fetched counts from 0 to n_tiles - 1 over the launch (one fetch a tile); the last
-            # fetch resets COUNTER for the next launch on this stream.
-            fetched = gl.atomic_add(COUNTER, 1)
-            if fetched == n_tiles - 1:
-                gl.atomic_xchg(COUNTER, 0)
-            t = gl.num_programs(0) + fetched
+        if VARLEN:
+            t = t + gl.num_programs(0)
+            if PERSISTENT:
+                t = _fetch(COUNTER, n_tiles)
+            t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS, BLOCK_N,
+                       IS_CAUSAL, PERSISTENT)
+        elif PERSISTENT:
+            t = _fetch(COUNTER, n_tiles)
             # Both consumers have read the previous index once they release its Q.
             mbarrier.wait(q_empty, (tc & 1) ^ 1)
             next_tile.store(gl.full([1], t, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
@@ -155,17 +225,21 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
                 mbarrier.arrive(q_bar, count=1)
         else:
             t += gl.num_programs(0)
+    if VARLEN:
+        mbarrier.wait(q_empty, (tc & 1) ^ 1)
+        _hand_over(next_tile, tc, t, 0, 0, 0)
+        mbarrier.arrive(q_bar, count=1)
 
 
 @gluon.jit
-def _load_block(desc, smem, ready, empty, c, j, off_b, off_hk, layout: gl.constexpr, BLOCK_N: gl.constexpr,
+def _load_block(desc, smem, ready, empty, c, row, off_b, off_hk, layout: gl.constexpr, BLOCK_N: gl.constexpr,
                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-    """Key block j of (off_b, off_hk) of K or V, the program's c-th, into ring slot c % STAGES once
-    both consumers have released the slot."""
+    """The key block from `row` of (off_b, off_hk) of K or V, the program's c-th, into ring slot
+    c % STAGES once both consumers have released the slot."""
     s = c % STAGES
     mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [off_b, j * BLOCK_N, off_hk, 0], ready.index(s),
+    tma.async_copy_global_to_shared(desc, [off_b, row, off_hk, 0], ready.index(s),
                                     smem.index(s)._reinterpret(smem.dtype, [1, BLOCK_N, 1, HEAD_DIM], layout))
 
 
@@ -199,13 +273,32 @@ def _softmax(qk, m_i, l_i, qk_scale, limit, cols, start_n, MASKED: gl.constexpr)
 
 
 @gluon.jit
+def _clear_rows(v, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Rows `valid`... of the V block v (shared memory) set to 0. A sequence's last block overhangs
+    into the next sequence's rows: P is 0 there, but 0 * inf or NaN is NaN, and one sequence's values
+    must not reach another's output. Both consumer warp groups clear the block before their P V, each
+    writing only zeros over the overhang, so neither can disturb the other's product."""
+    CHUNK: gl.constexpr = 8                       # rows a step: the 128-byte swizzle's period
+    COLS: gl.constexpr = HEAD_DIM // 8            # threads along a row, 8 values (16 bytes) each
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // COLS, COLS], [4, 1], [1, 0])
+    rows = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+    for i in gl.static_range(BLOCK_N // CHUNK):
+        if (i + 1) * CHUNK > valid:
+            part = v.slice(i * CHUNK, CHUNK)
+            x = part.load(layout)                                                   # [CHUNK, HEAD_DIM]
+            part.store(gl.where(gl.expand_dims(rows + i * CHUNK < valid, 1), x, gl.zeros_like(x)))
+    fence_async_shared()
+
+
+@gluon.jit
 def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, next_tile,
               stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, qk_scale,
               lse_rows, WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
     """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE.
-    VARLEN: O and the LSE start at the program's sequence, whose LSE rows are lse_rows (total_q) apart
-    from one head to the next."""
+    VARLEN: O and the LSE start at the sequence's first row (the program's, or with PERSISTENT each
+    tile's, handed over by the producer), and its LSE rows are lse_rows (total_q) apart from one head
+    to the next."""
     dtype: gl.constexpr = O.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -224,16 +317,26 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
     tc = 0              # tiles so far: Q's phase
     turns = 0           # turns taken so far (the other warp group takes as many)
     t = gl.program_id(0)
+    if VARLEN:
+        mbarrier.wait(q_bar, 0)
+        t = _taken(next_tile, 0, 0)
     while t < n_tiles:
-        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k,
+        # The tile's sequence (VARLEN: read from shared memory where needed, not kept in registers
+        # across the loop, which holds all the warp group can).
+        seq_q = seqlen_q
+        seq_k = seqlen_k
+        if VARLEN:
+            seq_q = _taken(next_tile, tc, 2)
+            seq_k = _taken(next_tile, tc, 3)
+        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seq_q, seq_k,
                                                                 ROWS, BLOCK_N, IS_CAUSAL)
         if VARLEN:
             off_b = 0
         row0 = start_m + WG * ROWS
         if IS_CAUSAL:
-            limit = gl.minimum(rows + (row0 + seqlen_k - seqlen_q + 1), seqlen_k)   # [ROWS]
+            limit = gl.minimum(rows + (row0 + seq_k - seq_q + 1), seq_k)           # [ROWS]
         else:
-            limit = gl.full([ROWS], seqlen_k, gl.int32, layout=row_layout)
+            limit = gl.full([ROWS], seq_k, gl.int32, layout=row_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
@@ -276,6 +379,11 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
             mbarrier.arrive(q_empty, count=1)
             c = it + n_blocks - 1
             last = c % STAGES
+            if VARLEN:
+                valid = seq_k - (n_blocks - 1) * BLOCK_N
+                if valid < BLOCK_N:
+                    mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
+                    _clear_rows(v_smem.index(last), valid, BLOCK_N, HEAD_DIM)
             _my_turn(turn, turns + n_blocks, WG)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -292,18 +400,25 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
         l_safe = gl.where(seen, l_i, 1.0)
         acc = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
         lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("inf"))        # [ROWS]
-        o_ptrs = (O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-                  + row0.to(gl.int64) * stride_om
-                  + gl.expand_dims(o_rows * stride_om, 1) + gl.expand_dims(o_cols, 0))   # [ROWS, HEAD_DIM]
-        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(o_rows < seqlen_q - row0, 1))
+        q_start = 0
         if VARLEN:
-            lse_ptrs = LSE + off_h.to(gl.int64) * lse_rows + row0 + rows
+            q_start = _taken(next_tile, tc, 1)
+            seq_q = _taken(next_tile, tc, 2)
+        o_ptrs = (O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+                  + (q_start + row0).to(gl.int64) * stride_om
+                  + gl.expand_dims(o_rows * stride_om, 1) + gl.expand_dims(o_cols, 0))   # [ROWS, HEAD_DIM]
+        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(o_rows < seq_q - row0, 1))
+        if VARLEN:
+            lse_ptrs = LSE + off_h.to(gl.int64) * lse_rows + (q_start + row0) + rows
         else:
             lse_ptrs = LSE + (off_b.to(gl.int64) * nheads + off_h) * seqlen_q + row0 + rows
-        gl.store(lse_ptrs, lse, mask=rows < seqlen_q - row0)
+        gl.store(lse_ptrs, lse, mask=rows < seq_q - row0)
         it += n_blocks
         tc += 1
-        if PERSISTENT:
+        if VARLEN:
+            mbarrier.wait(q_bar, tc & 1)
+            t = _taken(next_tile, tc, 0)
+        elif PERSISTENT:
             mbarrier.wait(q_bar, tc & 1)
             t = gl.max(next_tile.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
         else:
@@ -331,21 +446,14 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
     n_tiles = n_m * nheads * batch
     lse_rows = 0                    # unused without VARLEN
     if VARLEN:
-        gl.static_assert(not PERSISTENT, "packed sequences take one program per tile")
+        lse_rows = seqlen_q
+    if VARLEN and not PERSISTENT:
+        # A program whose query block lies past its sequence has nothing to do (the producer's _claim
+        # would pass over it too): leave before setting anything up.
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(gl.program_id(0), n_m, nheads, group_size, seqlen_q,
                                                                 seqlen_k, ROWS, BLOCK_N, IS_CAUSAL)
-        q_start, k_start, seq_q, seq_k = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
-        if start_m >= seq_q:
+        if start_m >= packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)[2]:
             return
-        lse_rows = seqlen_q
-        Q += q_start * stride_qm
-        O += q_start * stride_om
-        LSE += q_start
-        K += k_start * stride_kn
-        V += k_start * stride_vn
-        seqlen_q = seq_q
-        seqlen_k = seq_k
-        batch = 1
 
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
@@ -359,7 +467,11 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    next_tile = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # The next tile's index (persistent), with its sequence's offsets and lengths (VARLEN, _hand_over).
+    if VARLEN:
+        next_tile = gl.allocate_shared_memory(gl.int32, [2, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    else:
+        next_tile = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_empty, count=2)                     # free once both consumers are done with it
     for i in gl.static_range(STAGES):
@@ -383,7 +495,7 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
         (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
                      COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
-                     HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT, VARLEN)),
+                     CU_SEQLENS_Q, CU_SEQLENS_K, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -405,7 +517,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         varlen = dict(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, max_seqlen_q=max_seqlen_q, VARLEN=True)
         batch, rows, seqlen = cu_seqlens_q.numel() - 1, max_seqlen_q, max(max_seqlen_q, max_seqlen_k)
     n_tiles = cdiv(rows, BLOCK_M) * nheads * batch
-    persistent = cu_seqlens_q is None and configs.ping_pong_persistent(head_dim, causal, seqlen, q.device)
+    # Packed sequences always run persistent: their tiles' lengths vary, and a persistent program's
+    # producer loads the next tile while its consumers finish the last (benchmarks/TUNING.md,
+    # varlen-forward).
+    persistent = cu_seqlens_q is not None or configs.ping_pong_persistent(head_dim, causal, seqlen, q.device)
     grid = min(n_tiles, configs.sm_resources(q.device)[0]) if persistent else n_tiles
     counter = _tile_counter(q.device) if persistent else lse
     # Packed tensors keep their own batch strides: each sequence is their one batch entry.
