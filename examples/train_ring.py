@@ -133,6 +133,7 @@ def main(argv=None) -> int:
             print(f"step {step:4d}  loss {loss.item():.4f}")
     if rank == 0:
         print(f"loss {first:.4f} -> {loss.item():.4f}")
+    dist.barrier()          # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     return 0 if matches else 1
 

@@ -39,6 +39,10 @@ VARIANT_ARGS = ("causal", "window_left", "window_right", "softcap", "alibi_slope
                 "block_size", "deterministic", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                 "tile_size")
 _ATTN_BIAS = VARIANT_ARGS.index("attn_bias")
+# The options that are tensors (or None): what the autograd.Function saves for the backward.
+_TENSOR_ARGS = tuple(VARIANT_ARGS.index(name) for name in (
+    "alibi_slopes", "seed", "attn_bias", "block_mask", "kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices",
+    "cu_seqlens_q", "cu_seqlens_k"))
 
 
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_and_backend,
@@ -163,7 +167,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_bias, call):
         softmax_scale, *options, backend = call
         out, lse = _forward(q, k, v, *call)
-        tensors = [i for i, value in enumerate(options) if isinstance(value, Tensor)]
+        tensors = [i for i in _TENSOR_ARGS if options[i] is not None]
         ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensors))
         ctx.tensor_positions = tensors
         # ctx keeps no tensor outside save_for_backward. (A new list: torch 2.11's dynamo takes the
@@ -192,6 +196,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_an
     """O (B, Sq, H, D) and lse (B, H, Sq), differentiable in q, k, v and a float attn_bias; the
     arguments are the custom operators' (VARIANT_ARGS, then the backend name)."""
     attn_bias = options_and_backend[_ATTN_BIAS]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            attn_bias is not None and attn_bias.requires_grad))) and not torch._C._are_functorch_transforms_active():
+        # Nothing to differentiate: the autograd.Function's apply, context and saved tensors would only
+        # cost host time (its forward computes the same).
+        return _forward(q, k, v, softmax_scale, *options_and_backend)
     # One tensor given as two of q, k, v: torch.compile refuses an autograd.Function that receives the
     # same tensor twice; distinct views of it are the same values (and gradients add up as before).
     if k is q or v is q or v is k:

@@ -98,12 +98,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Vari
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((batch, nheads, seqlen_q), float("inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return out, lse
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if backend == "triton":
         from flashattn.ops.triton import forward as triton_forward
         return triton_forward.forward(q, k, v, softmax_scale, variant)
-    if cpu.applies(q, k, variant, q, k, v):
-        return cpu.forward(q, k, v, softmax_scale, variant.causal)
+    if cpu.applies(q, k, variant):
+        result = cpu.forward(q, k, v, softmax_scale, variant.causal)
+        if result is not None:
+            return result
     return reference.flash_attention_forward(q, k, v, softmax_scale, variant, *_reference_tiles(variant))
 
 
@@ -114,16 +116,18 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     if q.numel() == 0 or k.numel() == 0:
         dbias = torch.zeros_like(variant.bias) if bias_grad else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    dout, q, k, v, out = (_last_dim_contiguous(x) for x in (dout, q, k, v, out))
-    lse = lse.contiguous()
+    dout, out = _last_dim_contiguous(dout), _last_dim_contiguous(out)
+    q, k, v, lse = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), lse.contiguous()
     if dlse is not None:
         dlse = dlse.to(lse.dtype).contiguous()
     if backend == "triton":
         from flashattn.ops.triton import backward as triton_backward
         return triton_backward.backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
                                         bias_grad=bias_grad)
-    if cpu.applies(q, k, variant, q, k, v, dout, dlse=dlse):
-        return (*cpu.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal), None)
+    if cpu.applies(q, k, variant, dlse):
+        grads = cpu.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal)
+        if grads is not None:
+            return (*grads, None)
     return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
                                               *_reference_tiles(variant), bias_grad=bias_grad)
 

@@ -40,7 +40,8 @@ from conftest import DEVICE, HAS_CUDA
 @pytest.fixture(autouse=True)
 def _tiled_reference(monkeypatch):
     """Every run here takes the tiled PyTorch path: the clean run is compared bit for bit with the run
-    holding a NaN or inf, which torch's fused CPU kernel never receives (flashattn/ops/cpu.py)."""
+    holding a NaN or inf, which torch's fused CPU kernel serves only where its result is reference.py's
+    (flashattn/ops/cpu.py; tests/ops/test_cpu.py compares the two on such inputs)."""
     from flashattn.ops import cpu
 
     monkeypatch.setattr(cpu, "applies", lambda *args, **kwargs: False)
