@@ -343,10 +343,8 @@ HOPPER_LENS = (([0, 1, 17, 5, 700, 1025, 300, 2048, 17], [64, 129, 17, 0, 900, 1
                else ([0, 1, 17, 5, 40, 33], [9, 20, 17, 0, 31, 33]))
 # family -> (head dims, configs' choice functions answered so, launchers that may not run)
 HOPPER = {
-    "ping-pong": ((64, 128, 256), dict(ping_pong_forward=True, ping_pong_persistent=False),
-                  [("forward", "_launch_fwd"), ("forward", "_launch_fwd_ws")]),
-    "ping-pong-persistent": ((64, 128, 256), dict(ping_pong_forward=True, ping_pong_persistent=True),
-                             [("forward", "_launch_fwd"), ("forward", "_launch_fwd_ws")]),
+    "ping-pong": ((64, 128, 256), dict(ping_pong_forward=True), [("forward", "_launch_fwd"),
+                                                                  ("forward", "_launch_fwd_ws")]),
     "warp-specialized": ((64, 128, 256) if HAS_CUDA else (40, 64), dict(ping_pong_forward=False, warp_specialized=True),
                          [("forward", "_launch_fwd"), ("forward_sm90", "_launch_fwd_sm90")]),
     "one-pass": ((64, 128), dict(one_pass_backward=True), [("backward", "_launch_bwd")]),
@@ -411,7 +409,7 @@ def _force_family(family, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_SM90, reason="the Hopper kernels run on sm_90")
-@pytest.mark.parametrize("family", ["ping-pong", "ping-pong-persistent", "warp-specialized"])
+@pytest.mark.parametrize("family", ["ping-pong", "warp-specialized"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_a_nan_stays_in_its_sequence(family, causal, monkeypatch, use_backend):
     """A NaN in one packed sequence's q, k and v (every row) reaches no other sequence: the Hopper

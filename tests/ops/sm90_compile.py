@@ -164,8 +164,8 @@ def gluon_builds() -> None:
 
     builds = [(F._attn_fwd_sm90, F.NUM_WARPS, dict(HEAD_DIM=d, ROWS=F.ROWS, BLOCK_N=F.BLOCK_N[d], STAGES=F.STAGES[d, c],
                                                    IS_CAUSAL=c, PERSISTENT=persistent, VARLEN=varlen))
-              for d in F.HEAD_DIMS for c in (False, True) for persistent in (False, True)
-              for varlen in (False, True)]
+              for d in F.HEAD_DIMS for c in (False, True)
+              for persistent, varlen in ((False, False), (True, False), (True, True))]   # packed: persistent
     builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(HEAD_DIM=d, BLOCK_M=B.BLOCK_M[d], BLOCK_N=B.BLOCK_N, IS_CAUSAL=c,
                                                     STAGES=B.STAGES, DQ_STAGES=B.DQ_STAGES, DETERMINISTIC=det,
                                                     VARLEN=varlen))

@@ -32,8 +32,9 @@ Rows past seqlen_q and keys past seqlen_k are read as zeros (4-D descriptors ove
 each sequence); a row that sees no key gets O = 0 and LSE = +inf, as in forward.py.
 
 VARLEN (packed sequences, common.py): the tiles of every sequence as long as the longest (batch: the
-sequences; max_seqlen_q: the longest), one program per tile or persistent as for dense calls; a tile
-whose query block lies past its sequence is passed over (_claim). The descriptors span the packed
+sequences; max_seqlen_q: the longest), always persistent (their lengths vary, and a program's
+producer loads the next tile while its consumers finish the last); a tile whose query block lies past
+its sequence is passed over (_claim). The descriptors span the packed
 tensors, (1, total, H, D), and a tile's loads start at its sequence's first query and key rows; the
 producer hands each tile over with its sequence's first query row and lengths (_hand_over). The last
 query block of a sequence overhangs into the next sequence's rows (their O rows are never stored) and
@@ -96,19 +97,16 @@ def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BL
 
 @gluon.jit
 def _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS: gl.constexpr,
-           BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr):
-    """VARLEN: tile t, or if its query block lies past its sequence, the next tile that does not:
-    persistent, taken from COUNTER (one fetch per tile passed over, as per tile worked); else none.
-    t >= n_tiles when none is left."""
+           BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """VARLEN: tile t, or if its query block lies past its sequence, the next tile taken from COUNTER
+    that does not (one fetch per tile passed over, as per tile worked); t >= n_tiles when none is
+    left."""
     searching = t < n_tiles
     while searching:
         seq_q = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, t // (n_m * nheads))[2]
         searching = _tile(t, n_m, nheads, group_size, seq_q, 0, ROWS, BLOCK_N, IS_CAUSAL)[0] >= seq_q
         if searching:
-            if PERSISTENT:
-                t = _fetch(COUNTER, n_tiles)
-            else:
-                t = n_tiles
+            t = _fetch(COUNTER, n_tiles)
             searching = t < n_tiles
     return t
 
@@ -177,8 +175,7 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
     tc = 0              # tiles so far: Q's phase
     t = gl.program_id(0)
     if VARLEN:
-        t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS, BLOCK_N, IS_CAUSAL,
-                   PERSISTENT)
+        t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS, BLOCK_N, IS_CAUSAL)
     while t < n_tiles:
         q_start = t * 0                     # the tile's sequence (VARLEN): first rows, lengths
         k_start = q_start
@@ -211,11 +208,8 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
         it += n_blocks
         tc += 1
         if VARLEN:
-            t = t + gl.num_programs(0)
-            if PERSISTENT:
-                t = _fetch(COUNTER, n_tiles)
-            t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS, BLOCK_N,
-                       IS_CAUSAL, PERSISTENT)
+            t = _claim(_fetch(COUNTER, n_tiles), COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles,
+                       ROWS, BLOCK_N, IS_CAUSAL)
         elif PERSISTENT:
             t = _fetch(COUNTER, n_tiles)
             # Both consumers have read the previous index once they release its Q.
@@ -447,13 +441,7 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
     lse_rows = 0                    # unused without VARLEN
     if VARLEN:
         lse_rows = seqlen_q
-    if VARLEN and not PERSISTENT:
-        # A program whose query block lies past its sequence has nothing to do (the producer's _claim
-        # would pass over it too): leave before setting anything up.
-        start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(gl.program_id(0), n_m, nheads, group_size, seqlen_q,
-                                                                seqlen_k, ROWS, BLOCK_N, IS_CAUSAL)
-        if start_m >= packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)[2]:
-            return
+    gl.static_assert(PERSISTENT or not VARLEN, "packed sequences run persistent")
 
     q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
@@ -517,9 +505,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         varlen = dict(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, max_seqlen_q=max_seqlen_q, VARLEN=True)
         batch, rows, seqlen = cu_seqlens_q.numel() - 1, max_seqlen_q, max(max_seqlen_q, max_seqlen_k)
     n_tiles = cdiv(rows, BLOCK_M) * nheads * batch
-    # Packed sequences always run persistent: their tiles' lengths vary, and a persistent program's
-    # producer loads the next tile while its consumers finish the last (benchmarks/TUNING.md,
-    # varlen-forward).
+    # Packed sequences always run persistent (the module docstring; benchmarks/TUNING.md, varlen-forward).
     persistent = cu_seqlens_q is not None or configs.ping_pong_persistent(head_dim, causal, seqlen, q.device)
     grid = min(n_tiles, configs.sm_resources(q.device)[0]) if persistent else n_tiles
     counter = _tile_counter(q.device) if persistent else lse
