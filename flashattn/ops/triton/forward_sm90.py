@@ -33,14 +33,13 @@ each sequence); a row that sees no key gets O = 0 and LSE = +inf, as in forward.
 
 VARLEN (packed sequences, common.py): the tiles of every sequence as long as the longest (batch: the
 sequences; max_seqlen_q: the longest), always persistent (their lengths vary, and a program's
-producer loads the next tile while its consumers finish the last); a tile whose query block lies past
-its sequence is passed over (_claim). The descriptors span the packed
-tensors, (1, total, H, D), and a tile's loads start at its sequence's first query and key rows; the
-producer hands each tile over with its sequence's first query row and lengths (_hand_over). The last
-query block of a sequence overhangs into the next sequence's rows (their O rows are never stored) and
-so does its last key block: its scores are masked, and the consumers zero the overhang of V
-(_clear_rows), so that nothing of one sequence reaches another's output; past the last sequence TMA
-reads zeros.
+producer loads the next tile while its consumers finish the last); a tile whose query block lies
+past its sequence is passed over (_claim). The descriptors span the packed tensors, (1, total, H, D),
+and a tile's loads start at its sequence's first query and key rows; the producer hands each tile
+over with its sequence's first query row and lengths (_hand_over, next_tile). The last query block
+of a sequence overhangs into the next sequence's rows (their O rows are never stored), and so does
+its last key block: its scores are masked, and the consumers zero the overhang of V (_clear_rows),
+so that nothing of one sequence reaches another's output; past the last sequence TMA reads zeros.
 
 Only plain attention (causal or not, GQA, any lengths, a positive softmax scale) at head dims 64,
 128 and 256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the other kernels.
