@@ -133,10 +133,18 @@ def main(argv=None) -> int:
             print(f"step {step:4d}  loss {loss.item():.4f}")
     if rank == 0:
         print(f"loss {first:.4f} -> {loss.item():.4f}")
-    dist.barrier()          # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
     return 0 if matches else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:
+        # Under torchrun, leave without the interpreter's exit-time teardown: with gloo a rank has
+        # aborted there after its work was done and its process group destroyed ("terminate called
+        # without an active exception", in about one full test run in four on this project's CPU
+        # machine, not reproduced alone), and torchrun then fails the whole job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
