@@ -289,9 +289,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
               lse_rows, WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
     """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE.
-    VARLEN: O and the LSE start at the sequence's first row (the program's, or with PERSISTENT each
-    tile's, handed over by the producer), and its LSE rows are lse_rows (total_q) apart from one head
-    to the next."""
+    VARLEN: O and the LSE start at the first row of each tile's sequence (handed over by the producer),
+    and the LSE rows are lse_rows (total_q) apart from one head to the next."""
     dtype: gl.constexpr = O.dtype.element_ty
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
