@@ -31,6 +31,7 @@ PATHS = {
     "no-append": ("contiguous", dict(append=False)),
     "paged-16": ("paged", dict(causal=True)),
     "paged-32-window": ("paged32", dict(window_size=(37, 0))),
+    "paged-128": ("paged128", dict(causal=True)),     # pages of whole key tiles: one table entry a tile
     "batch-idx": ("batch_idx", dict(causal=True)),
     "leftpad-rotary": ("contiguous", dict(leftpad=True, rotary=True, interleaved=False, causal=True)),
     "rotary-interleaved": ("contiguous", dict(rotary=True, interleaved=True, causal=True)),
@@ -59,13 +60,13 @@ class _Cache:
 
     def __init__(self, layout, batch, leftpad):
         self.layout, self.batch = layout, batch
-        self.page = 32 if layout == "paged32" else PAGE
+        self.page = int(layout[len("paged"):] or PAGE) if layout.startswith("paged") else PAGE
         shape_k = (HEADS_K, HEAD_DIM)
         self.seqlens = torch.tensor(SEQLENS[:batch], dtype=torch.int32, device=DEVICE)
         self.leftpad = (self.seqlens // 3).to(torch.int32) if leftpad else None
         self.batch_idx = self.block_table = None
         if layout.startswith("paged"):
-            blocks = CAPACITY // self.page
+            blocks = -(-CAPACITY // self.page)
             pages = batch * blocks + 3
             order = torch.randperm(pages, device=DEVICE)[:batch * blocks]
             self.block_table = order.reshape(batch, blocks).to(torch.int32)

@@ -112,7 +112,8 @@ def tiles(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
     head_dim, dtype, causal, device = q.shape[-1], q.dtype, variant.causal, q.device
     seqlen = max(variant.max_seqlen_q, variant.max_seqlen_k) if variant.varlen else max(q.shape[1], k.shape[1])
     if kernel == SPLIT_KV:
-        t = decode.tiles(q.shape[1] * (q.shape[2] // k.shape[2]), head_dim)
+        t, _ = decode.plan(q.shape[0], k.shape[2], q.shape[1] * (q.shape[2] // k.shape[2]), k.shape[1], head_dim,
+                           q.element_size(), False, 0, device)
         return Tiles(kernel, (Program("split-kv", "queries", t.block_m, t.block_n),))
     if kernel == PING_PONG:
         return Tiles(kernel, (Program("fwd", "queries", forward_sm90.BLOCK_M, forward_sm90.BLOCK_N[head_dim]),))

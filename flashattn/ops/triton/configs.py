@@ -131,18 +131,19 @@ _FWD_WS = {
 }
 
 # The one-pass backward (backward_sm90), from the length where it measured faster than the portable
-# backward (§ one-pass-backward): (head dim, causal) -> (from this length, and from this length with
-# deterministic=True, or None).
+# backward (§ one-pass-backward; on the H200, § switch-over): (head dim, causal) -> (from this length,
+# and from this length with deterministic=True, or None).
 _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
-                (128, False): (2048, 2048), (128, True): (2048, 8192)}
+                (128, False): (2048, 2048), (128, True): (2048, 4096)}
 
 # The ping-pong forward (forward_sm90), from the length where it measured faster than the kernels
 # above, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
-# the length where that measured faster than one program per tile (§ ping-pong-forward). Head dim 64
-# is not listed: a 64-wide step is too little matrix work for its softmax and barriers.
+# the length where that measured faster than one program per tile (§ ping-pong-forward; on the H200,
+# § switch-over). Head dim 64 is not listed: a 64-wide step is too little matrix work for its softmax
+# and barriers.
 # (head dim, causal) -> (from this sequence length, persistent up to this one or None).
-_FWD_PINGPONG = {(128, False): (512, 4096), (128, True): (1024, math.inf),
-                 (256, False): (2048, None), (256, True): (2048, math.inf)}
+_FWD_PINGPONG = {(128, False): (512, math.inf), (128, True): (1024, math.inf),
+                 (256, False): (2048, None), (256, True): (1024, math.inf)}
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and
 # step 2 above makes them fit. The warp-specialized kernels are for sm_90 alone (TMA, setmaxnreg).

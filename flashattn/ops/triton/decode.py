@@ -44,6 +44,7 @@ from flashattn.ops.variant import KVCache, Variant
 
 MAX_SPLITS = 128
 SATURATING_PER_SM = 1.8    # programs per SM that reach the memory bandwidth (num_splits_for)
+FILLED_PER_SM = 0.9        # programs per SM from which a contiguous cache is read unsplit (plan)
 STARTUP_TILES = 1          # a program's start, in key tiles' read time (num_splits_for)
 
 
@@ -62,9 +63,18 @@ def _dependent_start(PDL: tl.constexpr):
 
 @triton.jit
 def _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_cb, stride_cn,
-              PAGE_SIZE: tl.constexpr):
-    """Element offsets (int64) of the rows holding keys `pos` of one sequence, from the cache's base
-    (plus the head's offset, added by the caller); the block table is read only where `valid`."""
+              PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
+    """Element offsets (int64) of the rows holding keys `pos` (one tile: consecutive, the first valid)
+    of one sequence, from the cache's base (plus the head's offset, added by the caller); the block
+    table is read only where `valid`, or once with TILE_IN_PAGE (pages are whole multiples of the
+    tile, which starts at a multiple of its size, with no leftpad, so one page holds it; and a page's
+    elements number less than 2^31)."""
+    if TILE_IN_PAGE:
+        # One page holds the whole tile: one table entry (its first key's), rows as in a contiguous cache,
+        # their offsets in the page 32-bit.
+        slot = pos + leftpad
+        page = tl.load(BLOCK_TABLE + cache_b * stride_btb + tl.min(slot, 0) // PAGE_SIZE).to(tl.int64)
+        return page * stride_cb + ((slot % PAGE_SIZE) * stride_cn).to(tl.int64)
     slot = pos.to(tl.int64) + leftpad
     if PAGE_SIZE > 0:
         page = tl.load(BLOCK_TABLE + cache_b * stride_btb + slot // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
@@ -86,7 +96,8 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
                   HAS_LEFTPAD: tl.constexpr = False, HAS_BATCH_IDX: tl.constexpr = False,
                   PAGE_SIZE: tl.constexpr = 0, HAS_WINDOW: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
-                  DOT_PRECISION: tl.constexpr = "ieee", PDL: tl.constexpr = False):
+                  DOT_PRECISION: tl.constexpr = "ieee", PDL: tl.constexpr = False,
+                  TILE_IN_PAGE: tl.constexpr = False):
     """One program: the rows [pid_m * BLOCK_M, +BLOCK_M) of (query, head) pairs of one (batch, KV
     head) against one split of the keys. Grid (batch * KV heads, row blocks, splits): the product
     that grows with the batch on the axis of 2^31 - 1 programs (the others hold 65535)."""
@@ -145,7 +156,8 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
         pos = start_n + offs_n                                       # [BLOCK_N]
         valid = pos < seqlen_k
         key_ok = valid[:, None] & d_ok[None, :]
-        k_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_kb, stride_kn, PAGE_SIZE)
+        k_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_kb, stride_kn, PAGE_SIZE,
+                           TILE_IN_PAGE)
         k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, _ = scores(qk, i[:, None], pos[None, :], seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
@@ -156,7 +168,8 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
         p = tl.math.exp2(s - m_safe[:, None])                        # P~_ij [BLOCK_M, BLOCK_N]
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_vb, stride_vn, PAGE_SIZE)
+        v_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_vb, stride_vn, PAGE_SIZE,
+                           TILE_IN_PAGE)
         v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -309,15 +322,37 @@ _launch_combine = Launcher(_combine)
 _launch_append = Launcher(_append_kv)
 
 
-def tiles(rows: int, head_dim: int) -> TileConfig:
+def tiles(rows: int, head_dim: int, paged: bool = False, filled: bool = False) -> TileConfig:
     """Tile shape of the split kernel for `rows` = seqlen_q * G packed rows (benchmarks/TUNING.md,
     § split-kv): 16 rows at least (tl.dot's minimum), at most 64 (more rows share a K/V tile but the
-    accumulator grows); 128 keys per tile, two stages (one tile's loads in flight while the other is
-    used) up to head dim 128, 32 keys beyond."""
+    accumulator grows). Keys per tile and stages, up to head dim 128: a contiguous cache 64 keys with
+    two tiles in flight (3 stages: the next tile's loads are issued before the current tile's
+    products), three when `filled` (the call runs unsplit, `plan`); a paged cache 128 keys, one tile
+    in flight (Triton's pipeliner gives a load whose address is another load's, the block table's,
+    one buffer at any stage count). Beyond head dim 128: 32 keys, 2 stages."""
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-    if head_dim <= 128:
+    if head_dim > 128:
+        return TileConfig(block_m, 32, num_warps=4, num_stages=2)
+    if paged:
         return TileConfig(block_m, 128, num_warps=4, num_stages=2)
-    return TileConfig(block_m, 32, num_warps=4, num_stages=2)
+    return TileConfig(block_m, 64, num_warps=4, num_stages=4 if filled else 3)
+
+
+def plan(batch: int, nheads_k: int, rows: int, capacity: int, head_dim: int, elem: int, paged: bool,
+         num_splits: int, device: torch.device) -> tuple[TileConfig, int]:
+    """The tiles and the split count of a split-KV call (num_splits=0: chosen here). `rows` =
+    seqlen_q * G, `capacity` the keys a sequence may hold. A contiguous cache whose (batch, KV head,
+    row block) programs already number FILLED_PER_SM per SM runs unsplit with three tiles in flight;
+    otherwise num_splits_for's model fills the GPU."""
+    block_m = tiles(rows, head_dim).block_m
+    programs = batch * nheads_k * cdiv(rows, block_m)
+    sms, shared = _sm(device)
+    filled = not paged and head_dim <= 128 and num_splits in (0, 1) and programs >= FILLED_PER_SM * sms
+    t = tiles(rows, head_dim, paged, filled)
+    if num_splits == 0:
+        resident = max(1, min(4, shared // _shared_bytes(t, head_dim, elem)))
+        num_splits = 1 if filled else num_splits_for(programs, cdiv(capacity, t.block_n), resident, device, paged)
+    return t, min(num_splits, max(1, cdiv(capacity, t.block_n)), MAX_SPLITS)
 
 
 def _sm(device: torch.device) -> tuple[int, int]:
@@ -382,14 +417,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     group = nheads // nheads_k
     page_size = cache.page_size if cache is not None else 0
     capacity = cache.capacity if cache is not None else k.shape[1]
-    t = tiles(seqlen_q * group, head_dim)
+    t, num_splits = plan(batch, nheads_k, seqlen_q * group, capacity, head_dim, q.element_size(), page_size > 0,
+                         num_splits, q.device)
     m_blocks = cdiv(seqlen_q * group, t.block_m)
-    if num_splits == 0:
-        _, shared = _sm(q.device)
-        resident = max(1, min(4, shared // _shared_bytes(t, head_dim, q.element_size())))
-        num_splits = num_splits_for(batch * nheads_k * m_blocks, cdiv(capacity, t.block_n), resident, q.device,
-                                    page_size > 0)
-    num_splits = min(num_splits, max(1, cdiv(capacity, t.block_n)), MAX_SPLITS)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     split = num_splits > 1
@@ -420,6 +450,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         table, table.stride(0) if table is not None else 0, **kw,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), PDL=chained,
+        TILE_IN_PAGE=_tile_in_page(page_size, t.block_n, cache, k, v),
         num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=overlap)
     if split:
         _launch_combine((batch * seqlen_q * nheads, 1, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
@@ -427,6 +458,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
                         CHUNK=min(32, max(2, 1 << (num_splits - 1).bit_length())), PDL=chained,
                         num_warps=4, num_stages=1, launch_pdl=chained)
     return o, lse
+
+
+def _tile_in_page(page_size: int, block_n: int, cache: KVCache | None, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every key tile lies in one page of a paged cache (the kernel's TILE_IN_PAGE): pages of
+    whole tiles, no leftpad (tiles start at multiples of their size), and pages of fewer than 2^31
+    elements (32-bit offsets in a page)."""
+    return (page_size > 0 and page_size % block_n == 0 and cache.leftpad is None
+            and page_size * max(k.stride(1), v.stride(1)) < 2 ** 31)
 
 
 def appends(k: torch.Tensor | None, rotary_cos: torch.Tensor | None) -> bool:
