@@ -249,6 +249,26 @@ def test_split_choice_and_heuristic():
             assert -(-key_tiles // -(-key_tiles // n)) == n
 
 
+def test_plan_tiles_and_splits():
+    """decode.plan on the interpreter's stand-in (8 SMs): few programs split over 64-key tiles with two
+    in flight; a batch that fills the GPU runs unsplit with three; many waves of programs, and paged
+    caches, take the 128-key tiles; head dims above 128 take 32 keys."""
+    cpu = torch.device("cpu")
+
+    def plan(batch, nheads_k=1, rows=4, capacity=4096, head_dim=128, paged=False, num_splits=0):
+        t, splits = decode.plan(batch, nheads_k, rows, capacity, head_dim, 2, paged, num_splits, cpu)
+        return (t.block_n, t.num_stages), splits
+
+    shape, splits = plan(1)
+    assert shape == (64, 3) and splits > 1
+    assert plan(8) == ((64, 4), 1)                          # 8 programs: one an SM
+    assert plan(8, nheads_k=8) == ((128, 2), 1)             # 64 programs, 8 an SM: many waves
+    assert plan(8, num_splits=3) == ((64, 3), 3)            # the caller's count, two tiles in flight
+    assert plan(1, paged=True)[0] == (128, 2) and plan(8, paged=True)[0] == (128, 2)
+    assert plan(1, head_dim=256)[0] == (32, 2)
+    assert plan(1, capacity=64, num_splits=40)[1] == 1      # no more splits than key tiles
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: a clear error, and the cache bit-identical.
 # ---------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from flashattn.ops.variant import KVCache, Variant
 MAX_SPLITS = 128
 SATURATING_PER_SM = 1.8    # programs per SM that reach the memory bandwidth (num_splits_for)
 FILLED_PER_SM = 0.9        # programs per SM from which a contiguous cache is read unsplit (plan)
+CROWDED_PER_SM = 4         # programs per SM beyond which the wide tiles' three resident programs win (plan)
 STARTUP_TILES = 1          # a program's start, in key tiles' read time (num_splits_for)
 
 
@@ -63,18 +64,24 @@ def _dependent_start(PDL: tl.constexpr):
 
 @triton.jit
 def _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_cb, stride_cn,
-              PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
+              PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr, POOL_32: tl.constexpr):
     """Element offsets (int64) of the rows holding keys `pos` (one tile: consecutive, the first valid)
     of one sequence, from the cache's base (plus the head's offset, added by the caller); the block
     table is read only where `valid`, or once with TILE_IN_PAGE (pages are whole multiples of the
     tile, which starts at a multiple of its size, with no leftpad, so one page holds it; and a page's
-    elements number less than 2^31)."""
+    elements number less than 2^31). POOL_32: every offset into the pool is below 2^31."""
     if TILE_IN_PAGE:
         # One page holds the whole tile: one table entry (its first key's), rows as in a contiguous cache,
         # their offsets in the page 32-bit.
         slot = pos + leftpad
         page = tl.load(BLOCK_TABLE + cache_b * stride_btb + tl.min(slot, 0) // PAGE_SIZE).to(tl.int64)
         return page * stride_cb + ((slot % PAGE_SIZE) * stride_cn).to(tl.int64)
+    if PAGE_SIZE > 0 and POOL_32:
+        # A pool of fewer than 2^31 elements: 32-bit offsets (the gathered rows' arithmetic is what a
+        # paged tile pays for between its products and its next loads).
+        slot = pos + leftpad
+        page = tl.load(BLOCK_TABLE + cache_b * stride_btb + slot // PAGE_SIZE, mask=valid, other=0)
+        return (page * stride_cb + (slot % PAGE_SIZE) * stride_cn).to(tl.int64)
     slot = pos.to(tl.int64) + leftpad
     if PAGE_SIZE > 0:
         page = tl.load(BLOCK_TABLE + cache_b * stride_btb + slot // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
@@ -97,7 +104,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
                   PAGE_SIZE: tl.constexpr = 0, HAS_WINDOW: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                   DOT_PRECISION: tl.constexpr = "ieee", PDL: tl.constexpr = False,
-                  TILE_IN_PAGE: tl.constexpr = False):
+                  TILE_IN_PAGE: tl.constexpr = False, POOL_32: tl.constexpr = False):
     """One program: the rows [pid_m * BLOCK_M, +BLOCK_M) of (query, head) pairs of one (batch, KV
     head) against one split of the keys. Grid (batch * KV heads, row blocks, splits): the product
     that grows with the batch on the axis of 2^31 - 1 programs (the others hold 65535)."""
@@ -157,7 +164,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
         valid = pos < seqlen_k
         key_ok = valid[:, None] & d_ok[None, :]
         k_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_kb, stride_kn, PAGE_SIZE,
-                           TILE_IN_PAGE)
+                           TILE_IN_PAGE, POOL_32)
         k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, _ = scores(qk, i[:, None], pos[None, :], seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
@@ -169,7 +176,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_vb, stride_vn, PAGE_SIZE,
-                           TILE_IN_PAGE)
+                           TILE_IN_PAGE, POOL_32)
         v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -322,18 +329,18 @@ _launch_combine = Launcher(_combine)
 _launch_append = Launcher(_append_kv)
 
 
-def tiles(rows: int, head_dim: int, paged: bool = False, filled: bool = False) -> TileConfig:
+def tiles(rows: int, head_dim: int, wide: bool = False, filled: bool = False) -> TileConfig:
     """Tile shape of the split kernel for `rows` = seqlen_q * G packed rows (benchmarks/TUNING.md,
     § split-kv): 16 rows at least (tl.dot's minimum), at most 64 (more rows share a K/V tile but the
-    accumulator grows). Keys per tile and stages, up to head dim 128: a contiguous cache 64 keys with
-    two tiles in flight (3 stages: the next tile's loads are issued before the current tile's
-    products), three when `filled` (the call runs unsplit, `plan`); a paged cache 128 keys, one tile
-    in flight (Triton's pipeliner gives a load whose address is another load's, the block table's,
-    one buffer at any stage count). Beyond head dim 128: 32 keys, 2 stages."""
+    accumulator grows). Keys per tile and stages, up to head dim 128: 64 keys with two tiles in
+    flight (3 stages: the next tile's loads are issued before the current tile's products), three
+    when `filled` (the call runs unsplit: `plan`); `wide`: 128 keys, one tile in flight, and three
+    programs an SM (paged caches, whose block-table read leaves the pipeliner one buffer at any stage
+    count; and batches of many waves of programs). Beyond head dim 128: 32 keys, 2 stages."""
     block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
     if head_dim > 128:
         return TileConfig(block_m, 32, num_warps=4, num_stages=2)
-    if paged:
+    if wide:
         return TileConfig(block_m, 128, num_warps=4, num_stages=2)
     return TileConfig(block_m, 64, num_warps=4, num_stages=4 if filled else 3)
 
@@ -342,13 +349,15 @@ def plan(batch: int, nheads_k: int, rows: int, capacity: int, head_dim: int, ele
          num_splits: int, device: torch.device) -> tuple[TileConfig, int]:
     """The tiles and the split count of a split-KV call (num_splits=0: chosen here). `rows` =
     seqlen_q * G, `capacity` the keys a sequence may hold. A contiguous cache whose (batch, KV head,
-    row block) programs already number FILLED_PER_SM per SM runs unsplit with three tiles in flight;
-    otherwise num_splits_for's model fills the GPU."""
+    row block) programs number FILLED_PER_SM to CROWDED_PER_SM per SM runs unsplit with three tiles
+    in flight; beyond that on the `wide` tiles; otherwise num_splits_for's model fills the GPU."""
     block_m = tiles(rows, head_dim).block_m
     programs = batch * nheads_k * cdiv(rows, block_m)
     sms, shared = _sm(device)
-    filled = not paged and head_dim <= 128 and num_splits in (0, 1) and programs >= FILLED_PER_SM * sms
-    t = tiles(rows, head_dim, paged, filled)
+    crowded = programs > CROWDED_PER_SM * sms
+    filled = (not paged and not crowded and head_dim <= 128 and num_splits in (0, 1)
+              and programs >= FILLED_PER_SM * sms)
+    t = tiles(rows, head_dim, paged or crowded, filled)
     if num_splits == 0:
         resident = max(1, min(4, shared // _shared_bytes(t, head_dim, elem)))
         num_splits = 1 if filled else num_splits_for(programs, cdiv(capacity, t.block_n), resident, device, paged)
@@ -451,6 +460,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), PDL=chained,
         TILE_IN_PAGE=_tile_in_page(page_size, t.block_n, cache, k, v),
+        POOL_32=page_size > 0 and max(_extent(k), _extent(v)) < 2 ** 31,
         num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=overlap)
     if split:
         _launch_combine((batch * seqlen_q * nheads, 1, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
@@ -458,6 +468,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
                         CHUNK=min(32, max(2, 1 << (num_splits - 1).bit_length())), PDL=chained,
                         num_warps=4, num_stages=1, launch_pdl=chained)
     return o, lse
+
+
+def _extent(x: torch.Tensor) -> int:
+    """One past the largest element offset of x from its first element."""
+    return 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
 
 
 def _tile_in_page(page_size: int, block_n: int, cache: KVCache | None, k: torch.Tensor, v: torch.Tensor) -> bool:
