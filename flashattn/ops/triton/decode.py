@@ -360,7 +360,7 @@ def plan(batch: int, nheads_k: int, rows: int, capacity: int, head_dim: int, ele
     t = tiles(rows, head_dim, paged or crowded, filled)
     if num_splits == 0:
         resident = max(1, min(4, shared // _shared_bytes(t, head_dim, elem)))
-        num_splits = 1 if filled else num_splits_for(programs, cdiv(capacity, t.block_n), resident, device, paged)
+        num_splits = 1 if filled else num_splits_for(programs, cdiv(capacity, t.block_n), resident, device)
     return t, min(num_splits, max(1, cdiv(capacity, t.block_n)), MAX_SPLITS)
 
 
@@ -387,19 +387,18 @@ def _shared_bytes(t: TileConfig, head_dim: int, elem: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def num_splits_for(programs: int, key_tiles: int, resident: int, device: torch.device, paged: bool = False) -> int:
+def num_splits_for(programs: int, key_tiles: int, resident: int, device: torch.device) -> int:
     """Splits when num_splits=0: the count that minimises a model of the read time (benchmarks/
     TUNING.md, § split-kv). `programs` (batch x KV heads x row blocks) times the splits run in waves
     of at most `resident` per SM; each program reads ceil(key_tiles / splits) tiles and pays about
     one tile more to start. A wave's time is its bytes over the memory bandwidth, which takes about
-    1.8 programs per SM to reach (a paged cache's programs, whose every tile first reads the block
-    table, all `resident`): a wave of fewer programs costs as much as one of that many. Only
+    1.8 programs per SM to reach: a wave of fewer programs costs as much as one of that many. Only
     counts without an empty split are considered; fewer splits win ties (less to combine).
     `key_tiles` counts the tiles of the longest possible sequence (the cache's capacity: the lengths
-    themselves are on the device)."""
+    themselves are on the device). Contiguous and paged caches alike."""
     sms, _ = _sm(device)
     slots = sms * resident
-    saturating = slots if paged else math.ceil(SATURATING_PER_SM * sms)
+    saturating = math.ceil(SATURATING_PER_SM * sms)
 
     def cost(splits: int) -> float:
         full, last = divmod(programs * splits, slots)
