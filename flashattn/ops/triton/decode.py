@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from flashattn.ops.triton.common import LN2, LOG2E, block_d, cdiv, options as common_options, scores
+from flashattn.ops.triton.common import wide as wide_offsets
 from flashattn.ops.triton import configs
 from flashattn.ops.triton.configs import TileConfig, dot_precision
 from flashattn.ops.triton.launch import Launcher
@@ -68,8 +69,8 @@ def _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_cb, 
     """Element offsets (int64) of the rows holding keys `pos` (one tile: consecutive, the first valid)
     of one sequence, from the cache's base (plus the head's offset, added by the caller); the block
     table is read only where `valid`, or once with TILE_IN_PAGE (pages are whole multiples of the
-    tile, which starts at a multiple of its size, with no leftpad, so one page holds it; and a page's
-    elements number less than 2^31). POOL_32: every offset into the pool is below 2^31."""
+    tile, which starts at a multiple of its size, with no leftpad, so one page holds it; and offsets
+    within a page are below 2^31). POOL_32: every offset into the pool is below 2^31."""
     if TILE_IN_PAGE:
         # One page holds the whole tile: one table entry (its first key's), rows as in a contiguous cache,
         # their offsets in the page 32-bit.
@@ -476,10 +477,10 @@ def _extent(x: torch.Tensor) -> int:
 
 def _tile_in_page(page_size: int, block_n: int, cache: KVCache | None, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether every key tile lies in one page of a paged cache (the kernel's TILE_IN_PAGE): pages of
-    whole tiles, no leftpad (tiles start at multiples of their size), and pages of fewer than 2^31
-    elements (32-bit offsets in a page)."""
+    whole tiles, no leftpad (tiles start at multiples of their size), and row offsets within a page
+    that 32 bits hold (common.wide over the page's rows)."""
     return (page_size > 0 and page_size % block_n == 0 and cache.leftpad is None
-            and page_size * max(k.stride(1), v.stride(1)) < 2 ** 31)
+            and not wide_offsets(page_size, k, v))
 
 
 def appends(k: torch.Tensor | None, rotary_cos: torch.Tensor | None) -> bool:
