@@ -1,7 +1,8 @@
 """python -m flashattn.bench: time flashattn against the other attention implementations.
 
 On a CUDA GPU: the FlashAttention-2 paper's grid (bf16, 16k tokens, model dim 2048) against torch
-SDPA's backends, FlexAttention, flash-attn (if installed) and standard attention, plus peak memory.
+SDPA's backends, FlexAttention, FlashAttention-4 and flash-attn (where importable) and standard
+attention, plus peak memory; `--merge` joins an earlier run's bench.json (a grid measured in parts).
 Without one: a small float32 CPU comparison of flashattn's PyTorch path, standard attention and
 torch SDPA. Writes bench.json, summary.md, tflops.png and memory.png to --out.
 
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
                         help="output directory (default: bench-out/)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
+    parser.add_argument("--merge", type=Path, metavar="BENCH_JSON",
+                        help="join an earlier run's bench.json (same --peers and device kind) into this "
+                             "run's tables, JSON and plots: a grid measured in parts, one per process")
     parser.add_argument("--cpu", action="store_true",
                         help="run the CPU comparison even when a GPU is present")
     group = parser.add_argument_group(
@@ -198,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     env = report.environment(config.device)
+    if args.merge is not None:
+        results, env["merged_from"] = suite.merge(results, args.merge)
     if args.grid:
         report.print_report(results, console)
     panels.print_panels(option_panels, console)

@@ -9,9 +9,16 @@ do_bench time becomes the host's time per call. For each case this prints and re
     first_us    host time of each of the first calls after a fresh compile (transients)
 the host cost of each layer of one short call (--layers: the Triton launcher alone, dispatch, the
 autograd function, the public function, the backward), and cProfile's top entries for the
-slowest-host case. Usage:
+slowest-host case. With --peers, instead: the host time per call of this library beside other
+implementations (SDPA cuDNN, SDPA flash, FlashAttention-4 where importable) at one small batch, forward
+and forward + backward:
+    host_us     as above: wall time per call of 20 back-to-back calls from an idle GPU
+    wall_us     wall time of 300 back-to-back calls / 300 (the host or the GPU, whichever is slower)
+Usage:
     python -m flashattn.bench.host --out host.json [--seqlens 512,1024,2048,4096] [--head-dims 64,128,256]
         [--layers [--layers-seqlens 512,1024]]
+    python -m flashattn.bench.host --peers sdpa-cudnn,sdpa-flash,fa4 --out host.json
+        [--peers-seqlens 128,256,512,1024]
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from flashattn import flash_attn_func
+from flashattn.bench import peers as bench_peers
+from flashattn.bench.cases import Case
 from flashattn.ops import custom_ops, dispatch
 from flashattn.ops.triton import backward as triton_backward
 from flashattn.ops.triton import forward as triton_forward
@@ -100,6 +109,58 @@ def layers(d: int = 128, n: int = 512, causal: bool = True) -> dict[str, float]:
     return result
 
 
+def _wall_us(fn, calls: int = 300) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def compare(wanted: list[str], seqlens: list[int], d: int = 128, h: int = 16) -> list[dict]:
+    """Host time per call at (1, N, h, d) bf16 of flashattn and the `wanted` peers, forward (inputs
+    requiring grad, as in training) and forward + backward; each figure the best of 5 repeats."""
+    chosen, unavailable = bench_peers.available("gpu", wanted)
+    for name, why in unavailable.items():
+        print(f"peer {name} unavailable: {why}", flush=True)
+    device = torch.device("cuda")
+    rows = []
+    for n in seqlens:
+        for causal in (False, True):
+            for peer in chosen:
+                if peer.backward_only:
+                    continue
+                case = Case("bf16", 1, h, n, d, causal, "fwd")
+                shape = (1, n, h, d) if peer.layout == "bnhd" else (1, h, n, d)
+                q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                attn = peer.build(case, device)
+                grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+
+                def fwd():
+                    return attn(q, k, v)
+
+                def fwd_bwd():
+                    attn(q, k, v).backward(grad)
+                row = dict(impl=peer.name, seqlen=n, causal=causal, head_dim=d, nheads=h)
+                for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    try:
+                        for _ in range(5):   # compile, allocator and autotuning transients
+                            fn()
+                        row[f"{label}_host_us"] = min(_host_us(fn) for _ in range(5))
+                        row[f"{label}_wall_us"] = min(_wall_us(fn) for _ in range(3))
+                    except Exception as exc:  # a peer that cannot run this shape: recorded, not fatal
+                        row[f"{label}_error"] = bench_peers.describe_error(exc)
+                rows.append(row)
+                print(f"host N={n:5d} {'causal' if causal else 'full  '} {peer.name:12s} "
+                      + "  ".join(f"{label} {row.get(f'{label}_host_us', float('nan')):6.0f} / "
+                                  f"{row.get(f'{label}_wall_us', float('nan')):6.0f} us"
+                                  for label in ("fwd", "fwd+bwd")), flush=True)
+                del q, k, v
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="512,1024,2048,4096")
@@ -108,7 +169,18 @@ def main() -> None:
     ap.add_argument("--layers", action="store_true", help="only the per-layer host costs")
     ap.add_argument("--layers-seqlens", default="512",
                     help="the lengths of the per-layer costs (head dim 128, causal): 1024 runs the ping-pong forward")
+    ap.add_argument("--peers", default=None,
+                    help="compare host time per call with these implementations (names as the benchmark's "
+                         "--peers, e.g. sdpa-cudnn,sdpa-flash,fa4) instead of the per-case profile")
+    ap.add_argument("--peers-seqlens", default="128,256,512,1024",
+                    help="sequence lengths of --peers (batch 1, 16 heads of 128)")
     args = ap.parse_args()
+    if args.peers is not None:
+        rows = compare(args.peers.split(","), [int(x) for x in args.peers_seqlens.split(",")])
+        with open(args.out, "w") as f:
+            json.dump({"peers_host": rows, "method": "host_us: best of 5 x (20 back-to-back calls from an "
+                       "idle GPU) / 20; wall_us: best of 3 x (300 calls) / 300"}, f, indent=1)
+        return
     report = {f"layers_d128_n{n}_causal": layers(n=n) for n in map(int, args.layers_seqlens.split(","))}
     if args.layers:
         with open(args.out, "w") as f:

@@ -136,6 +136,13 @@ def _flash_attn_pkg(case: Case, device: torch.device) -> AttentionFn:
     return lambda q, k, v: flash_attn.flash_attn_func(q, k, v, causal=case.causal)
 
 
+def _fa4(case: Case, device: torch.device) -> AttentionFn:
+    """FlashAttention-4's CuTe-DSL kernels (pip flash-attn-4; sm_90 and newer). Its function returns
+    (out, lse)."""
+    from flash_attn.cute import flash_attn_func as fa4
+    return lambda q, k, v: fa4(q, k, v, causal=case.causal)[0]
+
+
 def _needs(module: str, *attrs: str) -> Callable[[], str | None]:
     """A probe: None when `module` imports and has `attrs`, else the reason in one line."""
     def probe() -> str | None:
@@ -188,6 +195,8 @@ def _registry(mode: str) -> list[Peer]:
                           "create_block_mask")),
         Peer("flash-attn", "bnhd", _flash_attn_pkg, description="flash_attn.flash_attn_func",
              probe=_needs("flash_attn", "flash_attn_func")),
+        Peer("fa4", "bnhd", _fa4, description="FlashAttention-4, flash_attn.cute.flash_attn_func (CuTe DSL)",
+             probe=_needs("flash_attn.cute", "flash_attn_func")),
         Peer("standard", "bhnd", _standard, max_seqlen=2048, description=_STANDARD),
     ]
 

@@ -90,6 +90,7 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "flashattn": flashattn.__version__,
         "flash_attn": _package_version("flash-attn", "flash_attn"),
+        "flash_attn_4": _package_version("flash-attn-4"),
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -293,6 +294,16 @@ def markdown_table(headers: list[str], rows: list[list[str]], right: set[int]) -
     return lines
 
 
+def _merged_note(env: dict) -> str:
+    """Where a grid was measured in parts (--merge): which earlier run the other rows come from."""
+    earlier = env.get("merged_from")
+    if not earlier:
+        return ""
+    git = earlier.get("git") or {}
+    return (f" The rows this run did not measure come from an earlier run: {earlier.get('device')}, commit "
+            f"{(git.get('commit') or 'unknown')[:12]}, {earlier.get('date_utc')}.")
+
+
 def markdown(results: Results, env: dict) -> str:
     config = results.config
     unit, factor = throughput_unit(config.mode)
@@ -304,7 +315,8 @@ def markdown(results: Results, env: dict) -> str:
     lines = [
         f"# flashattn benchmark ({config.mode.upper()})",
         "",
-        f"{env['device']}; {versions}; commit {commit}; {env['date_utc']}.",
+        f"{env['device']}; {versions}; commit {commit}; {env['date_utc']}."
+        + _merged_note(env),
         "",
         f"Throughput in {unit} (higher is better), from median times; FLOPs: forward "
         "4·B·H·N²·D, halved when causal, backward 2.5 × forward. Fastest in **bold**; "

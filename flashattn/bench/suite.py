@@ -1,7 +1,9 @@
 """Run the grid (every case on every implementation), then the memory section; show progress."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -9,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from flashattn.bench import measure
-from flashattn.bench.cases import Case, Grid, MemoryGrid
+from flashattn.bench.cases import PASSES, Case, Grid, MemoryGrid
 from flashattn.bench.measure import Measurement
 from flashattn.bench.peers import MEMORY_PEERS, OURS, SUBJECT, Peer
 
@@ -125,3 +127,41 @@ def run(config: Config, console: Console) -> Results:
                 memory_rows.append(row)
             progress.update(memory, description="done")
     return Results(config, rows, memory_rows)
+
+
+def _case(d: dict) -> Case:
+    return Case(d["dtype"], d["batch"], d["nheads"], d["seqlen"], d["headdim"], d["causal"], d["pass"])
+
+
+def merge(results: Results, path: Path) -> tuple[Results, dict]:
+    """`results` joined by the rows of an earlier run's bench.json (`path`), for a grid measured over
+    several processes (a device call per part): the earlier run must have measured the same
+    implementations in the same mode; a cell in both keeps this run's figure, and so does the memory
+    section. Returns the joined results and the earlier run's environment (which the JSON records)."""
+    earlier = json.loads(Path(path).read_text())
+    config = results.config
+    if earlier.get("mode") != config.mode or set(earlier.get("implementations", ())) != set(results.names):
+        raise ValueError(f"--merge {path}: that run measured {sorted(earlier.get('implementations', ()))} in "
+                         f"{earlier.get('mode')!r} mode, this one {sorted(results.names)} in {config.mode!r} "
+                         "mode; run both parts with the same --peers on the same kind of device")
+    ours = {row.case for row in results.rows}
+    rows = [Row(_case(d), {name: Measurement(**m) for name, m in d["results"].items()})
+            for d in earlier["rows"] if _case(d) not in ours] + results.rows
+    rows.sort(key=lambda row: (row.case.dtype, row.case.headdim, row.case.causal,
+                               PASSES.index(row.case.pass_), row.case.seqlen))
+    memory_rows = results.memory_rows or [
+        MemoryRow(_case(d), {name: Measurement(**m) for name, m in d["results"].items()})
+        for d in earlier.get("memory", {}).get("rows", [])]
+    grid, other = config.grid, earlier["grid"]
+
+    def union(key: str, order=None) -> tuple:
+        values = set(getattr(grid, key)) | set(other[key])
+        return tuple(sorted(values, key=order))
+    grid = replace(grid, dtypes=union("dtypes"), head_dims=union("head_dims"), seqlens=union("seqlens"),
+                   causal=union("causal"), passes=union("passes", PASSES.index))
+    memory = config.memory
+    if memory is None and memory_rows:
+        memory = MemoryGrid(seqlens=tuple(row.case.seqlen for row in memory_rows))
+    config = replace(config, grid=grid, memory=memory,
+                     unavailable={**earlier.get("unavailable", {}), **config.unavailable})
+    return Results(config, rows, memory_rows), earlier["environment"]

@@ -74,6 +74,31 @@ def test_peers_filter_and_bad_arguments(tmp_path):
     assert run_bench("--seqlens", "0").returncode == 2
 
 
+def test_merge_joins_a_grid_measured_in_parts(tmp_path):
+    common = ("--cpu", "--causal", "no", "--passes", "fwd", "--peers", "sdpa", "--no-plots")
+    first = run_bench(*common, "--seqlens", "64,128", "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = run_bench(*common, "--seqlens", "128,32", "--out", str(tmp_path / "b"),
+                       "--merge", str(tmp_path / "a" / "bench.json"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    merged = json.loads((tmp_path / "b" / "bench.json").read_text())
+    earlier = json.loads((tmp_path / "a" / "bench.json").read_text())
+    assert [row["seqlen"] for row in merged["rows"]] == [32, 64, 128]
+    assert merged["grid"]["seqlens"] == [32, 64, 128]
+    # The cell measured twice keeps the second run's figure; the other earlier cell comes through as is.
+    by_len = {row["seqlen"]: row for row in merged["rows"]}
+    assert by_len[64]["results"] == next(r for r in earlier["rows"] if r["seqlen"] == 64)["results"]
+    assert by_len[128]["results"] != next(r for r in earlier["rows"] if r["seqlen"] == 128)["results"]
+    assert merged["environment"]["merged_from"]["date_utc"] == earlier["environment"]["date_utc"]
+    summary = (tmp_path / "b" / "summary.md").read_text()
+    assert "| fwd | 32 |" in summary and "| fwd | 64 |" in summary and "earlier run" in summary
+
+    other_peers = run_bench("--cpu", "--causal", "no", "--passes", "fwd", "--peers", "standard", "--no-plots",
+                            "--seqlens", "32", "--out", str(tmp_path / "c"),
+                            "--merge", str(tmp_path / "a" / "bench.json"))
+    assert other_peers.returncode != 0 and "same --peers" in other_peers.stderr
+
+
 @pytest.mark.parametrize("text, value", [("512", 512), ("4k", 4096), ("128K", 131072)])
 def test_parse_seqlen(text, value):
     assert parse_seqlen(text) == value
