@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--merge", type=Path, metavar="BENCH_JSON",
                         help="join an earlier run's bench.json (same --peers and device kind) into this "
                              "run's tables, JSON and plots: a grid measured in parts, one per process")
+    parser.add_argument("--render", type=Path, metavar="BENCH_JSON",
+                        help="measure nothing: write the tables and plots of a bench.json's grid and memory "
+                             "section to --out (on any machine)")
     parser.add_argument("--cpu", action="store_true",
                         help="run the CPU comparison even when a GPU is present")
     group = parser.add_argument_group(
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 160))  # logs: don't squeeze the tables
+    if args.render is not None:
+        return render(args, console)
     gpu = torch.cuda.is_available() and not args.cpu
 
     if gpu:
@@ -184,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                       "path vs standard attention vs torch SDPA, perf_counter medians). "
                       "The memory section needs a GPU and is skipped.")
     config = build_config(args, gpu)
+    earlier = None
+    if args.merge is not None:   # checked before measuring: a mismatch found after would waste the run
+        earlier = suite.load(args.merge)
+        problem = suite.merge_problem(earlier[0], config)
+        if problem:
+            console.print(f"[bold red]--merge {args.merge}: {problem}[/]")
+            return 2
     if args.peers:
         wrong_mode = [p for p in args.peers if p not in peers.names(config.mode)]
         if wrong_mode:
@@ -202,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     env = report.environment(config.device)
-    if args.merge is not None:
-        results, env["merged_from"] = suite.merge(results, args.merge)
+    if earlier is not None:
+        results = suite.merge(results, earlier[0])
+        env["merged_from"] = earlier[1]
     if args.grid:
         report.print_report(results, console)
     panels.print_panels(option_panels, console)
@@ -220,6 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"\nWrote {', '.join(str(p) for p in written)}")
     return 0
 
+
+def render(args: argparse.Namespace, console: Console) -> int:
+    """--render: the tables and plots of a bench.json's grid and memory section, nothing measured."""
+    results, env = suite.load(args.render)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.print_report(results, console)
+    written = [args.out / "summary.md"]
+    report.write_markdown(results, env, written[0])
+    if args.plots:
+        from flashattn.bench import plots  # matplotlib only when plotting
+        written += plots.write_plots(results, args.out)
+    console.print(f"\nWrote {', '.join(str(p) for p in written)}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -167,7 +167,7 @@ _SDPA_KERNEL = _needs("torch.nn.attention", "SDPBackend", "sdpa_kernel")
 _STANDARD = "standard attention, the paper's baseline: matmul, softmax, matmul (peers.standard_attention, O(N^2))"
 
 
-def _registry(mode: str) -> list[Peer]:
+def registry(mode: str) -> list[Peer]:
     """Every implementation known in `mode` ("gpu" or "cpu"), flashattn first."""
     if mode == "cpu":
         return [
@@ -202,14 +202,14 @@ def _registry(mode: str) -> list[Peer]:
 
 
 def names(mode: str) -> list[str]:
-    return [peer.name for peer in _registry(mode)]
+    return [peer.name for peer in registry(mode)]
 
 
 def available(mode: str, wanted: list[str] | None = None) -> tuple[list[Peer], dict[str, str]]:
     """(peers to run, {name: why it can't run here}). flashattn always runs; `wanted` picks among
     the others (None: all)."""
     usable, unavailable = [], {}
-    for peer in _registry(mode):
+    for peer in registry(mode):
         if wanted is not None and peer.name != SUBJECT and peer.name not in wanted:
             continue
         reason = peer.probe() if peer.probe else None

@@ -13,7 +13,7 @@ from matplotlib.ticker import NullLocator  # noqa: E402
 from flashattn.bench.cases import format_seqlen  # noqa: E402
 from flashattn.bench.measure import MAX_RERUNS, NOISE_LIMIT  # noqa: E402
 from flashattn.bench.peers import SUBJECT  # noqa: E402
-from flashattn.bench.report import device_name, throughput_unit  # noqa: E402
+from flashattn.bench.report import results_device, throughput_unit  # noqa: E402
 from flashattn.bench.suite import Results  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def plot_throughput(results: Results, path: Path) -> None:
                          f"({dtype})", fontsize=10)
 
     _legend_and_title(fig, axes, f"Attention {unit} vs sequence length - "
-                                 f"{device_name(results.config.device)}")
+                                 f"{results_device(results)}")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -76,6 +76,11 @@ def device_name(device: torch.device) -> str:
     return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def results_device(results: Results) -> str:
+    """The measured device's name, as tables and plots title it (a rendered bench.json names its own)."""
+    return results.config.device_label or device_name(results.config.device)
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -165,7 +170,7 @@ def failures(results: Results) -> list[tuple[str, str, int]]:
 def timing_table(results: Results) -> Table:
     unit, factor = throughput_unit(results.config.mode)
     table = Table(title=f"Attention throughput, {unit} (higher is better) - "
-                        f"{device_name(results.config.device)}", title_justify="left")
+                        f"{results_device(results)}", title_justify="left")
     for header in KEY_HEADERS:
         table.add_column(header, justify="right" if header == "seqlen" else "left")
     for name in results.names:

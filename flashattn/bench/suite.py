@@ -13,7 +13,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from flashattn.bench import measure
 from flashattn.bench.cases import PASSES, Case, Grid, MemoryGrid
 from flashattn.bench.measure import Measurement
-from flashattn.bench.peers import MEMORY_PEERS, OURS, SUBJECT, Peer
+from flashattn.bench.peers import MEMORY_PEERS, OURS, SUBJECT, Peer, registry
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Config:
     unavailable: dict[str, str]      # peers that could not even be imported, and why
     memory: MemoryGrid | None        # None: no memory section
     memory_note: str = ""            # why there is no memory section
+    device_label: str | None = None  # the device's name where it is not this process's (--render)
 
 
 @dataclass
@@ -133,35 +134,59 @@ def _case(d: dict) -> Case:
     return Case(d["dtype"], d["batch"], d["nheads"], d["seqlen"], d["headdim"], d["causal"], d["pass"])
 
 
-def merge(results: Results, path: Path) -> tuple[Results, dict]:
-    """`results` joined by the rows of an earlier run's bench.json (`path`), for a grid measured over
-    several processes (a device call per part): the earlier run must have measured the same
-    implementations in the same mode; a cell in both keeps this run's figure, and so does the memory
-    section. Returns the joined results and the earlier run's environment (which the JSON records)."""
-    earlier = json.loads(Path(path).read_text())
+def _measurements(d: dict) -> dict[str, Measurement]:
+    return {name: Measurement(**m) for name, m in d["results"].items()}
+
+
+def load(path: Path) -> tuple[Results, dict]:
+    """The grid and memory section of a bench.json as Results (and its environment), to render its
+    tables and plots again or to join it with another part (`merge`); the option panels are not read."""
+    data = json.loads(Path(path).read_text())
+    mode = data["mode"]
+    known = {peer.name: peer for peer in registry(mode)}
+    chosen = [known.get(name) or Peer(name, info["layout"], _not_runnable, info.get("max_seqlen"),
+                                      info.get("description", ""))
+              for name, info in data["implementations"].items()]
+    grid = Grid(**{key: tuple(value) if isinstance(value, list) else value
+                   for key, value in data["grid"].items()})
+    memory_rows = [MemoryRow(_case(d), _measurements(d)) for d in data["memory"].get("rows", [])]
+    memory = MemoryGrid(seqlens=tuple(row.case.seqlen for row in memory_rows)) if memory_rows else None
+    env = data["environment"]
+    config = Config(mode=mode, device=torch.device(env.get("device_type", "cpu")), grid=grid, peers=chosen,
+                    unavailable=data.get("unavailable", {}), memory=memory,
+                    memory_note=data["memory"].get("skipped", ""), device_label=env.get("device"))
+    return Results(config, [Row(_case(d), _measurements(d)) for d in data["rows"]], memory_rows), env
+
+
+def _not_runnable(case: Case, device: torch.device):
+    raise RuntimeError("an implementation read from a bench.json that this version does not know")
+
+
+def merge_problem(earlier: Results, config: Config) -> str | None:
+    """Why an earlier part (`load`) cannot join a run of `config` (None: it can)."""
+    names = sorted(peer.name for peer in config.peers)
+    if earlier.config.mode != config.mode or sorted(earlier.names) != names:
+        return (f"that run measured {sorted(earlier.names)} in {earlier.config.mode!r} mode, this one "
+                f"{names} in {config.mode!r} mode; run both parts with the same --peers on the same "
+                "kind of device")
+    return None
+
+
+def merge(results: Results, earlier: Results) -> Results:
+    """`results` joined by the rows of an earlier part (`load`), for a grid measured over several
+    processes (a device call per part; `merge_problem` says whether they fit): a cell in both keeps this
+    run's figure, and so does the memory section."""
     config = results.config
-    if earlier.get("mode") != config.mode or set(earlier.get("implementations", ())) != set(results.names):
-        raise ValueError(f"--merge {path}: that run measured {sorted(earlier.get('implementations', ()))} in "
-                         f"{earlier.get('mode')!r} mode, this one {sorted(results.names)} in {config.mode!r} "
-                         "mode; run both parts with the same --peers on the same kind of device")
     ours = {row.case for row in results.rows}
-    rows = [Row(_case(d), {name: Measurement(**m) for name, m in d["results"].items()})
-            for d in earlier["rows"] if _case(d) not in ours] + results.rows
+    rows = [row for row in earlier.rows if row.case not in ours] + results.rows
     rows.sort(key=lambda row: (row.case.dtype, row.case.headdim, row.case.causal,
                                PASSES.index(row.case.pass_), row.case.seqlen))
-    memory_rows = results.memory_rows or [
-        MemoryRow(_case(d), {name: Measurement(**m) for name, m in d["results"].items()})
-        for d in earlier.get("memory", {}).get("rows", [])]
-    grid, other = config.grid, earlier["grid"]
+    grid, other = config.grid, earlier.config.grid
 
     def union(key: str, order=None) -> tuple:
-        values = set(getattr(grid, key)) | set(other[key])
-        return tuple(sorted(values, key=order))
+        return tuple(sorted(set(getattr(grid, key)) | set(getattr(other, key)), key=order))
     grid = replace(grid, dtypes=union("dtypes"), head_dims=union("head_dims"), seqlens=union("seqlens"),
                    causal=union("causal"), passes=union("passes", PASSES.index))
-    memory = config.memory
-    if memory is None and memory_rows:
-        memory = MemoryGrid(seqlens=tuple(row.case.seqlen for row in memory_rows))
-    config = replace(config, grid=grid, memory=memory,
-                     unavailable={**earlier.get("unavailable", {}), **config.unavailable})
-    return Results(config, rows, memory_rows), earlier["environment"]
+    config = replace(config, grid=grid, memory=config.memory or earlier.config.memory,
+                     unavailable={**earlier.config.unavailable, **config.unavailable})
+    return Results(config, rows, results.memory_rows or earlier.memory_rows)

@@ -96,7 +96,13 @@ def test_merge_joins_a_grid_measured_in_parts(tmp_path):
     other_peers = run_bench("--cpu", "--causal", "no", "--passes", "fwd", "--peers", "standard", "--no-plots",
                             "--seqlens", "32", "--out", str(tmp_path / "c"),
                             "--merge", str(tmp_path / "a" / "bench.json"))
-    assert other_peers.returncode != 0 and "same --peers" in other_peers.stderr
+    assert other_peers.returncode == 2 and "same --peers" in other_peers.stdout
+    assert not (tmp_path / "c").exists()   # refused before measuring anything
+
+    rendered = run_bench("--render", str(tmp_path / "b" / "bench.json"), "--out", str(tmp_path / "r"))
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    assert (tmp_path / "r" / "summary.md").read_text() == summary
+    assert (tmp_path / "r" / "tflops.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("text, value", [("512", 512), ("4k", 4096), ("128K", 131072)])
@@ -119,7 +125,7 @@ def test_deterministic_entry_is_ours_and_backward_only():
     from flashattn.bench.measure import Measurement
     from flashattn.bench.suite import Row
 
-    entry = next(p for p in peers._registry("gpu") if p.name == peers.DETERMINISTIC)
+    entry = next(p for p in peers.registry("gpu") if p.name == peers.DETERMINISTIC)
     assert entry.skip_reason(Case("bf16", 2, 16, 1024, 128, False, "fwd")) == "backward only"
     assert entry.skip_reason(Case("bf16", 2, 16, 1024, 128, False, "bwd")) is None
     row = Row(Case("bf16", 2, 16, 1024, 128, False, "bwd"), {
@@ -135,7 +141,7 @@ def test_sdpa_drop_in_entry_is_ours():
     from flashattn.bench.measure import Measurement
     from flashattn.bench.suite import Row
 
-    entry = next(p for p in peers._registry("cpu") if p.name == peers.SDPA_DROP_IN)
+    entry = next(p for p in peers.registry("cpu") if p.name == peers.SDPA_DROP_IN)
     assert entry.layout == "bhnd"
     row = Row(Case("fp32", 1, 8, 256, 64, False, "fwd"), {
         peers.SUBJECT: Measurement("ok", tflops=100.0), peers.SDPA_DROP_IN: Measurement("ok", tflops=300.0),
