@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                       "path vs standard attention vs torch SDPA, perf_counter medians). "
                       "The memory section needs a GPU and is skipped.")
     config = build_config(args, gpu)
-    earlier = None
+    earlier = earlier_env = None
     if args.merge is not None:   # checked before measuring: a mismatch found after would waste the run
-        earlier = suite.load(args.merge)
-        problem = suite.merge_problem(earlier[0], config)
+        earlier, earlier_env = suite.load(args.merge)
+        problem = suite.merge_problem(earlier, config)
         if problem:
             console.print(f"[bold red]--merge {args.merge}: {problem}[/]")
             return 2
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = report.environment(config.device)
     if earlier is not None:
-        results = suite.merge(results, earlier[0])
-        env["merged_from"] = earlier[1]
+        results = suite.merge(results, earlier)
+        env["merged_from"] = earlier_env
     if args.grid:
         report.print_report(results, console)
     panels.print_panels(option_panels, console)

@@ -44,11 +44,15 @@ from flashattn.ops.variant import from_causal
 OUR_KERNELS = ("_attn_fwd", "_bwd", "_bwd_preprocess", "_attn_bwd_sm90", "_dq_convert")
 
 
-def _host_us(fn, calls: int = 20) -> float:
+def _host_us(fn, calls: int = 20, wait: bool = False) -> float:
+    """Wall time per call of `calls` back-to-back calls from an idle GPU: the host's time per call, or
+    with `wait` the time until the GPU has finished them too (the slower of host and GPU)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    if wait:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
@@ -109,15 +113,6 @@ def layers(d: int = 128, n: int = 512, causal: bool = True) -> dict[str, float]:
     return result
 
 
-def _wall_us(fn, calls: int = 300) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
 def compare(wanted: list[str], seqlens: list[int], d: int = 128, h: int = 16) -> list[dict]:
     """Host time per call at (1, N, h, d) bf16 of flashattn and the `wanted` peers, forward (inputs
     requiring grad, as in training) and forward + backward; each figure the best of 5 repeats."""
@@ -149,7 +144,7 @@ def compare(wanted: list[str], seqlens: list[int], d: int = 128, h: int = 16) ->
                         for _ in range(5):   # compile, allocator and autotuning transients
                             fn()
                         row[f"{label}_host_us"] = min(_host_us(fn) for _ in range(5))
-                        row[f"{label}_wall_us"] = min(_wall_us(fn) for _ in range(3))
+                        row[f"{label}_wall_us"] = min(_host_us(fn, 300, wait=True) for _ in range(3))
                     except Exception as exc:  # a peer that cannot run this shape: recorded, not fatal
                         row[f"{label}_error"] = bench_peers.describe_error(exc)
                 rows.append(row)
