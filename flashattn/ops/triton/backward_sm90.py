@@ -22,7 +22,8 @@ group and over their query blocks:
                          _dq_convert afterwards
 Glossary: lse is the forward's natural-log log-sum-exp (+inf for rows that see no key, and loaded as
 +inf past seqlen_q, which makes their pT exactly 0); delta = rowsum(dO * O) - dlse (backward.py's
-preprocess); offset = seqlen_k - seqlen_q (query i sees key j <= i + offset when causal); `it` counts
+preprocess), both read one step ahead (their global loads' latency would otherwise stall the
+exponentials); offset = seqlen_k - seqlen_q (query i sees key j <= i + offset when causal); `it` counts
 the tiles of Q_i / dO_i a program has loaded, which gives each tile its ring slot and mbarrier phase.
 
 VARLEN (packed sequences, common.py): the grid's batch axis runs over the sequences, its key blocks
@@ -112,9 +113,30 @@ def _semaphores(SEM, off_b, off_h, nheads, seqlen_q, total_q, q_start, BLOCK_M: 
         return SEM + (off_b * nheads + off_h) * gl.cdiv(seqlen_q, BLOCK_M)
 
 
+@gluon.constexpr_function
+def _s_layout(block_n, num_warps):
+    """The layout of the [BLOCK_M, BLOCK_N] tiles S, dP, P, dS: queries on rows, the columns split between
+    the two warp groups, each computing S and dP for its own half of the keys; so lse and delta are
+    per-row values (a few registers a thread), and its P and dS columns are the rows of dV and dK that
+    it owns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                     instr_shape=[16, block_n // (num_warps // 4), 16])
+
+
 @gluon.jit
-def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full, dq_empty,
-              q_desc, do_desc, dq_desc, LSE, DELTA, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q,
+def _lse_delta(LSE, DELTA, start_m, seqlen_q, live, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """lse * log2(e) and delta of query rows start_m...: +inf and 0 past seqlen_q, and everywhere unless
+    `live` (a step past the last: nothing is read)."""
+    rows = gl.arange(0, BLOCK_M, layout=layout)
+    in_q = (rows < seqlen_q - start_m) & live
+    lse_log2 = gl.load(LSE + start_m + rows, mask=in_q, other=float("inf")) * LOG2E
+    delta = gl.load(DELTA + start_m + rows, mask=in_q, other=0.0)
+    return lse_log2, delta
+
+
+@gluon.jit
+def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
+              dq_empty, q_desc, do_desc, dq_desc, LSE, DELTA, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q,
               qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
               num_warps: gl.constexpr):
@@ -122,11 +144,7 @@ def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem,
     the writer partition (DQ_WRITER, which also walks the blocks in reverse), or added by a TMA
     reduce-add at dq_desc. With IS_CAUSAL the first n_masked blocks get the causal mask."""
     dtype: gl.constexpr = q_desc.dtype
-    # Tiles with the queries on rows ([BLOCK_M, *]) split their columns between the two warp groups:
-    # each computes S and dP for its own half of the keys, so lse and delta are per-row values (two
-    # registers a thread), and its P and dS columns are the rows of dV and dK that it owns.
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                       instr_shape=[16, BLOCK_N // (num_warps // 4), 16])
+    s_layout: gl.constexpr = _s_layout(BLOCK_N, num_warps)
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
                                                         instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -141,9 +159,10 @@ def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem,
     qk = warpgroup_mma(q_tile, k_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dp = warpgroup_mma(do_tile, v_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     rows = gl.arange(0, BLOCK_M, layout=row_layout)
-    in_q = rows < seqlen_q - start_m
-    lse_log2 = gl.load(LSE + start_m + rows, mask=in_q, other=float("inf")) * LOG2E    # [BLOCK_M]
-    delta = gl.load(DELTA + start_m + rows, mask=in_q, other=0.0)                       # [BLOCK_M]
+    # The next step's lse and delta, loaded a step ahead: their global loads' latency then lands on no
+    # product's critical path.
+    next_lse_log2, next_delta = _lse_delta(LSE, DELTA, _query_block(lo, j + 1, n_steps, BLOCK_M, DQ_WRITER),
+                                           seqlen_q, j + 1 < n_steps, BLOCK_M, row_layout)
 
     qk = warpgroup_mma_wait(1, deps=(qk,))
     p = gl.exp2(qk * qk_scale - gl.expand_dims(lse_log2, 1))                    # [BLOCK_M, BLOCK_N]
@@ -193,7 +212,7 @@ def _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem,
         gl.thread_barrier()
         _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
     dk = warpgroup_mma_wait(0, deps=(dk,))
-    return dk, dv
+    return dk, dv, next_lse_log2, next_delta
 
 
 @builtin
@@ -293,11 +312,16 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
             if p < n_steps:
                 _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + p,
                            _query_block(lo, p, n_steps, BLOCK_M, DQ_WRITER), STAGES)
+        # Step 0's lse and delta; each step loads the next one's (_bwd_step).
+        lse_log2, delta = _lse_delta(LSE + row, DELTA + row, _query_block(lo, 0, n_steps, BLOCK_M, DQ_WRITER),
+                                     seqlen_q, n_steps > 0, BLOCK_M,
+                                     gl.SliceLayout(1, _s_layout(BLOCK_N, num_warps)))
         for j in range(0, n_steps):
-            dk, dv = _bwd_step(dk, dv, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
-                               dq_empty, q_desc, do_desc, dq_desc, LSE + row, DELTA + row, it, j, n_masked,
-                               n_steps, lo, start_n, offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
-                               STAGES, DQ_STAGES, DQ_WRITER, IS_CAUSAL, num_warps)
+            dk, dv, lse_log2, delta = _bwd_step(
+                dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
+                dq_empty, q_desc, do_desc, dq_desc, LSE + row, DELTA + row, it, j, n_masked, n_steps, lo, start_n,
+                offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, DQ_STAGES, DQ_WRITER, IS_CAUSAL,
+                num_warps)
             it += 1
 
     if not DQ_WRITER:
