@@ -78,6 +78,7 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
             return WARP_SPECIALIZED
         return PORTABLE
     if (not bias_grad and q.dtype in backward_sm90.DTYPES and head_dim in backward_sm90.HEAD_DIMS
+            and (not variant.deterministic or head_dim in backward_sm90.DETERMINISTIC_HEAD_DIMS)
             and configs.one_pass_backward(head_dim, q.dtype, causal, seqlen, device, variant.deterministic)
             and tma_ready(q, k, v, dout)):
         return ONE_PASS
@@ -121,7 +122,8 @@ def tiles(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
         t = configs.chosen("fwd_ws", head_dim, dtype, causal, seqlen, device)
         return Tiles(kernel, (Program("fwd", "queries", t.block_m, t.block_n),))
     if kernel == ONE_PASS:
-        return Tiles(kernel, (Program("dkdv+dq", "keys", backward_sm90.BLOCK_N, backward_sm90.BLOCK_M[head_dim]),))
+        return Tiles(kernel, (Program("dkdv+dq", "keys", backward_sm90.BLOCK_N[head_dim],
+                                      backward_sm90.BLOCK_M[head_dim]),))
     opts = options(variant, q, k, softmax_scale)
     if pass_ == "fwd":
         t = opts.tiles(configs.chosen("fwd", head_dim, dtype, causal, seqlen, device, opts.extra, variant.tile_size))
