@@ -363,8 +363,7 @@ def _hopper_cases():
         runs = HAS_SM90 or (family == "warp-specialized" and not HAS_CUDA)
         for head_dim in head_dims:
             for causal in (False, True):
-                # The deterministic one-pass build takes head dims 64 and 128 (backward_sm90.DETERMINISTIC_HEAD_DIMS).
-                for deterministic in ((False, True) if family == "one-pass" and head_dim < 256 else (False,)):
+                for deterministic in ((False, True) if family == "one-pass" else (False,)):
                     name = f"{family}-d{head_dim}-{'causal' if causal else 'full'}{'-det' if deterministic else ''}"
                     yield pytest.param(family, head_dim, causal, deterministic, id=name, marks=marks + (
                         [] if runs else [pytest.mark.skip(reason=f"the {family} kernel is a Hopper (sm_90) kernel")]))

@@ -34,9 +34,8 @@ the loads and the reduce-adds into DQ_ACC at the sequence's end); seqlen_q and s
 totals (lse, delta and DQ_ACC have (H, total_q) rows) and become the sequence's lengths.
 
 Only the plain attention (causal or not, GQA, any lengths, packed sequences) at head dims 64, 128 and
-256 (deterministic: 64 and 128) in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the
-portable kernels. Head dim 256 runs 64-key blocks, one Q_i / dO_i pair in shared memory (loaded when the
-step before is done with its own) and dQ_i in two halves of the head dim.
+256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the portable kernels. Head dim
+256 runs 64-key blocks and one Q_i / dO_i pair in shared memory, loaded when the step before is done.
 """
 import torch
 import triton
@@ -54,7 +53,6 @@ from flashattn.ops.triton.launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128, 256)
-DETERMINISTIC_HEAD_DIMS = (64, 128)   # the writer partition takes whole dQ_i tiles (DQ_SPLIT 1)
 # Query rows per step, per head dim: at head dim 64 a 64-row step is too little matrix work for the
 # exponentials and barriers around it, and 128 rows still fit (229 KB of shared memory; benchmarks/
 # TUNING.md, § one-pass-backward).
@@ -63,12 +61,9 @@ BLOCK_M = {64: 128, 128: 64, 256: 64}
 # keys would take 256 fp32 registers a thread: 64 keys, dK and dV split between the warp groups by
 # head dim (128 registers a thread for both).
 BLOCK_N = {64: 128, 128: 128, 256: 64}
-# Q_i / dO_i tiles in flight. At head dim 256 one pair is 64 KB and two do not fit beside K, V and the
-# dQ buffer: the next pair is loaded once a step is done with its own.
+# Q_i / dO_i tiles in flight. At head dim 256 a pair is 64 KB and two do not fit beside K, V and the
+# fp32 dQ tile (216 KB with one): the next pair is loaded once a step is done with its own.
 STAGES = {64: 2, 128: 2, 256: 1}
-# dQ_i = dS K is computed and added in DQ_SPLIT slices of the head dim, through one fp32 buffer of a
-# slice: at head dim 256 the whole tile would take 64 KB of shared memory and 64 registers a thread.
-DQ_SPLIT = {64: 1, 128: 1, 256: 2}
 DQ_STAGES = 1       # dQ_i tiles handed to the writer partition (one fits in shared memory at head dim 128)
 NUM_WARPS = 8       # the compute partition's; the writer partition adds one warp
 WRITER_REGS = gl.constexpr(24)
@@ -160,18 +155,16 @@ def _lse_delta(LSE, DELTA, start_m, seqlen_q, live, BLOCK_M: gl.constexpr, layou
 def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
               dq_empty, q_desc, do_desc, dq_desc, LSE, DELTA, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q,
               qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_WRITER: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+              STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
+              num_warps: gl.constexpr):
     """One query block (step j: _query_block) of one query head: the five products; dQ_i is handed to
     the writer partition (DQ_WRITER, which also walks the blocks in reverse), or added by a TMA
-    reduce-add at dq_desc, in DQ_SPLIT slices of the head dim. With IS_CAUSAL the first n_masked blocks
-    get the causal mask. With STAGES 1 the next step's Q and dO are loaded once this one is done."""
-    gl.static_assert(not (DQ_WRITER and DQ_SPLIT > 1), "the writer partition adds whole dQ_i tiles")
+    reduce-add at dq_desc. With IS_CAUSAL the first n_masked blocks get the causal mask. With STAGES 1
+    the next step's Q and dO are loaded once this one is done with its own."""
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = _s_layout(BLOCK_N, num_warps)
-    DQ_COLS: gl.constexpr = HEAD_DIM // DQ_SPLIT
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                        instr_shape=[16, DQ_COLS // (num_warps // 4), 16])
+                                                        instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
@@ -216,12 +209,8 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
     if STAGES > 1 and nxt < n_steps:
         _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + STAGES - 1,
                    _query_block(lo, nxt, n_steps, BLOCK_M, DQ_WRITER), STAGES)
-    if DQ_SPLIT == 1:
-        dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
-                           use_acc=False, is_async=True)
-    else:
-        dq = warpgroup_mma(ds_tile, k_smem.slice(0, DQ_COLS, dim=1),
-                           gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout), use_acc=False, is_async=True)
+    dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
+                       use_acc=False, is_async=True)
     dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
     dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
     if DQ_WRITER:
@@ -233,24 +222,13 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
         gl.thread_barrier()
         mbarrier.arrive(dq_full.index(d), count=1)
     else:
-        # dQ_i goes into the fp32 buffer by TMA reduce-adds, while dK's product runs: the tensor
+        # dQ_i goes into the fp32 buffer by a TMA reduce-add, while dK's product runs: the tensor
         # memory accelerator does the adds in L2, asynchronously; the buffer is rewritten only after
-        # a store_wait (the next slice's, or the next step's).
+        # the next step's store_wait.
         dq_smem.index(0).store(dq)
         fence_async_shared()
         gl.thread_barrier()
         _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
-        for h in gl.static_range(1, DQ_SPLIT):
-            dq = warpgroup_mma(ds_tile, k_smem.slice(h * DQ_COLS, DQ_COLS, dim=1),
-                               gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout), use_acc=False,
-                               is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq,))     # issued after dK's product: both complete here
-            tma.store_wait(0)        # the previous slice's reduce has read dq_smem
-            gl.thread_barrier()
-            dq_smem.index(0).store(dq)
-            fence_async_shared()
-            gl.thread_barrier()
-            _tma_reduce_add(dq_desc, [start_m, h * DQ_COLS], dq_smem.index(0))
     dk = warpgroup_mma_wait(0, deps=(dk,))
     if STAGES == 1:
         gl.thread_barrier()          # both warp groups are done with Q_i and dO_i: the slot is free
@@ -313,7 +291,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
                  pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                  lo, n_masked, n_steps, offset, total_q, q_start,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 DQ_STAGES: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
                  VARLEN: gl.constexpr, num_warps: gl.constexpr):
     """The compute warps (num_warps, the kernel's): load K_j, V_j, then Q_i, dO_i of every step by TMA,
     run the steps and store dK_j, dV_j."""
@@ -322,8 +300,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
     kv_layout: gl.constexpr = _kv_layout(BLOCK_N, HEAD_DIM, num_warps)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    DQ_COLS: gl.constexpr = HEAD_DIM // DQ_SPLIT
-    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQ_COLS], gl.float32)
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
     start_n = pid_n * BLOCK_N
     k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
                                         strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
@@ -349,7 +326,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
         dq_desc = q_desc  # unused with DQ_WRITER
         if not DQ_WRITER:
             dq_desc = tma.make_tensor_descriptor(DQ_ACC + row * HEAD_DIM, shape=[seqlen_q, HEAD_DIM],
-                                                 strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, DQ_COLS],
+                                                 strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
                                                  layout=dq_layout)
         # Every warp group is done with the previous head's tiles before their slots are refilled.
         gl.thread_barrier()
@@ -365,8 +342,8 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
             dk, dv, lse_log2, delta = _bwd_step(
                 dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
                 dq_empty, q_desc, do_desc, dq_desc, LSE + row, DELTA + row, it, j, n_masked, n_steps, lo, start_n,
-                offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, DQ_STAGES, DQ_SPLIT, DQ_WRITER,
-                IS_CAUSAL, num_warps)
+                offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, DQ_STAGES, DQ_WRITER, IS_CAUSAL,
+                num_warps)
             it += 1
 
     if not DQ_WRITER:
@@ -394,7 +371,7 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                    seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_STAGES: gl.constexpr,
-                   DQ_SPLIT: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+                   DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
                    # Packed sequences (the module docstring): None, and unused, without VARLEN.
                    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: gl.constexpr = False):
     """dK, dV of one key block of one kv head, and dQ's share of every query head of its group: 8
@@ -405,7 +382,7 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM // DQ_SPLIT], gl.float32)
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
     if DETERMINISTIC:
         pid_n = gl.program_id(1)
         off_hk = gl.program_id(0).to(gl.int64)
@@ -434,7 +411,7 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, BLOCK_M, HEAD_DIM // DQ_SPLIT], dq_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, BLOCK_M, HEAD_DIM], dq_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     dq_full = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
@@ -472,7 +449,7 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                             stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                             pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
                             qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M,
-                            BLOCK_N, STAGES, DQ_STAGES, DQ_SPLIT, True, IS_CAUSAL, VARLEN, num_warps)),
+                            BLOCK_N, STAGES, DQ_STAGES, True, IS_CAUSAL, VARLEN, num_warps)),
             (_dq_writer, (dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size,
                           seqlen_q, total_q, q_start, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES, VARLEN)),
         ], [1], [WRITER_REGS])
@@ -486,7 +463,7 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                      pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
                      qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, DQ_STAGES, DQ_SPLIT, False, IS_CAUSAL, VARLEN, num_warps)
+                     STAGES, DQ_STAGES, False, IS_CAUSAL, VARLEN, num_warps)
 
 
 _launch_bwd_sm90 = Launcher(_attn_bwd_sm90, scratch=True)
@@ -549,8 +526,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      *strides(dk, packed), *strides(dv, packed),
                      seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
                      HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, STAGES=STAGES[head_dim],
-                     DQ_STAGES=DQ_STAGES, DQ_SPLIT=DQ_SPLIT[head_dim], DETERMINISTIC=deterministic, num_warps=NUM_WARPS,
-                     num_stages=1, **varlen)
+                     DQ_STAGES=DQ_STAGES, DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1, **varlen)
     # dq_acc has dq's rows (packed: all sequences in the one batch entry): converted as one dense tensor.
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),

@@ -78,7 +78,6 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
             return WARP_SPECIALIZED
         return PORTABLE
     if (not bias_grad and q.dtype in backward_sm90.DTYPES and head_dim in backward_sm90.HEAD_DIMS
-            and (not variant.deterministic or head_dim in backward_sm90.DETERMINISTIC_HEAD_DIMS)
             and configs.one_pass_backward(head_dim, q.dtype, causal, seqlen, device, variant.deterministic)
             and tma_ready(q, k, v, dout)):
         return ONE_PASS
