@@ -166,9 +166,7 @@ def gluon_builds() -> None:
                                                    IS_CAUSAL=c, PERSISTENT=persistent, VARLEN=varlen))
               for d in F.HEAD_DIMS for c in (False, True)
               for persistent, varlen in ((False, False), (True, False), (True, True))]   # packed: persistent
-    builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(HEAD_DIM=d, BLOCK_M=B.BLOCK_M[d], BLOCK_N=B.BLOCK_N[d], IS_CAUSAL=c,
-                                                    STAGES=B.STAGES[d], DQ_STAGES=B.DQ_STAGES, DETERMINISTIC=det,
-                                                    VARLEN=varlen))
+    builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(B.build_constexprs(d, det), IS_CAUSAL=c, VARLEN=varlen))
                for d in B.HEAD_DIMS for c in (False, True) for det in (False, True) for varlen in (False, True)]
     for fn, warps, constexprs in builds:
         signature = {p.name: kind(p.name) for p in fn.params}

@@ -364,7 +364,8 @@ def _deterministic_twice(q, k, v, do, causal: bool) -> list[tuple]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_SM90, reason="the one-pass backward is a Hopper (sm_90) kernel")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", [ONE_PASS_SHAPES[0], ONE_PASS_SHAPES[2], ONE_PASS_SHAPES[6]], ids=lambda s: s.id)
+@pytest.mark.parametrize("shape", [ONE_PASS_SHAPES[0], ONE_PASS_SHAPES[2], ONE_PASS_SHAPES[6], ONE_PASS_SHAPES[7]],
+                         ids=lambda s: s.id)
 def test_one_pass_backward_deterministic(shape, causal, one_pass):
     """deterministic=True: the adds into dQ in a fixed order, so two runs give bit-identical
     gradients, within the same bound against float64."""

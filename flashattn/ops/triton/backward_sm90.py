@@ -35,7 +35,7 @@ totals (lse, delta and DQ_ACC have (H, total_q) rows) and become the sequence's 
 
 Only the plain attention (causal or not, GQA, any lengths, packed sequences) at head dims 64, 128 and
 256 in fp16/bf16 on sm_90; choice.kernel_for sends every other call to the portable kernels. Head dim
-256 runs 64-key blocks and one Q_i / dO_i pair in shared memory, loaded when the step before is done.
+256 runs 64-key blocks, dQ_i in two head-dim halves and one dO_i slot (SPLIT_DQ, below).
 """
 import torch
 import triton
@@ -61,9 +61,14 @@ BLOCK_M = {64: 128, 128: 64, 256: 64}
 # keys would take 256 fp32 registers a thread: 64 keys, dK and dV split between the warp groups by
 # head dim (128 registers a thread for both).
 BLOCK_N = {64: 128, 128: 128, 256: 64}
-# Q_i / dO_i tiles in flight. At head dim 256 a pair is 64 KB and two do not fit beside K, V and the
-# fp32 dQ tile (216 KB with one): the next pair is loaded once a step is done with its own.
-STAGES = {64: 2, 128: 2, 256: 1}
+# Q_i (and dO_i) tiles in flight. At head dim 256 a Q_i / dO_i pair is 64 KB and two pairs do not fit
+# beside K, V and the whole fp32 dQ tile, so (SPLIT_DQ) dQ_i goes out in two head-dim halves through one
+# 32 KB buffer and dO_i has a single slot, reloaded as soon as dV's product is done with it: two Q_i
+# stages fit (221 KB in all). The deterministic build's writer partition adds whole dQ_i tiles: at 256
+# it keeps the whole tile and one Q_i / dO_i pair, loaded once the step before is done with its own.
+STAGES = {64: 2, 128: 2, 256: 2}
+SPLIT_DQ = {64: False, 128: False, 256: True}
+DETERMINISTIC_STAGES = {64: 2, 128: 2, 256: 1}
 DQ_STAGES = 1       # dQ_i tiles handed to the writer partition (one fits in shared memory at head dim 128)
 NUM_WARPS = 8       # the compute partition's; the writer partition adds one warp
 WRITER_REGS = gl.constexpr(24)
@@ -78,13 +83,26 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it, start_m, STAGES: gl.constexpr):
-    """Start the TMA loads of Q_i and dO_i (rows start_m...) into ring slot it % STAGES."""
+def _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it, start_m, STAGES: gl.constexpr,
+               WITH_DO: gl.constexpr = True):
+    """Start the TMA loads of Q_i and dO_i (rows start_m...) into ring slot it % STAGES; of Q_i alone
+    unless WITH_DO (SPLIT_DQ: dO_i has a slot of its own, _load_do)."""
     s = it % STAGES
     bar = bars.index(s)
-    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
-    tma.async_copy_global_to_shared(do_desc, [start_m, 0], bar, do_smem.index(s))
+    if WITH_DO:
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
+        tma.async_copy_global_to_shared(do_desc, [start_m, 0], bar, do_smem.index(s))
+    else:
+        mbarrier.expect(bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
+
+
+@gluon.jit
+def _load_do(do_desc, do_smem, do_bar, start_m):
+    """Start the TMA load of dO_i (rows start_m...) into its one slot (SPLIT_DQ)."""
+    mbarrier.expect(do_bar, do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(do_desc, [start_m, 0], do_bar, do_smem.index(0))
 
 
 @gluon.jit
@@ -152,26 +170,30 @@ def _lse_delta(LSE, DELTA, start_m, seqlen_q, live, BLOCK_M: gl.constexpr, layou
 
 
 @gluon.jit
-def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
-              dq_empty, q_desc, do_desc, dq_desc, LSE, DELTA, it, j, n_masked, n_steps, lo, start_n, offset, seqlen_q,
-              qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
-              num_warps: gl.constexpr):
+def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, do_bar,
+              dq_full, dq_empty, q_desc, do_desc, dq_desc, LSE, DELTA, it, j, n_masked, n_steps, lo, start_n, offset,
+              seqlen_q, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, SPLIT_DQ: gl.constexpr, DQ_WRITER: gl.constexpr,
+              IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr):
     """One query block (step j: _query_block) of one query head: the five products; dQ_i is handed to
     the writer partition (DQ_WRITER, which also walks the blocks in reverse), or added by a TMA
     reduce-add at dq_desc. With IS_CAUSAL the first n_masked blocks get the causal mask. With STAGES 1
     the next step's Q and dO are loaded once this one is done with its own."""
+    gl.static_assert(not (DQ_WRITER and SPLIT_DQ), "the writer partition adds whole dQ_i tiles")
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = _s_layout(BLOCK_N, num_warps)
+    DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                        instr_shape=[16, HEAD_DIM // (num_warps // 4), 16])
+                                                        instr_shape=[16, DQ_COLS // (num_warps // 4), 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
     q_tile = q_smem.index(s)                                                   # [BLOCK_M, HEAD_DIM]
-    do_tile = do_smem.index(s)                                                 # [BLOCK_M, HEAD_DIM]
+    do_tile = do_smem.index(0 if SPLIT_DQ else s)                              # [BLOCK_M, HEAD_DIM]
     ds_tile = ds_smem.index(it % 2)                                            # [BLOCK_M, BLOCK_N]
     mbarrier.wait(bars.index(s), (it // STAGES) & 1)
+    if SPLIT_DQ:
+        mbarrier.wait(do_bar, it & 1)
 
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     qk = warpgroup_mma(q_tile, k_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -208,27 +230,50 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
     nxt = j + STAGES - 1
     if STAGES > 1 and nxt < n_steps:
         _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + STAGES - 1,
-                   _query_block(lo, nxt, n_steps, BLOCK_M, DQ_WRITER), STAGES)
-    dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
-                       use_acc=False, is_async=True)
-    dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
-    dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
-    if DQ_WRITER:
-        # dQ_i goes to the writer partition through a ring of DQ_STAGES buffers, while dK's product runs.
-        d = it % DQ_STAGES
-        mbarrier.wait(dq_empty.index(d), ((it // DQ_STAGES) & 1) ^ 1)
-        dq_smem.index(d).store(dq)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(dq_full.index(d), count=1)
-    else:
-        # dQ_i goes into the fp32 buffer by a TMA reduce-add, while dK's product runs: the tensor
-        # memory accelerator does the adds in L2, asynchronously; the buffer is rewritten only after
-        # the next step's store_wait.
+                   _query_block(lo, nxt, n_steps, BLOCK_M, DQ_WRITER), STAGES, not SPLIT_DQ)
+    if SPLIT_DQ:
+        # dQ_i in two halves of the head dim through one half-size buffer, both products issued with
+        # dK's; dO_i is free once both warp groups have waited for dV's product (the first half's
+        # barrier), and the next one is loaded into its one slot while the step goes on.
+        zero_h = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
+        dq = warpgroup_mma(ds_tile, k_smem.slice(0, DQ_COLS, dim=1), zero_h, use_acc=False, is_async=True)
+        dq_hi = warpgroup_mma(ds_tile, k_smem.slice(DQ_COLS, DQ_COLS, dim=1), zero_h, use_acc=False, is_async=True)
+        dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
+        dq, dv = warpgroup_mma_wait(2, deps=(dq, dv))
         dq_smem.index(0).store(dq)
         fence_async_shared()
         gl.thread_barrier()
         _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
+        if j + 1 < n_steps:
+            _load_do(do_desc, do_smem, do_bar, _query_block(lo, j + 1, n_steps, BLOCK_M, DQ_WRITER))
+        dq_hi = warpgroup_mma_wait(1, deps=(dq_hi,))
+        tma.store_wait(0)            # the first half's reduce has read dq_smem
+        gl.thread_barrier()
+        dq_smem.index(0).store(dq_hi)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(dq_desc, [start_m, DQ_COLS], dq_smem.index(0))
+    else:
+        dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
+                           use_acc=False, is_async=True)
+        dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
+        dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
+        if DQ_WRITER:
+            # dQ_i goes to the writer partition through a ring of DQ_STAGES buffers, while dK's product runs.
+            d = it % DQ_STAGES
+            mbarrier.wait(dq_empty.index(d), ((it // DQ_STAGES) & 1) ^ 1)
+            dq_smem.index(d).store(dq)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(dq_full.index(d), count=1)
+        else:
+            # dQ_i goes into the fp32 buffer by a TMA reduce-add, while dK's product runs: the tensor
+            # memory accelerator does the adds in L2, asynchronously; the buffer is rewritten only after
+            # the next step's store_wait.
+            dq_smem.index(0).store(dq)
+            fence_async_shared()
+            gl.thread_barrier()
+            _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
     dk = warpgroup_mma_wait(0, deps=(dk,))
     if STAGES == 1:
         gl.thread_barrier()          # both warp groups are done with Q_i and dO_i: the slot is free
@@ -284,14 +329,14 @@ def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nh
 
 @gluon.jit
 def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem,
-                 kv_bar, bars, dq_full, dq_empty,
+                 kv_bar, bars, do_bar, dq_full, dq_empty,
                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                  pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                  lo, n_masked, n_steps, offset, total_q, q_start,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                 DQ_STAGES: gl.constexpr, SPLIT_DQ: gl.constexpr, DQ_WRITER: gl.constexpr, IS_CAUSAL: gl.constexpr,
                  VARLEN: gl.constexpr, num_warps: gl.constexpr):
     """The compute warps (num_warps, the kernel's): load K_j, V_j, then Q_i, dO_i of every step by TMA,
     run the steps and store dK_j, dV_j."""
@@ -300,7 +345,8 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
     kv_layout: gl.constexpr = _kv_layout(BLOCK_N, HEAD_DIM, num_warps)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
+    DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQ_COLS], gl.float32)
     start_n = pid_n * BLOCK_N
     k_desc = tma.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
                                         strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_layout)
@@ -326,24 +372,26 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
         dq_desc = q_desc  # unused with DQ_WRITER
         if not DQ_WRITER:
             dq_desc = tma.make_tensor_descriptor(DQ_ACC + row * HEAD_DIM, shape=[seqlen_q, HEAD_DIM],
-                                                 strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
+                                                 strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, DQ_COLS],
                                                  layout=dq_layout)
         # Every warp group is done with the previous head's tiles before their slots are refilled.
         gl.thread_barrier()
         for p in gl.static_range(max(STAGES - 1, 1)):    # with STAGES 1 each step loads the next
             if p < n_steps:
                 _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it + p,
-                           _query_block(lo, p, n_steps, BLOCK_M, DQ_WRITER), STAGES)
+                           _query_block(lo, p, n_steps, BLOCK_M, DQ_WRITER), STAGES, not SPLIT_DQ)
+        if SPLIT_DQ and n_steps > 0:
+            _load_do(do_desc, do_smem, do_bar, _query_block(lo, 0, n_steps, BLOCK_M, DQ_WRITER))
         # Step 0's lse and delta; each step loads the next one's (_bwd_step).
         lse_log2, delta = _lse_delta(LSE + row, DELTA + row, _query_block(lo, 0, n_steps, BLOCK_M, DQ_WRITER),
                                      seqlen_q, n_steps > 0, BLOCK_M,
                                      gl.SliceLayout(1, _s_layout(BLOCK_N, num_warps)))
         for j in range(0, n_steps):
             dk, dv, lse_log2, delta = _bwd_step(
-                dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, dq_full,
-                dq_empty, q_desc, do_desc, dq_desc, LSE + row, DELTA + row, it, j, n_masked, n_steps, lo, start_n,
-                offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, DQ_STAGES, DQ_WRITER, IS_CAUSAL,
-                num_warps)
+                dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, do_bar,
+                dq_full, dq_empty, q_desc, do_desc, dq_desc, LSE + row, DELTA + row, it, j, n_masked, n_steps, lo,
+                start_n, offset, seqlen_q, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, DQ_STAGES, SPLIT_DQ,
+                DQ_WRITER, IS_CAUSAL, num_warps)
             it += 1
 
     if not DQ_WRITER:
@@ -371,7 +419,7 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                    seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_STAGES: gl.constexpr,
-                   DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+                   SPLIT_DQ: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
                    # Packed sequences (the module docstring): None, and unused, without VARLEN.
                    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: gl.constexpr = False):
     """dK, dV of one key block of one kv head, and dQ's share of every query head of its group: 8
@@ -382,7 +430,8 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], gl.float32)
+    DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQ_COLS], gl.float32)
     if DETERMINISTIC:
         pid_n = gl.program_id(1)
         off_hk = gl.program_id(0).to(gl.int64)
@@ -408,15 +457,17 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [1 if SPLIT_DQ else STAGES, BLOCK_M, HEAD_DIM], q_layout)
     p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], p_layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], p_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, BLOCK_M, HEAD_DIM], dq_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, BLOCK_M, DQ_COLS], dq_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())     # SPLIT_DQ's dO slot
     dq_full = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
+    mbarrier.init(do_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     for i in gl.static_range(DQ_STAGES):
@@ -443,13 +494,13 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
         # without it).
         gl.warp_specialize([
             (_bwd_compute, (Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem,
-                            ds_smem, dq_smem, kv_bar, bars, dq_full, dq_empty,
+                            ds_smem, dq_smem, kv_bar, bars, do_bar, dq_full, dq_empty,
                             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                             stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                             stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                             pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
                             qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M,
-                            BLOCK_N, STAGES, DQ_STAGES, True, IS_CAUSAL, VARLEN, num_warps)),
+                            BLOCK_N, STAGES, DQ_STAGES, False, True, IS_CAUSAL, VARLEN, num_warps)),
             (_dq_writer, (dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size,
                           seqlen_q, total_q, q_start, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES, VARLEN)),
         ], [1], [WRITER_REGS])
@@ -457,13 +508,13 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
         # The same arguments as above, spelled out: a tuple unpacked into a call (`*args`) loses
         # its constexprs in Triton 3.6, which gl.warp_specialize keeps.
         _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem, do_smem, p_smem,
-                     ds_smem, dq_smem, kv_bar, bars, dq_full, dq_empty,
+                     ds_smem, dq_smem, kv_bar, bars, do_bar, dq_full, dq_empty,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                      pid_n, off_b, off_hk, seqlen_q, seqlen_k, nheads, group_size, softmax_scale,
                      qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M, BLOCK_N,
-                     STAGES, DQ_STAGES, False, IS_CAUSAL, VARLEN, num_warps)
+                     STAGES, DQ_STAGES, SPLIT_DQ, False, IS_CAUSAL, VARLEN, num_warps)
 
 
 _launch_bwd_sm90 = Launcher(_attn_bwd_sm90, scratch=True)
@@ -497,6 +548,13 @@ def dq_buffer(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((batch, nheads, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
 
 
+def build_constexprs(head_dim: int, deterministic: bool) -> dict:
+    """The kernel's tile constexprs for a head dim and build (also what tests compile for sm_90)."""
+    return dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M[head_dim], BLOCK_N=BLOCK_N[head_dim],
+                STAGES=(DETERMINISTIC_STAGES if deterministic else STAGES)[head_dim], DQ_STAGES=DQ_STAGES,
+                SPLIT_DQ=SPLIT_DQ[head_dim] and not deterministic, DETERMINISTIC=deterministic)
+
+
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
              delta: torch.Tensor, dq_acc: torch.Tensor, softmax_scale: float, causal: bool,
              deterministic: bool = False, cu_seqlens_q: torch.Tensor | None = None,
@@ -509,7 +567,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     the longest key sequence)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    block_m, block_n = BLOCK_M[head_dim], BLOCK_N[head_dim]
+    build = build_constexprs(head_dim, deterministic)
+    block_m, block_n = build["BLOCK_M"], build["BLOCK_N"]
     packed = cu_seqlens_q is not None
     n_seq, n_kv, varlen = batch, cdiv(seqlen_k, block_n), {}
     sem_shape = (batch, nheads, cdiv(seqlen_q, block_m))
@@ -525,8 +584,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(dout, packed),
                      *strides(dk, packed), *strides(dv, packed),
                      seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
-                     HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, STAGES=STAGES[head_dim],
-                     DQ_STAGES=DQ_STAGES, DETERMINISTIC=deterministic, num_warps=NUM_WARPS, num_stages=1, **varlen)
+                     IS_CAUSAL=causal, num_warps=NUM_WARPS, num_stages=1, **build, **varlen)
     # dq_acc has dq's rows (packed: all sequences in the one batch entry): converted as one dense tensor.
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),

@@ -55,7 +55,7 @@ def kernel_for(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
                                takes the row max before scaling), listed in configs' ping-pong table
               warp-specialized plain, listed in configs' warp-specialized table (fp16/bf16, head
                                dims 64/128/256)
-    backward  one-pass         plain, no bias gradient, fp16/bf16, head dim 64/128, listed in
+    backward  one-pass         plain, no bias gradient, fp16/bf16, head dim 64/128/256, listed in
                                configs' one-pass table (its deterministic column with
                                variant.deterministic)
     and for both, TMA-addressable q, k, v (and dout); otherwise portable. A call with its own

@@ -134,7 +134,8 @@ _FWD_WS = {
 # backward (§ one-pass-backward; on the H200, § switch-over): (head dim, causal) -> (from this length,
 # and from this length with deterministic=True, or None).
 _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
-                (128, False): (2048, 2048), (128, True): (2048, 4096)}
+                (128, False): (2048, 2048), (128, True): (2048, 4096),
+                (256, False): (1024, None), (256, True): (1024, None)}
 
 # The ping-pong forward (forward_sm90), from the length where it measured faster than the kernels
 # above, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
