@@ -135,7 +135,7 @@ _FWD_WS = {
 # and from this length with deterministic=True, or None).
 _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
                 (128, False): (2048, 2048), (128, True): (2048, 4096),
-                (256, False): (1024, None), (256, True): (1024, None)}
+                (256, False): (512, 512), (256, True): (512, 2048)}
 
 # The ping-pong forward (forward_sm90), from the length where it measured faster than the kernels
 # above, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
