@@ -177,8 +177,10 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
               IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr):
     """One query block (step j: _query_block) of one query head: the five products; dQ_i is handed to
     the writer partition (DQ_WRITER, which also walks the blocks in reverse), or added by a TMA
-    reduce-add at dq_desc. With IS_CAUSAL the first n_masked blocks get the causal mask. With STAGES 1
-    the next step's Q and dO are loaded once this one is done with its own."""
+    reduce-add at dq_desc, in two head-dim halves through one buffer with SPLIT_DQ (head dim 256, whose
+    dO_i then has a slot of its own, reloaded for the next step once dV's product is done with it).
+    With IS_CAUSAL the first n_masked blocks get the causal mask. With STAGES 1 the next step's Q and
+    dO are loaded once this one is done with its own."""
     gl.static_assert(not (DQ_WRITER and SPLIT_DQ), "the writer partition adds whole dQ_i tiles")
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = _s_layout(BLOCK_N, num_warps)
