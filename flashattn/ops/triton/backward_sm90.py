@@ -89,13 +89,10 @@ def _load_q_do(q_desc, do_desc, q_smem, do_smem, bars, it, start_m, STAGES: gl.c
     unless WITH_DO (SPLIT_DQ: dO_i has a slot of its own, _load_do)."""
     s = it % STAGES
     bar = bars.index(s)
+    mbarrier.expect(bar, q_desc.block_type.nbytes + (do_desc.block_type.nbytes if WITH_DO else 0))
+    tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
     if WITH_DO:
-        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
         tma.async_copy_global_to_shared(do_desc, [start_m, 0], bar, do_smem.index(s))
-    else:
-        mbarrier.expect(bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [start_m, 0], bar, q_smem.index(s))
 
 
 @gluon.jit
@@ -139,13 +136,13 @@ def _semaphores(SEM, off_b, off_h, nheads, seqlen_q, total_q, q_start, BLOCK_M: 
 
 
 @gluon.constexpr_function
-def _s_layout(block_n, num_warps):
-    """The layout of the [BLOCK_M, BLOCK_N] tiles S, dP, P, dS: queries on rows, the columns split between
-    the two warp groups, each computing S and dP for its own half of the keys; so lse and delta are
-    per-row values (a few registers a thread), and its P and dS columns are the rows of dV and dK that
-    it owns."""
+def _column_split(cols, num_warps):
+    """The layout of an accumulator of `cols` columns split between the two warp groups. For the
+    [BLOCK_M, BLOCK_N] tiles S, dP, P, dS (queries on rows) each warp group computes S and dP for its
+    own half of the keys; so lse and delta are per-row values (a few registers a thread), and its P and
+    dS columns are the rows of dV and dK that it owns."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                     instr_shape=[16, block_n // (num_warps // 4), 16])
+                                     instr_shape=[16, cols // (num_warps // 4), 16])
 
 
 @gluon.constexpr_function
@@ -154,8 +151,7 @@ def _kv_layout(block_n, head_dim, num_warps):
     block has 128, else by head dim."""
     if block_n == 16 * num_warps:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_dim, 16])
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                     instr_shape=[16, head_dim // (num_warps // 4), 16])
+    return _column_split(head_dim, num_warps)
 
 
 @gluon.jit
@@ -167,6 +163,16 @@ def _lse_delta(LSE, DELTA, start_m, seqlen_q, live, BLOCK_M: gl.constexpr, layou
     lse_log2 = gl.load(LSE + start_m + rows, mask=in_q, other=float("inf")) * LOG2E
     delta = gl.load(DELTA + start_m + rows, mask=in_q, other=0.0)
     return lse_log2, delta
+
+
+@gluon.jit
+def _add_dq(dq, buffer, dq_desc, start_m, col):
+    """Start the TMA reduce-add of dq (its rows start_m..., columns col...) into DQ_ACC through the
+    shared-memory `buffer` (the caller waits for the buffer's last reduce before reusing it)."""
+    buffer.store(dq)
+    fence_async_shared()
+    gl.thread_barrier()
+    _tma_reduce_add(dq_desc, [start_m, col], buffer)
 
 
 @gluon.jit
@@ -183,10 +189,9 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
     dO are loaded once this one is done with its own."""
     gl.static_assert(not (DQ_WRITER and SPLIT_DQ), "the writer partition adds whole dQ_i tiles")
     dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = _s_layout(BLOCK_N, num_warps)
+    s_layout: gl.constexpr = _column_split(BLOCK_N, num_warps)
     DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
-    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
-                                                        instr_shape=[16, DQ_COLS // (num_warps // 4), 16])
+    dq_layout: gl.constexpr = _column_split(DQ_COLS, num_warps)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
@@ -242,19 +247,13 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
         dq_hi = warpgroup_mma(ds_tile, k_smem.slice(DQ_COLS, DQ_COLS, dim=1), zero_h, use_acc=False, is_async=True)
         dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
         dq, dv = warpgroup_mma_wait(2, deps=(dq, dv))
-        dq_smem.index(0).store(dq)
-        fence_async_shared()
-        gl.thread_barrier()
-        _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
+        _add_dq(dq, dq_smem.index(0), dq_desc, start_m, 0)
         if j + 1 < n_steps:
             _load_do(do_desc, do_smem, do_bar, _query_block(lo, j + 1, n_steps, BLOCK_M, DQ_WRITER))
         dq_hi = warpgroup_mma_wait(1, deps=(dq_hi,))
         tma.store_wait(0)            # the first half's reduce has read dq_smem
         gl.thread_barrier()
-        dq_smem.index(0).store(dq_hi)
-        fence_async_shared()
-        gl.thread_barrier()
-        _tma_reduce_add(dq_desc, [start_m, DQ_COLS], dq_smem.index(0))
+        _add_dq(dq_hi, dq_smem.index(0), dq_desc, start_m, DQ_COLS)
     else:
         dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
                            use_acc=False, is_async=True)
@@ -272,10 +271,7 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
             # dQ_i goes into the fp32 buffer by a TMA reduce-add, while dK's product runs: the tensor
             # memory accelerator does the adds in L2, asynchronously; the buffer is rewritten only after
             # the next step's store_wait.
-            dq_smem.index(0).store(dq)
-            fence_async_shared()
-            gl.thread_barrier()
-            _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(0))
+            _add_dq(dq, dq_smem.index(0), dq_desc, start_m, 0)
     dk = warpgroup_mma_wait(0, deps=(dk,))
     if STAGES == 1:
         gl.thread_barrier()          # both warp groups are done with Q_i and dO_i: the slot is free
@@ -387,7 +383,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
         # Step 0's lse and delta; each step loads the next one's (_bwd_step).
         lse_log2, delta = _lse_delta(LSE + row, DELTA + row, _query_block(lo, 0, n_steps, BLOCK_M, DQ_WRITER),
                                      seqlen_q, n_steps > 0, BLOCK_M,
-                                     gl.SliceLayout(1, _s_layout(BLOCK_N, num_warps)))
+                                     gl.SliceLayout(1, _column_split(BLOCK_N, num_warps)))
         for j in range(0, n_steps):
             dk, dv, lse_log2, delta = _bwd_step(
                 dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, do_bar,
