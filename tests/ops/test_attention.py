@@ -307,9 +307,9 @@ def test_persistent_tile_counter_is_kept_per_stream_and_reset_by_each_launch(mon
 
 
 # The one-pass backward (Hopper, Gluon: flashattn/ops/triton/backward_sm90.py; in production plain
-# fp16/bf16 calls at head dims 64 and 128, configs._BWD_ONEPASS; 256 built, not yet listed) forced on
-# for every shape: odd lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key),
-# seqlen_q 1, GQA and MQA.
+# fp16/bf16 calls at head dims 64, 128 and 256 from configs._BWD_ONEPASS's lengths) forced on for every
+# shape: odd lengths, seqlen_q != seqlen_k both ways (with causal, rows that see no key), seqlen_q 1,
+# GQA and MQA.
 # Gluon has no interpreter: GPU only (sm_90); tests/ops/test_sm90_compile.py compiles it anywhere.
 ONE_PASS_SHAPES = [Shape(2, 1025, 1025, 8, 2, 128), Shape(1, 17, 300, 2, 1, 128), Shape(1, 300, 17, 2, 2, 128),
                    Shape(1, 1, 129, 2, 2, 64), Shape(2, 513, 700, 6, 2, 64), Shape(1, 2048, 2048, 4, 4, 128),
