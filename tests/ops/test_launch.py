@@ -113,6 +113,40 @@ def test_keyword_constexprs_are_bound_once_per_call_site(monkeypatch):
     assert made[0].runs == [(x, y, 4, 2.0, 1, 64)] * 3
 
 
+def test_noting_lists_each_launch_or_none_where_it_compiled(monkeypatch):
+    """While launch.noting holds a list, a launch of a kept kernel appends (launcher, kernel, grid,
+    every argument's value) and one that compiled appends None (plan.py); otherwise nothing is noted."""
+    from flashattn.ops.triton import launch
+
+    class Driver:
+        class active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 0)
+
+    monkeypatch.setattr(launch, "driver", Driver)
+    launcher = Launcher(_JIT)
+    made = []
+
+    class Fn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: made.append(_Kernel()) or made[-1]
+
+    launcher.fn = Fn()
+    x, y = torch.zeros(4), torch.zeros(4)
+    noted = []
+    token = launch.noting.set(noted)
+    try:
+        for n in (4, 4):
+            launcher((2, 1, 1), x, y, n, 2.0, BLOCK=64, num_warps=4, num_stages=1)
+    finally:
+        launch.noting.reset(token)
+    assert noted == [None, (launcher, made[0], (2, 1, 1), [x, y, 4, 2.0, 1, 64])]
+    launcher((2, 1, 1), x, y, 4, 2.0, BLOCK=64, num_warps=4, num_stages=1)
+    assert len(noted) == 2
+    launcher.replay(made[0], (3, 1, 1), [y, x, 4, 2.0, 1, 64])
+    assert made[0].runs[-1] == (y, x, 4, 2.0, 1, 64)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="launches need a GPU")
 def test_kept_kernels_match_tritons_own_choice():
     """Aligned and misaligned pointers, lengths that are and are not multiples of 16, strides as

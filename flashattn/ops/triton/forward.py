@@ -28,7 +28,7 @@ from flashattn.ops.triton.common import (
     options as common_options, packed_sequence, scores, sparse_tile_start, store_tile, strides, tile_mask,
     wide,
 )
-from flashattn.ops.triton import choice, configs, decode, forward_sm90
+from flashattn.ops.triton import choice, configs, decode, forward_sm90, plan
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
@@ -307,6 +307,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
+    if variant.is_plain and not variant.tile_size:
+        # A repeated signature replays its launches (plan.py).
+        return plan.run(plan.signature(q, k, v, softmax_scale, variant.causal), q, k, v,
+                        lambda: _forward(q, k, v, softmax_scale, variant), _lasting)
+    return _forward(q, k, v, softmax_scale, variant)
+
+
+def _lasting() -> tuple[torch.Tensor, ...]:
+    return tuple(forward_sm90.tile_counters.values())
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, variant: Variant,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     kernel = choice.kernel_for("fwd", q, k, v, variant, softmax_scale)
     if kernel == choice.SPLIT_KV:
         return decode.forward(q, k, v, softmax_scale, variant)

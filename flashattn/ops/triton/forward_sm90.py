@@ -516,7 +516,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     return o, lse
 
 
-_counters: dict[tuple[int, int], torch.Tensor] = {}
+tile_counters: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _tile_counter(device: torch.device) -> torch.Tensor:
@@ -526,7 +526,7 @@ def _tile_counter(device: torch.device) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         return torch.zeros(1, dtype=torch.int32, device=device)
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    counter = _counters.get(key)
+    counter = tile_counters.get(key)
     if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = tile_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter

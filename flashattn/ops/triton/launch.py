@@ -29,6 +29,9 @@ from triton.runtime import driver
 
 
 _TENSOR = torch.Tensor
+# While set (plan.run), every launch appends (launcher, kept kernel, grid, argument values) to the
+# list, or None when it did not launch a kept kernel (it compiled, or took Triton's own path).
+noting: contextvars.ContextVar[list | None] = contextvars.ContextVar("flashattn_noting", default=None)
 _I32 = (-2 ** 31, 2 ** 31)
 MAX_KEPT = 4096  # kept kernels per jit function; exact ints in the key: bound what many shapes leave
 
@@ -123,8 +126,11 @@ class Launcher:
 
     def _launch(self, grid: tuple[int, int, int], args: tuple, num_warps: int, num_stages: int, pdl: bool,
                 kwargs: dict) -> None:
+        noted = noting.get()
         if not self.direct or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
             self._triton(grid, args, num_warps, num_stages, pdl, kwargs)
+            if noted is not None:
+                noted.append(None)
             return
         device = driver.active.get_current_device()
         key = values = None
@@ -145,12 +151,27 @@ class Launcher:
             if kernel is not None:
                 kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
                            kernel.function, kernel.packed_metadata, None, None, None, *values)
+                if noted is not None:
+                    noted.append((self, kernel, grid, values))
                 return
+        if noted is not None:
+            noted.append(None)
         kernel = self._triton(grid, args, num_warps, num_stages, pdl, kwargs)
         if key is not None:
             if len(self.compiled) >= MAX_KEPT:
                 self.compiled.clear()
             self.compiled[key] = kernel
+
+    def replay(self, kernel, grid: tuple, values: list) -> None:
+        """Launch a kept kernel with every parameter's value given (a plan's launch, plan.py)."""
+        if self.scratch:
+            contextvars.copy_context().run(self._replay_with_scratch, kernel, grid, values)
+        else:
+            _run(kernel, grid, values)
+
+    def _replay_with_scratch(self, kernel, grid, values) -> None:
+        triton.set_allocator(_scratch)
+        _run(kernel, grid, values)
 
     def _triton(self, grid, args, num_warps, num_stages, pdl, kwargs):
         """Triton's own launch path (it compiles a new key). launch_pdl is a compile option there,
@@ -158,6 +179,11 @@ class Launcher:
         if pdl:
             kwargs = {**kwargs, "launch_pdl": True}
         return self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+
+
+def _run(kernel, grid: tuple, values: list) -> None:
+    kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(driver.active.get_current_device()),
+               kernel.function, kernel.packed_metadata, None, None, None, *values)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
