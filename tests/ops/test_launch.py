@@ -81,10 +81,9 @@ class _Kernel:
         self.runs.append(args[9:])   # the kernel's arguments, past the grid, stream and metadata
 
 
-def test_keyword_constexprs_are_bound_once_per_call_site(monkeypatch):
-    """A call that passes only constexprs as keywords binds and keys them once: a later call runs the
-    kept kernel with every parameter in order; another constexpr value is a kernel of its own; a
-    runtime int passed by keyword takes the general path, which finds the same kernel."""
+def _stand_in(monkeypatch) -> tuple[Launcher, list]:
+    """A Launcher of _JIT whose Triton path makes a recording _Kernel (listed in `made`) instead of
+    compiling, on a stand-in driver (device 0, stream 0)."""
     from flashattn.ops.triton import launch
 
     class Driver:
@@ -101,6 +100,14 @@ def test_keyword_constexprs_are_bound_once_per_call_site(monkeypatch):
             return lambda *args, **kwargs: made.append(_Kernel()) or made[-1]
 
     launcher.fn = Fn()
+    return launcher, made
+
+
+def test_keyword_constexprs_are_bound_once_per_call_site(monkeypatch):
+    """A call that passes only constexprs as keywords binds and keys them once: a later call runs the
+    kept kernel with every parameter in order; another constexpr value is a kernel of its own; a
+    runtime int passed by keyword takes the general path, which finds the same kernel."""
+    launcher, made = _stand_in(monkeypatch)
     x, y = torch.zeros(4), torch.zeros(4)
     for n in (4, 4, 5, 4):
         launcher((1, 1, 1), x, y, n, 2.0, BLOCK=64, num_warps=4, num_stages=1)
@@ -118,20 +125,7 @@ def test_noting_lists_each_launch_or_none_where_it_compiled(monkeypatch):
     every argument's value) and one that compiled appends None (plan.py); otherwise nothing is noted."""
     from flashattn.ops.triton import launch
 
-    class Driver:
-        class active:
-            get_current_device = staticmethod(lambda: 0)
-            get_current_stream = staticmethod(lambda device: 0)
-
-    monkeypatch.setattr(launch, "driver", Driver)
-    launcher = Launcher(_JIT)
-    made = []
-
-    class Fn:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: made.append(_Kernel()) or made[-1]
-
-    launcher.fn = Fn()
+    launcher, made = _stand_in(monkeypatch)
     x, y = torch.zeros(4), torch.zeros(4)
     noted = []
     token = launch.noting.set(noted)
