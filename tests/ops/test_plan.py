@@ -1,10 +1,12 @@
-"""Plans (flashattn/ops/triton/plan.py): a repeated plain forward replays its noted launches with its
-own tensors. On any machine with stand-in launches; on a GPU, every forward kernel family through a
-plan against the full path, bit for bit."""
+"""Plans (flashattn/ops/triton/plan.py): a repeated plain call replays its noted launches with its own
+tensors. On any machine with stand-in launches; on a GPU, every forward and backward kernel family
+through a plan against the full path."""
+import dataclasses
+
 import pytest
 import torch
 
-from flashattn.ops.triton import forward, launch, plan
+from flashattn.ops.triton import backward, forward, launch, plan
 
 from conftest import HAS_CUDA
 
@@ -26,18 +28,19 @@ def plans():
     plan.clear()
 
 
-def _call(sig, q, k, v, launcher, entries, lasting=()):
-    """plan.run of a call whose full path notes `entries(q, k, v, o, lse)` as its launches."""
+def _call(sig, q, k, v, entries, lasting=(), out=None):
+    """plan.run of a call whose full path allocates o, lse (plan.empty) and notes `entries(q, k, v, o,
+    lse)` as its launches; it returns `out(o, lse)` (default (o, lse))."""
     ran = []
 
     def full():
-        o, lse = torch.empty_like(q), torch.empty(q.shape[0], q.shape[2], q.shape[1])
+        o, lse = plan.empty(q.shape, q.dtype, q.device), plan.empty((2, 4, 5), torch.float32, q.device)
         noted = launch.noting.get()
         ran.append(noted is not None)
         if noted is not None:
             noted.extend(entries(q, k, v, o, lse))
-        return o, lse
-    outs = plan.run(sig, q, k, v, full, lambda: lasting)
+        return out(o, lse) if out else (o, lse)
+    outs = plan.run(sig, (q, k, v), full, lambda: lasting)
     return outs, ran
 
 
@@ -50,32 +53,33 @@ def test_a_repeated_signature_replays_its_launches_with_its_own_tensors(plans):
     launcher = _Launcher()
 
     def entries(q, k, v, o, lse):
-        return [(launcher, "kernel", (3, 4, 2), [q, k, v, o, lse, counter, 5, 0.125, True])]
+        return [(launcher, "kernel", (3, 4, 2), [q, k, v, o, lse, counter, 5, 0.125, True]),
+                (launcher, "convert", (1, 1, 1), [lse, o])]
     sig = ("signature",)
     for _ in range(2):                                        # noted twice alike: a plan
-        _, ran = _call(sig, *_qkv(), launcher, entries, lasting=(counter,))
+        _, ran = _call(sig, *_qkv(), entries, lasting=(counter,))
         assert ran == [True] and not launcher.replays
     q, k, v = _qkv()
-    (o, lse), ran = _call(sig, q, k, v, launcher, entries, lasting=(counter,))
+    (o, lse), ran = _call(sig, q, k, v, entries, lasting=(counter,))
     assert ran == []                                          # the full path did not run
-    [(kernel, grid, values)] = launcher.replays
-    assert kernel == "kernel" and grid == (3, 4, 2)
+    [(kernel, grid, values), (convert, _, (lse2, o2))] = launcher.replays
+    assert kernel == "kernel" and grid == (3, 4, 2) and convert == "convert"
     assert [x is y for x, y in zip(values[:6], (q, k, v, o, lse, counter))] == [True] * 6
-    assert values[6:] == [5, 0.125, True]
+    assert values[6:] == [5, 0.125, True] and lse2 is lse and o2 is o
     assert o.shape == q.shape and o.stride() == q.stride() and lse.shape == (2, 4, 5)
 
 
 def test_a_call_whose_launch_compiled_is_noted_again(plans):
-    launcher = _Launcher()
     first = [True]
+    launcher = _Launcher()
 
     def entries(q, k, v, o, lse):
         compiled, first[0] = first[0], False
         return [None] if compiled else [(launcher, "kernel", (1, 1, 1), [q, o, lse])]
     sig = ("signature",)
     for _ in range(3):                                                # noted again, twice alike
-        assert _call(sig, *_qkv(), launcher, entries)[1] == [True]
-    assert _call(sig, *_qkv(), launcher, entries)[1] == [] and len(launcher.replays) == 1
+        assert _call(sig, *_qkv(), entries)[1] == [True]
+    assert _call(sig, *_qkv(), entries)[1] == [] and len(launcher.replays) == 1
 
 
 def test_calls_that_launch_differently_get_no_plan_until_two_agree(plans):
@@ -88,28 +92,34 @@ def test_calls_that_launch_differently_get_no_plan_until_two_agree(plans):
         return [(launcher, "kernel", grid, [q, o]) for grid in next(grids)]
     sig = ("signature",)
     for _ in range(3):
-        assert _call(sig, *_qkv(), launcher, entries)[1] == [True]
-    assert _call(sig, *_qkv(), launcher, entries)[1] == []
+        assert _call(sig, *_qkv(), entries)[1] == [True]
+    assert _call(sig, *_qkv(), entries)[1] == []
     assert [grid for _, grid, _ in launcher.replays] == [(2, 1, 1)]
 
 
-def test_a_launch_given_a_tensor_of_its_own_gets_no_plan(plans):
-    """Split-KV's partial results are allocated per call: such a call runs the full path each time,
-    and is not noted again."""
+@pytest.mark.parametrize("foreign", ["launch", "output", "input-as-output"])
+def test_a_call_with_a_tensor_not_its_own_gets_no_plan(foreign, plans):
+    """A launch given a tensor allocated otherwise (split-KV's partial results, torch.zeros'
+    semaphores), or a call returning one or an input, runs the full path each time, and is not noted
+    again."""
     launcher = _Launcher()
+    other = torch.zeros(3)
 
     def entries(q, k, v, o, lse):
-        return [(launcher, "kernel", (1, 1, 1), [q, torch.empty(3), o])]
+        return [(launcher, "kernel", (1, 1, 1), [q, other if foreign == "launch" else o, lse])]
+
+    def out(o, lse):
+        return {"launch": (o, lse), "output": (o, other), "input-as-output": (q, lse)}[foreign]
     sig = ("signature",)
-    for _ in range(2):
-        assert _call(sig, *_qkv(), launcher, entries)[1] == [True]
-    assert _call(sig, *_qkv(), launcher, entries)[1] == [False]
+    for ran in ([True], [True], [False]):
+        q, k, v = _qkv()
+        assert _call(sig, q, k, v, entries, out=out)[1] == ran
     assert not launcher.replays
 
 
 def test_no_signature_no_plan(plans):
     launcher = _Launcher()
-    _, ran = _call(None, *_qkv(), launcher, lambda *t: [(launcher, "kernel", (1, 1, 1), list(t))])
+    _, ran = _call(None, *_qkv(), lambda *t: [(launcher, "kernel", (1, 1, 1), list(t))])
     assert ran == [False] and not plan._plans
 
 
@@ -117,22 +127,22 @@ def test_signatures_tell_calls_that_pass_one_tensor_twice_apart(monkeypatch):
     """A plan maps each argument to its call's tensor slot, so q given as k must not share a plan with
     distinct tensors; off CUDA there is no signature at all."""
     q, k, v = _qkv()
-    assert plan.signature(q, k, v, 0.125, False) is None
-    monkeypatch.setattr(plan, "_eligible", lambda q: True)
+    assert plan.signature((q, k, v), 0.125, False) is None
+    monkeypatch.setattr(plan, "_eligible", lambda tensor: True)
 
     class Driver:
         class active:
             get_current_device = staticmethod(lambda: 0)
             get_current_stream = staticmethod(lambda device: 0)
     monkeypatch.setattr(launch, "driver", Driver)
-    assert plan.signature(q, q, v, 0.125, False) != plan.signature(q, k, v, 0.125, False)
-    assert plan.signature(q, k, v, 0.125, False) != plan.signature(q, k, v, 0.125, True)
-    assert plan.signature(q, k, v, 0.125, False) == plan.signature(*_qkv(), 0.125, False)
+    assert plan.signature((q, q, v), 0.125, False) != plan.signature((q, k, v), 0.125, False)
+    assert plan.signature((q, k, v), 0.125, False) != plan.signature((q, k, v), 0.125, True)
+    assert plan.signature((q, k, v), 0.125, False) == plan.signature(tuple(_qkv()), 0.125, False)
 
 
-# (batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal): the portable forward at short lengths,
-# the ping-pong forward one program per tile and persistent, the warp-specialized forward (D64 4k on
-# sm_90), split-KV (one query: no plan), GQA.
+# (batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal): the portable kernels at short lengths,
+# the ping-pong forward one program per tile and persistent and the one-pass backward (D128 2k, D256
+# 2k), the warp-specialized forward (D64 4k on sm_90), split-KV (one query: no forward plan), GQA.
 GPU_CASES = [(2, 128, 128, 4, 4, 64, False), (1, 2048, 2048, 8, 2, 128, True), (1, 2048, 2048, 4, 4, 256, False),
              (1, 4096, 4096, 4, 4, 64, False), (3, 1, 700, 8, 2, 128, False), (2, 300, 517, 6, 3, 128, True)]
 
@@ -140,18 +150,28 @@ GPU_CASES = [(2, 128, 128, 4, 4, 64, False), (1, 2048, 2048, 8, 2, 128, True), (
 @pytest.mark.skipif(not HAS_CUDA, reason="plans serve CUDA launches")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}-{}-d{}-{}".format(*c[:6], "causal" if c[6] else "full"))
 @pytest.mark.parametrize("same_qk", [False, True], ids=["qkv", "q-as-k"])
-def test_plans_give_the_full_paths_results(case, same_qk, plans):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_plans_give_the_full_paths_results(case, same_qk, deterministic, plans):
+    """Five calls of one signature (the third on runs a plan) against the full path on the same
+    tensors: the forward and dK, dV bit for bit, dQ within its reduce-adds' reordering (the one-pass
+    kernel adds dQ's shares in any order unless deterministic)."""
     batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal = case
     if same_qk and (seqlen_q != seqlen_k or heads != kv_heads):
         pytest.skip("q given as k needs k's shape")
     torch.manual_seed(0)
     scale = head_dim ** -0.5
+    variant = dataclasses.replace(forward.from_causal(causal), deterministic=deterministic)
     for call in range(5):
         q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.bfloat16)
         k = q if same_qk else torch.randn(batch, seqlen_k, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(batch, seqlen_k, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        out, lse = forward.forward(q, k, v, scale, causal)
-        ref_out, ref_lse = forward._forward(q, k, v, scale, forward.from_causal(causal))
+        dout = torch.randn_like(q)
+        out, lse = forward.forward(q, k, v, scale, variant)
+        ref_out, ref_lse = forward._forward(q, k, v, scale, variant)
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
-    sig = plan.signature(q, k, v, scale, causal)
-    assert (plan._plans.get(sig) is None) == (seqlen_q == 1)    # split-KV allocates its partial results
+        grads = backward.backward(dout, q, k, v, out, lse, scale, variant)
+        ref = backward._backward(dout, q, k, v, out, lse, scale, variant)
+        assert grads[3] is None and torch.equal(grads[1], ref[1]) and torch.equal(grads[2], ref[2])
+        torch.testing.assert_close(grads[0], ref[0], atol=0 if deterministic else 1e-2, rtol=0 if deterministic else 1e-2)
+    fwd_sig = plan.signature((q, k, v), scale, causal)
+    assert (plan._plans.get(fwd_sig) is None) == (seqlen_q == 1)    # split-KV allocates its partial results

@@ -46,7 +46,7 @@ from flashattn.ops.triton.common import (
     options as common_options, packed_sequence, query_tiles, scores, sparse_tile_start, store_tile, strides,
     tile_mask, wide,
 )
-from flashattn.ops.triton import backward_sm90, choice, configs
+from flashattn.ops.triton import backward_sm90, choice, configs, plan
 from flashattn.ops.triton.launch import Launcher
 from flashattn.ops.triton.configs import dot_precision
 from flashattn.ops.variant import PLAIN, Variant, from_causal
@@ -523,6 +523,21 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     if isinstance(variant, bool):
         variant = from_causal(variant)
+    if variant.is_plain and not variant.tile_size and dlse is None and not bias_grad:
+        # A repeated signature replays its launches (plan.py): dq, dk, dv, and no bias gradient.
+        inputs = (dout, q, k, v, out, lse)
+        return (*plan.run(plan.signature(inputs, softmax_scale, variant.causal), inputs,
+                          lambda: _backward(dout, q, k, v, out, lse, softmax_scale, variant)[:3], _no_lasting), None)
+    return _backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse, bias_grad)
+
+
+def _no_lasting() -> tuple:
+    return ()
+
+
+def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, softmax_scale: float, variant: Variant, dlse: torch.Tensor | None = None,
+              bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group_size = nheads // nheads_k
@@ -534,7 +549,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     one_pass = choice.kernel_for("bwd", q, k, v, variant, softmax_scale, dout, bias_grad) == choice.ONE_PASS
     dq_acc = backward_sm90.dq_buffer(q) if one_pass else None
-    delta = torch.empty_like(lse)
+    delta = plan.empty(lse.shape, lse.dtype, lse.device)            # lse is contiguous
     # Offsets within a sequence that may pass 2^31: tiles from 64-bit bases (common.py, WIDE).
     _launch_preprocess((cdiv(seqlen_q, PREPROCESS_ROWS), nheads, batch),
         out, dout, dlse if dlse is not None else lse, delta, dq_acc,
@@ -547,9 +562,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                         variant.deterministic, variant.cu_seqlens_q, variant.cu_seqlens_k,
                                         variant.max_seqlen_k), None)
 
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = plan.empty(q.shape, q.dtype, q.device)
+    dk = plan.empty(k.shape, k.dtype, k.device)
+    dv = plan.empty(v.shape, v.dtype, v.device)
     dbias = []
     packed = variant.varlen
     args = (q, k, v, dout, lse, delta, dq, dk, dv,

@@ -49,6 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from flashattn.ops.triton.common import LOG2E, cdiv, packed_sequence, strides
+from flashattn.ops.triton import plan
 from flashattn.ops.triton.launch import Launcher
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -543,7 +544,7 @@ CONVERT_ROWS = 64
 def dq_buffer(q: torch.Tensor) -> torch.Tensor:
     """The fp32 dQ accumulator, (B, H, Sq, head dim), uninitialised (backward.py's preprocess zeroes it)."""
     batch, seqlen_q, nheads, head_dim = q.shape
-    return torch.empty((batch, nheads, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
+    return plan.empty((batch, nheads, seqlen_q, head_dim), torch.float32, q.device)
 
 
 def build_constexprs(head_dim: int, deterministic: bool) -> dict:
@@ -575,8 +576,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         varlen = dict(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, VARLEN=True)
         sem_shape = (nheads, cdiv(seqlen_q, block_m) + n_seq)            # _semaphores
     sem = torch.zeros(sem_shape, dtype=torch.int32, device=q.device) if deterministic else dq_acc
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk = plan.empty(k.shape, k.dtype, k.device)
+    dv = plan.empty(v.shape, v.dtype, v.device)
     _launch_bwd_sm90((nheads_k, n_kv, n_seq) if deterministic else (n_kv, nheads_k, n_seq),
                      q, k, v, dout, lse, delta, dq_acc, sem, dk, dv,
                      *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(dout, packed),
@@ -584,7 +585,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale, softmax_scale * LOG2E.value,
                      IS_CAUSAL=causal, num_warps=NUM_WARPS, num_stages=1, **build, **varlen)
     # dq_acc has dq's rows (packed: all sequences in the one batch entry): converted as one dense tensor.
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = plan.empty(q.shape, q.dtype, q.device)
     _launch_dq_convert((cdiv(seqlen_q, CONVERT_ROWS), nheads, batch), dq_acc, dq, *strides(dq),
                        seqlen_q, nheads, softmax_scale, HEAD_DIM=head_dim, BLOCK_M=CONVERT_ROWS,
                        num_warps=4, num_stages=1)

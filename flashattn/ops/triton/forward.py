@@ -309,7 +309,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         variant = from_causal(variant)
     if variant.is_plain and not variant.tile_size:
         # A repeated signature replays its launches (plan.py).
-        return plan.run(plan.signature(q, k, v, softmax_scale, variant.causal), q, k, v,
+        return plan.run(plan.signature((q, k, v), softmax_scale, variant.causal), (q, k, v),
                         lambda: _forward(q, k, v, softmax_scale, variant), _lasting)
     return _forward(q, k, v, softmax_scale, variant)
 
@@ -328,8 +328,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: f
                                     variant.cu_seqlens_k, variant.max_seqlen_q, variant.max_seqlen_k)
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    o = plan.empty(q.shape, q.dtype, q.device)
+    lse = plan.empty((batch, nheads, seqlen_q), torch.float32, q.device)
     packed = variant.varlen
     args = (q, k, v, o, lse, *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(o, packed),
             seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value)

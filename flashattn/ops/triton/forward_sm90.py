@@ -52,7 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from flashattn.ops.triton import configs
+from flashattn.ops.triton import configs, plan
 from flashattn.ops.triton.common import LN2, LOG2E, cdiv, packed_sequence, strides
 from flashattn.ops.triton.launch import Launcher
 
@@ -495,8 +495,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     with cu_seqlens_q/k, of packed sequences (q (1, total_q, H, D), flashattn/ops/variant.py)."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    o = plan.empty(q.shape, q.dtype, q.device)
+    lse = plan.empty((batch, nheads, seqlen_q), torch.float32, q.device)
     varlen = {}
     rows, seqlen = seqlen_q, max(seqlen_q, seqlen_k)
     if cu_seqlens_q is not None:
