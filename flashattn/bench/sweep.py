@@ -20,6 +20,7 @@ from triton.testing import do_bench
 from flashattn.ops.triton import backward as triton_backward
 from flashattn.ops.triton import configs
 from flashattn.ops.triton import forward as triton_forward
+from flashattn.ops.triton import plan
 
 T, B = configs.TileConfig, configs.BackwardConfig
 CANDIDATES = {
@@ -85,6 +86,7 @@ def main() -> None:
             for cand in CANDIDATES[pass_][configs._bucket(d)]:
                 table[key] = configs.TileConfig(*cand) if isinstance(cand, tuple) else cand
                 configs._chosen.clear()  # forget shapes fitted or tuned for the previous candidate
+                plan.clear()             # and the launches planned with it
                 try:
                     if pass_ == "fwd":
                         fn = lambda: triton_forward.forward(q, k, v, scale, causal)

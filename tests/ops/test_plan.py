@@ -147,6 +147,26 @@ GPU_CASES = [(2, 128, 128, 4, 4, 64, False), (1, 2048, 2048, 8, 2, 128, True), (
              (1, 4096, 4096, 4, 4, 64, False), (3, 1, 700, 8, 2, 128, False), (2, 300, 517, 6, 3, 128, True)]
 
 
+def test_the_backwards_plans_tell_deterministic_calls_apart(monkeypatch, plans):
+    """deterministic=True runs other kernels (the one-pass kernel's ordered build): a default call's
+    plan must never serve it."""
+    seen = []
+    monkeypatch.setattr(plan, "run", lambda sig, inputs, full, lasting: seen.append(sig) or (None, None, None))
+    monkeypatch.setattr(plan, "_eligible", lambda tensor: True)
+
+    class Driver:
+        class active:
+            get_current_device = staticmethod(lambda: 0)
+            get_current_stream = staticmethod(lambda device: 0)
+    monkeypatch.setattr(launch, "driver", Driver)
+    q, k, v = _qkv()
+    lse = torch.zeros(2, 4, 5)
+    for deterministic in (False, True):
+        variant = dataclasses.replace(forward.from_causal(True), deterministic=deterministic)
+        backward.backward(torch.randn_like(q), q, k, v, torch.randn_like(q), lse, 0.125, variant)
+    assert len(seen) == 2 and seen[0] != seen[1]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="plans serve CUDA launches")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "b{}-q{}-k{}-h{}-{}-d{}-{}".format(*c[:6], "causal" if c[6] else "full"))
 @pytest.mark.parametrize("same_qk", [False, True], ids=["qkv", "q-as-k"])

@@ -525,8 +525,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         variant = from_causal(variant)
     if variant.is_plain and not variant.tile_size and dlse is None and not bias_grad:
         # A repeated signature replays its launches (plan.py): dq, dk, dv, and no bias gradient.
+        # deterministic is in the key: it chooses the one-pass kernel's build.
         inputs = (dout, q, k, v, out, lse)
-        return (*plan.run(plan.signature(inputs, softmax_scale, variant.causal), inputs,
+        return (*plan.run(plan.signature(inputs, softmax_scale, variant.causal, variant.deterministic), inputs,
                           lambda: _backward(dout, q, k, v, out, lse, softmax_scale, variant)[:3], _no_lasting), None)
     return _backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse, bias_grad)
 

@@ -16,7 +16,8 @@ A call that launches with any other tensor (split-KV's partial results, the dete
 backward's zeroed semaphores) gets no plan and is not noted again; one whose launch compiled is
 noted again at its next call. Plans are skipped while a CUDA graph is captured (a capture takes a
 fresh tile counter) and while a launch hook is installed (profilers read the metadata that only
-Triton's own path builds).
+Triton's own path builds). Code that changes the tile tables or the kernel choice at run time (the
+tile sweep, tests that force a kernel) calls `clear()`: a plan keeps the launches it noted.
 """
 from __future__ import annotations
 
