@@ -123,11 +123,8 @@ def test_no_signature_no_plan(plans):
     assert ran == [False] and not plan._plans
 
 
-def test_signatures_tell_calls_that_pass_one_tensor_twice_apart(monkeypatch):
-    """A plan maps each argument to its call's tensor slot, so q given as k must not share a plan with
-    distinct tensors; off CUDA there is no signature at all."""
-    q, k, v = _qkv()
-    assert plan.signature((q, k, v), 0.125, False) is None
+def _on_a_stand_in_gpu(monkeypatch):
+    """Signatures for CPU tensors, on a stand-in driver (device 0, stream 0)."""
     monkeypatch.setattr(plan, "_eligible", lambda tensor: True)
 
     class Driver:
@@ -135,6 +132,14 @@ def test_signatures_tell_calls_that_pass_one_tensor_twice_apart(monkeypatch):
             get_current_device = staticmethod(lambda: 0)
             get_current_stream = staticmethod(lambda device: 0)
     monkeypatch.setattr(launch, "driver", Driver)
+
+
+def test_signatures_tell_calls_that_pass_one_tensor_twice_apart(monkeypatch):
+    """A plan maps each argument to its call's tensor slot, so q given as k must not share a plan with
+    distinct tensors; off CUDA there is no signature at all."""
+    q, k, v = _qkv()
+    assert plan.signature((q, k, v), 0.125, False) is None
+    _on_a_stand_in_gpu(monkeypatch)
     assert plan.signature((q, q, v), 0.125, False) != plan.signature((q, k, v), 0.125, False)
     assert plan.signature((q, k, v), 0.125, False) != plan.signature((q, k, v), 0.125, True)
     assert plan.signature((q, k, v), 0.125, False) == plan.signature(tuple(_qkv()), 0.125, False)
@@ -152,13 +157,7 @@ def test_the_backwards_plans_tell_deterministic_calls_apart(monkeypatch, plans):
     plan must never serve it."""
     seen = []
     monkeypatch.setattr(plan, "run", lambda sig, inputs, full, lasting: seen.append(sig) or (None, None, None))
-    monkeypatch.setattr(plan, "_eligible", lambda tensor: True)
-
-    class Driver:
-        class active:
-            get_current_device = staticmethod(lambda: 0)
-            get_current_stream = staticmethod(lambda device: 0)
-    monkeypatch.setattr(launch, "driver", Driver)
+    _on_a_stand_in_gpu(monkeypatch)
     q, k, v = _qkv()
     lse = torch.zeros(2, 4, 5)
     for deterministic in (False, True):
