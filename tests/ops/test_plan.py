@@ -194,3 +194,94 @@ def test_plans_give_the_full_paths_results(case, same_qk, deterministic, plans):
         torch.testing.assert_close(grads[0], ref[0], atol=0 if deterministic else 1e-2, rtol=0 if deterministic else 1e-2)
     fwd_sig = plan.signature((q, k, v), scale, causal)
     assert (plan._plans.get(fwd_sig) is None) == (seqlen_q == 1)    # split-KV allocates its partial results
+
+
+@pytest.fixture
+def stand_in_gpu_path(monkeypatch):
+    """The GPU path's Python on CPU tensors: every launcher a direct one (a JITFunction even under the
+    interpreter) whose kernels record their runs, the tables answering for sm_90 (as sm90_compile.py's
+    stand-ins do), one lasting tile counter, plans allowed. Yields the list of runs: (grid, arguments)."""
+    from triton.runtime.jit import JITFunction
+
+    from flashattn.ops.triton import backward_sm90, configs, forward_sm90
+
+    def on_cuda(fn):        # the tables are asked about the CPU tensors' device: answer for a GPU's
+        cuda = torch.device("cuda", 0)
+        return lambda *args, **kwargs: fn(*(cuda if isinstance(x, torch.device) else x for x in args), **kwargs)
+
+    runs = []
+
+    class Kernel:
+        function = packed_metadata = None
+
+        def run(self, *args):
+            runs.append((args[:3], args[9:]))
+    kernel = Kernel()
+    _on_a_stand_in_gpu(monkeypatch)
+    launchers = [(forward, "_launch_fwd"), (forward, "_launch_fwd_ws"), (forward_sm90, "_launch_fwd_sm90"),
+                 (backward, "_launch_bwd"), (backward, "_launch_preprocess"), (backward_sm90, "_launch_bwd_sm90"),
+                 (backward_sm90, "_launch_dq_convert")]
+    for module, name in launchers:
+        old = getattr(module, name)
+        jit = old.fn if isinstance(old.fn, JITFunction) else JITFunction(old.fn.fn)
+        new = launch.Launcher(jit, scratch=old.scratch)
+        monkeypatch.setattr(new, "_triton", lambda *args, **kwargs: kernel)
+        monkeypatch.setattr(module, name, new)
+    monkeypatch.setattr(configs, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(configs, "sm_resources", lambda device: (132, 227 * 1024))
+    counter = torch.zeros(1, dtype=torch.int32)
+    monkeypatch.setitem(forward_sm90.tile_counters, ("stand-in", 0), counter)
+    monkeypatch.setattr(forward_sm90, "_tile_counter", lambda device: counter)
+    for name in ("_table_config", "warp_specialized", "ping_pong_forward", "ping_pong_persistent", "one_pass_backward"):
+        monkeypatch.setattr(configs, name, on_cuda(getattr(configs, name)))
+    yield runs
+
+
+def _same_launches(replayed, full, inputs, outputs, full_outputs):
+    """The replayed runs are the full path's: the same grids and values, the call's inputs where the
+    full path had them, its outputs where the full path had its own, and fresh tensors of the same
+    layout for the full path's workspaces."""
+    assert len(replayed) == len(full)
+    for (grid, values), (full_grid, full_values) in zip(replayed, full):
+        assert grid == full_grid and len(values) == len(full_values)
+        for value, expected in zip(values, full_values):
+            if not isinstance(expected, torch.Tensor):
+                assert value == expected
+            elif any(expected is t for t in inputs):
+                assert value is expected
+            elif any(expected is t for t in full_outputs):
+                assert value is outputs[[i for i, t in enumerate(full_outputs) if t is expected][0]]
+            else:
+                assert (value.shape, value.stride(), value.dtype) == (expected.shape, expected.stride(), expected.dtype)
+
+
+# (seqlen, head dim, causal) on a stand-in sm_90: the portable kernels (short, D64 causal), the ping-pong
+# forward (one program per tile: D256 2k; persistent: D128 2k) with the one-pass backward, the
+# warp-specialized forward (D64 4k).
+STAND_IN_CASES = [(128, 64, True), (2048, 128, True), (2048, 256, False), (4096, 64, False)]
+
+
+@pytest.mark.parametrize("case", STAND_IN_CASES, ids=lambda c: f"n{c[0]}-d{c[1]}-{'causal' if c[2] else 'full'}")
+def test_a_plan_replays_what_the_full_path_launches(case, stand_in_gpu_path, plans):
+    """Through the real launchers and kernel choice: the fourth call of a signature runs from its plans
+    (the first compiles, the next two are noted alike), and runs what the full path runs on the same
+    tensors."""
+    runs = stand_in_gpu_path
+    seqlen, head_dim, causal = case
+    scale = head_dim ** -0.5
+    for call in range(4):
+        q, k, v, dout = (torch.randn(1, seqlen, 2, head_dim, dtype=torch.bfloat16) for _ in range(4))
+        assert sum(p is not None for p in plan._plans.values()) == (2 if call == 3 else 0)
+        del runs[:]
+        out, lse = forward.forward(q, k, v, scale, causal)
+        grads = backward.backward(dout, q, k, v, out, lse, scale, causal)
+        planned = runs[:]
+        del runs[:]
+        full_out, full_lse = forward._forward(q, k, v, scale, forward.from_causal(causal))
+        full_grads = backward._backward(dout, q, k, v, out, lse, scale, forward.from_causal(causal))
+        if call == 3:                       # the first call from the plans (the two before noted alike)
+            fwd_runs = [r for r in runs if any(x is full_out for x in r[1])]
+            _same_launches(planned[:len(fwd_runs)], fwd_runs, (q, k, v), (out, lse), (full_out, full_lse))
+            _same_launches(planned[len(fwd_runs):], runs[len(fwd_runs):], (dout, q, k, v, out, lse),
+                           grads[:3], full_grads[:3])
+    assert sum(p is not None for p in plan._plans.values()) == 2     # the forward's and the backward's
