@@ -289,17 +289,17 @@ def test_persistent_tile_counter_is_kept_per_stream_and_reset_by_each_launch(mon
     torch.cuda.synchronize()
     for i, out in enumerate(outs):
         assert torch.equal(out, expected[i % 2]), i
-    assert len(forward_sm90._counters) >= 3 and all(c.item() == 0 for c in forward_sm90._counters.values())
+    assert len(forward_sm90.tile_counters) >= 3 and all(c.item() == 0 for c in forward_sm90.tile_counters.values())
 
     graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         forward_sm90.forward(*big, 0.1, True)          # warm-up outside the capture
     torch.cuda.current_stream().wait_stream(side)
-    kept = dict(forward_sm90._counters)
+    kept = dict(forward_sm90.tile_counters)
     with torch.cuda.graph(graph):
         captured, _ = forward_sm90.forward(*big, 0.1, True)
-    assert forward_sm90._counters.keys() == kept.keys()
+    assert forward_sm90.tile_counters.keys() == kept.keys()
     for _ in range(2):
         graph.replay()
         torch.cuda.synchronize()
