@@ -90,16 +90,14 @@ def _check_extents(q: Tensor, k: Tensor, seqlens: tuple[int, int]) -> None:
     """The limits the Triton kernels' 32-bit indices leave: sequences (seqlens: the longest query and
     key sequence) shorter than MAX_SEQLEN rows, and tiles of MAX_TILE_ROWS rows of the outputs or
     gradients of q's and k's shapes within 2^31 elements."""
-    for side, seqlen in zip(("query", "key"), seqlens):
-        if torch.compiler.is_compiling():
-            # A length read inside a traced graph is symbolic: asserted there, not branched on (math.isfinite
-            # and `if` on it would break the graph); -inf < x < inf likewise, above.
+    if torch.compiler.is_compiling():
+        for seqlen in seqlens:
             _check_traced(seqlen < MAX_SEQLEN)       # sequences shorter than 2^29 rows
-            continue
-        if seqlen >= MAX_SEQLEN:
-            raise ValueError(f"a {side} sequence of {seqlen} rows: the Triton kernels take sequences shorter than "
-                             f"2^29 = {MAX_SEQLEN} rows (32-bit row indices, which a window's band edges reach "
-                             "at three lengths); use FLASHATTN_BACKEND=reference")
+    elif max(seqlens) >= MAX_SEQLEN:
+        side, seqlen = ("query", seqlens[0]) if seqlens[0] >= MAX_SEQLEN else ("key", seqlens[1])
+        raise ValueError(f"a {side} sequence of {seqlen} rows: the Triton kernels take sequences shorter than "
+                         f"2^29 = {MAX_SEQLEN} rows (32-bit row indices, which a window's band edges reach "
+                         "at three lengths); use FLASHATTN_BACKEND=reference")
     for name, x in (("q", q), ("k", k)):
         row = x.shape[2] * x.shape[3]
         if MAX_TILE_ROWS * row > 2 ** 31:

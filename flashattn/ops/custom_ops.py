@@ -172,7 +172,7 @@ class _Attention(torch.autograd.Function):
         ctx.tensor_positions = tensors
         # ctx keeps no tensor outside save_for_backward. (A new list: torch 2.11's dynamo takes the
         # starred `options` above for a tuple and cannot trace item assignment into it.)
-        ctx.options = [None if i in tensors else value for i, value in enumerate(options)]
+        ctx.options = [None if i in tensors else value for i, value in enumerate(options)] if tensors else options
         ctx.softmax_scale, ctx.backend = softmax_scale, backend
         ctx.set_materialize_grads(False)
         return out, lse

@@ -28,8 +28,8 @@ def select_backend(device: torch.device) -> str:
 
     FLASHATTN_BACKEND=triton|reference forces one.
     """
-    forced = os.environ.get("FLASHATTN_BACKEND", "").strip().lower()
-    if forced:
+    forced = os.environ.get("FLASHATTN_BACKEND")
+    if forced and (forced := forced.strip().lower()):
         if forced not in BACKENDS:
             raise ValueError(f"FLASHATTN_BACKEND={forced!r} is not one of {BACKENDS}")
         if forced == "triton" and device.type == "cpu" and not triton_interpreter():

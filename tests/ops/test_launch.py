@@ -76,9 +76,11 @@ class _Kernel:
 
     def __init__(self):
         self.runs = []
+        self.streams = []
 
     def run(self, *args):
         self.runs.append(args[9:])   # the kernel's arguments, past the grid, stream and metadata
+        self.streams.append(args[3])
 
 
 def _stand_in(monkeypatch) -> tuple[Launcher, list]:
@@ -137,8 +139,8 @@ def test_noting_lists_each_launch_or_none_where_it_compiled(monkeypatch):
     assert noted == [None, (launcher, made[0], (2, 1, 1), [x, y, 4, 2.0, 1, 64])]
     launcher((2, 1, 1), x, y, 4, 2.0, BLOCK=64, num_warps=4, num_stages=1)
     assert len(noted) == 2
-    launcher.replay(made[0], (3, 1, 1), [y, x, 4, 2.0, 1, 64])
-    assert made[0].runs[-1] == (y, x, 4, 2.0, 1, 64)
+    launcher.replay(made[0], (3, 1, 1), [y, x, 4, 2.0, 1, 64], 7)
+    assert made[0].runs[-1] == (y, x, 4, 2.0, 1, 64) and made[0].streams[-1] == 7
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="launches need a GPU")

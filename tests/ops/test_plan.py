@@ -17,7 +17,7 @@ class _Launcher:
     def __init__(self):
         self.replays = []
 
-    def replay(self, kernel, grid, values):
+    def replay(self, kernel, grid, values, stream):
         self.replays.append((kernel, grid, values))
 
 
@@ -143,6 +143,22 @@ def test_signatures_tell_calls_that_pass_one_tensor_twice_apart(monkeypatch):
     assert plan.signature((q, q, v), 0.125, False) != plan.signature((q, k, v), 0.125, False)
     assert plan.signature((q, k, v), 0.125, False) != plan.signature((q, k, v), 0.125, True)
     assert plan.signature((q, k, v), 0.125, False) == plan.signature(tuple(_qkv()), 0.125, False)
+
+
+def test_only_calls_on_a_side_stream_ask_whether_a_graph_is_being_captured(monkeypatch):
+    """No capture runs on the legacy default stream (handle 0): a call there skips the query; on any
+    other stream a capture in progress means no signature (a captured graph takes its own tile
+    counter), and no capture a signature that names the stream."""
+    _on_a_stand_in_gpu(monkeypatch)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: asked.append(1) or capturing)
+    q, k, v = _qkv()
+    capturing = True
+    assert plan.signature((q, k, v), 0.125, False) is not None and not asked
+    monkeypatch.setattr(launch.driver.active, "get_current_stream", staticmethod(lambda device: 7))
+    assert plan.signature((q, k, v), 0.125, False) is None and asked
+    capturing = False
+    assert plan.signature((q, k, v), 0.125, False)[-1] == 7
 
 
 # (batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal): the portable kernels at short lengths,

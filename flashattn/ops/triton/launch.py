@@ -149,8 +149,7 @@ class Launcher:
         if key is not None:
             kernel = self.compiled.get(key)
             if kernel is not None:
-                kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
-                           kernel.function, kernel.packed_metadata, None, None, None, *values)
+                _run(kernel, grid, values, driver.active.get_current_stream(device))
                 if noted is not None:
                     noted.append((self, kernel, grid, values))
                 return
@@ -162,16 +161,17 @@ class Launcher:
                 self.compiled.clear()
             self.compiled[key] = kernel
 
-    def replay(self, kernel, grid: tuple, values: list) -> None:
-        """Launch a kept kernel with every parameter's value given (a plan's launch, plan.py)."""
+    def replay(self, kernel, grid: tuple, values: list, stream: int) -> None:
+        """Launch a kept kernel with every parameter's value given, on `stream`, the current one (a
+        plan's launch, plan.py)."""
         if self.scratch:
-            contextvars.copy_context().run(self._replay_with_scratch, kernel, grid, values)
+            contextvars.copy_context().run(self._replay_with_scratch, kernel, grid, values, stream)
         else:
-            _run(kernel, grid, values)
+            _run(kernel, grid, values, stream)
 
-    def _replay_with_scratch(self, kernel, grid, values) -> None:
+    def _replay_with_scratch(self, kernel, grid, values, stream) -> None:
         triton.set_allocator(_scratch)
-        _run(kernel, grid, values)
+        _run(kernel, grid, values, stream)
 
     def _triton(self, grid, args, num_warps, num_stages, pdl, kwargs):
         """Triton's own launch path (it compiles a new key). launch_pdl is a compile option there,
@@ -181,8 +181,8 @@ class Launcher:
         return self.fn[grid](*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
 
 
-def _run(kernel, grid: tuple, values: list) -> None:
-    kernel.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(driver.active.get_current_device()),
+def _run(kernel, grid: tuple, values: list, stream: int) -> None:
+    kernel.run(grid[0], grid[1], grid[2], stream,
                kernel.function, kernel.packed_metadata, None, None, None, *values)
 
 

@@ -61,7 +61,7 @@ class Plan:
     launches: tuple[_Launch, ...]
     outputs: tuple[int, ...]                                    # the returned tensors' slots
 
-    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def __call__(self, inputs: tuple[torch.Tensor, ...], stream: int) -> tuple[torch.Tensor, ...]:
         device = inputs[0].device
         tensors = (*inputs, *(torch.empty_strided(shape, stride, dtype=dtype, device=device)
                               for shape, stride, dtype in self.allocations))
@@ -69,7 +69,7 @@ class Plan:
             values = list(step.values)
             for position, slot in step.slots:
                 values[position] = tensors[slot]
-            step.launcher.replay(step.kernel, step.grid, values)
+            step.launcher.replay(step.kernel, step.grid, values, stream)
         return tuple(tensors[slot] for slot in self.outputs)
 
 
@@ -78,8 +78,8 @@ _noted: dict[tuple, tuple] = {}          # signature -> the kernels and grids it
 
 
 def _eligible(tensor: torch.Tensor) -> bool:
-    return (tensor.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
-            and not knobs.runtime.launch_enter_hook.calls and not knobs.runtime.launch_exit_hook.calls)
+    return (tensor.is_cuda and not knobs.runtime.launch_enter_hook.calls
+            and not knobs.runtime.launch_exit_hook.calls)
 
 
 def signature(tensors: tuple[torch.Tensor, ...], *scalars) -> tuple | None:
@@ -89,10 +89,16 @@ def signature(tensors: tuple[torch.Tensor, ...], *scalars) -> tuple | None:
     if not _eligible(tensors[0]):
         return None
     device = launch.driver.active.get_current_device()
-    # Which tensors are one: a plan gives each argument the tensor in its slot.
-    return (*((t.shape, t.stride(), t.dtype, t.device, not t.data_ptr() & 15) for t in tensors),
-            tuple(next(i for i, u in enumerate(tensors) if u is t) for t in tensors),
-            *scalars, device, launch.driver.active.get_current_stream(device))
+    stream = launch.driver.active.get_current_stream(device)
+    # CUDA captures no work issued to the legacy default stream (handle 0), so only a call on another
+    # stream pays for the capture query.
+    if stream and torch.cuda.is_current_stream_capturing():
+        return None
+    ids = [id(t) for t in tensors]
+    # Which tensors are one (ids.index: each tensor's first slot): a plan gives each argument the
+    # tensor in its slot.
+    return (*[(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15) for t in tensors],
+            tuple(map(ids.index, ids)), *scalars, device, stream)
 
 
 def run(sig: tuple | None, inputs: tuple[torch.Tensor, ...], full: Callable[[], tuple[torch.Tensor, ...]],
@@ -104,7 +110,7 @@ def run(sig: tuple | None, inputs: tuple[torch.Tensor, ...], full: Callable[[], 
         return full()
     if sig in _plans:
         plan = _plans[sig]
-        return full() if plan is None else plan(inputs)
+        return full() if plan is None else plan(inputs, sig[-1])     # sig[-1]: the current stream
     noted, allocated = [], []
     tokens = launch.noting.set(noted), _allocating.set(allocated)
     try:
