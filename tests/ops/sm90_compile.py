@@ -162,8 +162,7 @@ def gluon_builds() -> None:
             return "fp32"
         return "constexpr" if name.isupper() or name == "num_warps" else "i32"
 
-    builds = [(F._attn_fwd_sm90, F.NUM_WARPS, dict(HEAD_DIM=d, ROWS=F.ROWS, BLOCK_N=F.BLOCK_N[d], STAGES=F.STAGES[d, c],
-                                                   IS_CAUSAL=c, PERSISTENT=persistent, VARLEN=varlen))
+    builds = [(F._attn_fwd_sm90, F.NUM_WARPS, dict(F.build_constexprs(d, c), PERSISTENT=persistent, VARLEN=varlen))
               for d in F.HEAD_DIMS for c in (False, True)
               for persistent, varlen in ((False, False), (True, False), (True, True))]   # packed: persistent
     builds += [(B._attn_bwd_sm90, B.NUM_WARPS, dict(B.build_constexprs(d, det), IS_CAUSAL=c, VARLEN=varlen))

@@ -147,7 +147,7 @@ def test_tiles_name_the_family_and_the_shapes_it_runs(tables_list_everything):
     from flashattn.ops.triton import backward_sm90, forward_sm90
     x = _x(128, torch.bfloat16)
     fwd = choice.tiles("fwd", x, x, x, from_causal(False), 0.1)
-    assert fwd == choice.Tiles(choice.PING_PONG, (choice.Program("fwd", "queries", forward_sm90.BLOCK_M,
+    assert fwd == choice.Tiles(choice.PING_PONG, (choice.Program("fwd", "queries", forward_sm90.BLOCK_M[128],
                                                                  forward_sm90.BLOCK_N[128]),))
     bwd = choice.tiles("bwd", x, x, x, from_causal(False), 0.1, x)
     assert bwd == choice.Tiles(choice.ONE_PASS, (choice.Program("dkdv+dq", "keys", backward_sm90.BLOCK_N[128],

@@ -116,7 +116,7 @@ def tiles(pass_: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant
                            q.element_size(), False, 0, device)
         return Tiles(kernel, (Program("split-kv", "queries", t.block_m, t.block_n),))
     if kernel == PING_PONG:
-        return Tiles(kernel, (Program("fwd", "queries", forward_sm90.BLOCK_M, forward_sm90.BLOCK_N[head_dim]),))
+        return Tiles(kernel, (Program("fwd", "queries", forward_sm90.BLOCK_M[head_dim], forward_sm90.BLOCK_N[head_dim]),))
     if kernel == WARP_SPECIALIZED:
         t = configs.chosen("fwd_ws", head_dim, dtype, causal, seqlen, device)
         return Tiles(kernel, (Program("fwd", "queries", t.block_m, t.block_n),))

@@ -6,13 +6,13 @@ written out, as FlashAttention-3 does it:
   - a producer warp loads Q once and K_j, V_j into rings of STAGES slots by TMA. K and V have
     barriers of their own: K_j's slot is free once both S_j are computed, V_j's only after
     P_j V_j, a step later; K_{j+1} is loaded before V_j, so that neither waits for the other;
-  - two consumer warp groups of ROWS query rows each. Step j issues S_j = Q K_j^T and then
+  - two consumer warp groups of ROWS query rows each (three at head dim 64: CONSUMERS). Step j issues S_j = Q K_j^T and then
     O += P_{j-1} V_{j-1} and runs the softmax of block j while the second product is still in the
     tensor cores (within a warp group);
-  - the two warp groups take turns to issue their products (mbarriers `turn`), so that one's
-    exponentials run while the other's products occupy the tensor cores (between warp groups).
+  - the warp groups take turns to issue their products (mbarriers `turn`, round robin), so that one's
+    exponentials run while another's products occupy the tensor cores (between warp groups).
 
-A tile is BLOCK_M = 2 * ROWS query rows of one head, in the order of _tile (query block fastest;
+A tile is BLOCK_M = CONSUMERS * ROWS query rows of one head, in the order of _tile (query block fastest;
 with causal the last query block of a head first, as it visits the most keys). The grid is one
 program per tile, or persistent (one per SM, configs' ping_pong_persistent): program p starts with
 tile p and then takes the first tile no program has taken yet (an atomic counter), so that tiles
@@ -59,7 +59,11 @@ from flashattn.ops.triton.launch import Launcher
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128, 256)
 ROWS = 64                                   # query rows per consumer warp group
-BLOCK_M = 2 * ROWS
+# Consumer warp groups per head dim: at 64 a step's products are short beside its exponentials, and a
+# third warp group keeps the tensor cores busy while two run their softmax (FlashAttention-3's 192-row
+# tiles); each then has 160 registers (CONSUMER_REGS), against 240 with two.
+CONSUMERS = {64: 3, 128: 2, 256: 2}
+BLOCK_M = {head_dim: n * ROWS for head_dim, n in CONSUMERS.items()}
 # Keys per block: at head dim 256 the accumulator alone takes 128 registers a thread, and S of
 # 64 x 128 would take 64 more.
 BLOCK_N = {64: 128, 128: 128, 256: 64}
@@ -67,12 +71,12 @@ BLOCK_N = {64: 128, 128: 128, 256: 64}
 # § ping-pong-forward); 128 x 3 takes 225 KB of shared memory, 256 x 3 would not fit.
 STAGES = {(64, False): 3, (64, True): 3, (128, False): 3, (128, True): 2, (256, False): 2, (256, True): 2}
 NUM_WARPS = 4                               # each partition's warp group; the producer adds one warp
-CONSUMER_REGS = gl.constexpr(240)
+CONSUMER_REGS = {2: 240, 3: 160}
 PRODUCER_REGS = gl.constexpr(24)
 
 
 @gluon.jit
-def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
           IS_CAUSAL: gl.constexpr):
     """Tile t's first query row, head, kv head and batch, its number of key blocks and of those
     that every row sees whole. Tiles run query block fastest (the programs at work at once share
@@ -83,10 +87,10 @@ def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BL
     off_b = t // (n_m * nheads)
     if IS_CAUSAL:
         m_idx = n_m - 1 - m_idx
-    start_m = m_idx * (2 * ROWS)
+    start_m = m_idx * BLOCK_M
     offset = seqlen_k - seqlen_q
     if IS_CAUSAL:
-        hi = gl.maximum(gl.minimum(start_m + 2 * ROWS + offset, seqlen_k), 0)
+        hi = gl.maximum(gl.minimum(start_m + BLOCK_M + offset, seqlen_k), 0)
         n_full = gl.maximum(gl.minimum(start_m + offset + 1, seqlen_k), 0) // BLOCK_N
     else:
         hi = seqlen_k
@@ -95,7 +99,7 @@ def _tile(t, n_m, nheads, group_size, seqlen_q, seqlen_k, ROWS: gl.constexpr, BL
 
 
 @gluon.jit
-def _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS: gl.constexpr,
+def _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """VARLEN: tile t, or if its query block lies past its sequence, the next tile taken from COUNTER
     that does not (one fetch per tile passed over, as per tile worked); t >= n_tiles when none is
@@ -103,7 +107,7 @@ def _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_ti
     searching = t < n_tiles
     while searching:
         seq_q = packed_sequence(CU_SEQLENS_Q, CU_SEQLENS_K, t // (n_m * nheads))[2]
-        searching = _tile(t, n_m, nheads, group_size, seq_q, 0, ROWS, BLOCK_N, IS_CAUSAL)[0] >= seq_q
+        searching = _tile(t, n_m, nheads, group_size, seq_q, 0, BLOCK_M, BLOCK_N, IS_CAUSAL)[0] >= seq_q
         if searching:
             t = _fetch(COUNTER, n_tiles)
             searching = t < n_tiles
@@ -143,10 +147,10 @@ def _taken(next_tile, tc, field: gl.constexpr):
 def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
               COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
               stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, CU_SEQLENS_Q, CU_SEQLENS_K,
-              HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
-    """The load warp, over the program's tiles: both halves of Q once both consumers are done with
-    the previous tile's, then K_{j+1} and V_j into ring slots once both consumers have released
+              HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
+    """The load warp, over the program's tiles: the consumers' parts of Q once every consumer is done
+    with the previous tile's, then K_{j+1} and V_j into ring slots once every consumer has released
     them. One descriptor per tensor bounds every (batch, head) (rows past a sequence read as 0).
     Persistent: after the first tile (the program's own index) it takes the next from COUNTER and
     hands its index to the consumers in `next_tile`, with the next Q (an index past the last tile,
@@ -156,6 +160,7 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
     which the consumers mask: see _clear_rows); every tile, the first included, is handed over with
     its sequence's first query row and lengths (next_tile)."""
     dtype: gl.constexpr = Q.dtype.element_ty
+    BLOCK_M: gl.constexpr = CONSUMERS * ROWS
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, ROWS, 1, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, 1, HEAD_DIM], dtype)
     nheads_k = nheads // group_size
@@ -174,7 +179,8 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
     tc = 0              # tiles so far: Q's phase
     t = gl.program_id(0)
     if VARLEN:
-        t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, ROWS, BLOCK_N, IS_CAUSAL)
+        t = _claim(t, COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles, BLOCK_M, BLOCK_N,
+                   IS_CAUSAL)
     while t < n_tiles:
         q_start = t * 0                     # the tile's sequence (VARLEN): first rows, lengths
         k_start = q_start
@@ -185,16 +191,16 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
             q_start = q_start.to(gl.int32)          # TMA coordinates (rows of a tensor, < 2^31)
             k_start = k_start.to(gl.int32)
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seq_q, seq_k,
-                                                                ROWS, BLOCK_N, IS_CAUSAL)
+                                                                BLOCK_M, BLOCK_N, IS_CAUSAL)
         if VARLEN:
             off_b = 0
         mbarrier.wait(q_empty, (tc & 1) ^ 1)
         if VARLEN:
             _hand_over(next_tile, tc, t, q_start, seq_q, seq_k)
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        for half in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [off_b, q_start + start_m + half * ROWS, off_h, 0], q_bar,
-                                            q_smem.index(half)._reinterpret(dtype, [1, ROWS, 1, HEAD_DIM], q_layout))
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for part in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [off_b, q_start + start_m + part * ROWS, off_h, 0], q_bar,
+                                            q_smem.index(part)._reinterpret(dtype, [1, ROWS, 1, HEAD_DIM], q_layout))
         if n_blocks > 0:
             _load_block(k_desc, k_smem, k_ready, k_empty, it, k_start, off_b, off_hk, k_layout, BLOCK_N, HEAD_DIM,
                         STAGES)
@@ -208,10 +214,10 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
         tc += 1
         if VARLEN:
             t = _claim(_fetch(COUNTER, n_tiles), COUNTER, CU_SEQLENS_Q, CU_SEQLENS_K, n_m, nheads, group_size, n_tiles,
-                       ROWS, BLOCK_N, IS_CAUSAL)
+                       BLOCK_M, BLOCK_N, IS_CAUSAL)
         elif PERSISTENT:
             t = _fetch(COUNTER, n_tiles)
-            # Both consumers have read the previous index once they release its Q.
+            # Every consumer has read the previous index once they all release its Q.
             mbarrier.wait(q_empty, (tc & 1) ^ 1)
             next_tile.store(gl.full([1], t, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
             if t >= n_tiles:
@@ -228,7 +234,7 @@ def _producer(Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
 def _load_block(desc, smem, ready, empty, c, row, off_b, off_hk, layout: gl.constexpr, BLOCK_N: gl.constexpr,
                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
     """The key block from `row` of (off_b, off_hk) of K or V, the program's c-th, into ring slot
-    c % STAGES once both consumers have released the slot."""
+    c % STAGES once every consumer has released the slot."""
     s = c % STAGES
     mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
@@ -239,11 +245,16 @@ def _load_block(desc, smem, ready, empty, c, row, off_b, off_hk, layout: gl.cons
 @gluon.jit
 def _my_turn(turn, t, WG: gl.constexpr):
     """Wait for this warp group's t-th turn to issue products (warp group 0 goes first; each hands
-    the turn on by arriving on the other's barrier)."""
+    the turn on to the next, round robin, by arriving on its barrier: _pass_turn)."""
     if WG == 0:
         mbarrier.wait(turn.index(0), (t & 1) ^ 1)
     else:
-        mbarrier.wait(turn.index(1), t & 1)
+        mbarrier.wait(turn.index(WG), t & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr, CONSUMERS: gl.constexpr):
+    mbarrier.arrive(turn.index((WG + 1) % CONSUMERS), count=1)
 
 
 @gluon.jit
@@ -269,8 +280,8 @@ def _softmax(qk, m_i, l_i, qk_scale, limit, cols, start_n, MASKED: gl.constexpr)
 def _clear_rows(v, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Rows `valid`... of the V block v (shared memory) set to 0. A sequence's last block overhangs
     into the next sequence's rows: P is 0 there, but 0 * inf or NaN is NaN, and one sequence's values
-    must not reach another's output. Both consumer warp groups clear the block before their P V, each
-    writing only zeros over the overhang, so neither can disturb the other's product."""
+    must not reach another's output. Every consumer warp group clears the block before its P V, each
+    writing only zeros over the overhang, so none can disturb another's product."""
     CHUNK: gl.constexpr = 8                       # rows a step: the 128-byte swizzle's period
     COLS: gl.constexpr = HEAD_DIM // 8            # threads along a row, 8 values (16 bytes) each
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // COLS, COLS], [4, 1], [1, 0])
@@ -286,12 +297,14 @@ def _clear_rows(v, valid, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
 @gluon.jit
 def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, next_tile,
               stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles, qk_scale,
-              lse_rows, WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, VARLEN: gl.constexpr):
+              lse_rows, WG: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, CONSUMERS: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr,
+              VARLEN: gl.constexpr):
     """One consumer warp group, over the program's tiles: rows start_m + WG * ROWS ... of O and the LSE.
     VARLEN: O and the LSE start at the first row of each tile's sequence (handed over by the producer),
     and the LSE rows are lse_rows (total_q) apart from one head to the next."""
     dtype: gl.constexpr = O.dtype.element_ty
+    BLOCK_M: gl.constexpr = CONSUMERS * ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -307,7 +320,7 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     it = 0              # K / V blocks consumed so far: ring slot and phase
     tc = 0              # tiles so far: Q's phase
-    turns = 0           # turns taken so far (the other warp group takes as many)
+    turns = 0           # turns taken so far (every other warp group takes as many)
     t = gl.program_id(0)
     if VARLEN:
         mbarrier.wait(q_bar, 0)
@@ -321,7 +334,7 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
             seq_q = _taken(next_tile, tc, 2)
             seq_k = _taken(next_tile, tc, 3)
         start_m, off_h, off_hk, off_b, n_blocks, n_full = _tile(t, n_m, nheads, group_size, seq_q, seq_k,
-                                                                ROWS, BLOCK_N, IS_CAUSAL)
+                                                                BLOCK_M, BLOCK_N, IS_CAUSAL)
         if VARLEN:
             off_b = 0
         row0 = start_m + WG * ROWS
@@ -339,13 +352,14 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
             mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
             _my_turn(turn, turns, WG)
             qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.arrive(turn.index(1 - WG), count=1)
+            _pass_turn(turn, WG, CONSUMERS)
             qk = warpgroup_mma_wait(0, deps=(qk,))
             mbarrier.arrive(k_empty.index(s), count=1)
             if n_full > 0:
                 p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, False)
             else:
                 p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, True)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)                     # [ROWS, BLOCK_N]
             for j in range(1, n_blocks):
                 c = it + j
                 s = c % STAGES
@@ -353,11 +367,10 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                 mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
                 _my_turn(turn, turns + j, WG)
                 qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)                 # [ROWS, BLOCK_N]
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                mbarrier.arrive(turn.index(1 - WG), count=1)
+                _pass_turn(turn, WG, CONSUMERS)
                 # The softmax of block j while P_{j-1} V_{j-1} is in the tensor cores.
                 qk = warpgroup_mma_wait(1, deps=(qk,))
                 mbarrier.arrive(k_empty.index(s), count=1)
@@ -367,6 +380,7 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                     p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, j * BLOCK_N, True)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
             # Every S of the tile is computed: the next tile's Q may load while the last P V runs.
             mbarrier.arrive(q_empty, count=1)
             c = it + n_blocks - 1
@@ -377,11 +391,10 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                     mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
                     _clear_rows(v_smem.index(last), valid, BLOCK_N, HEAD_DIM)
             _my_turn(turn, turns + n_blocks, WG)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-            mbarrier.arrive(turn.index(1 - WG), count=1)
+            _pass_turn(turn, WG, CONSUMERS)
             acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
             mbarrier.arrive(v_empty.index(last), count=1)
             turns += n_blocks + 1
@@ -424,24 +437,26 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
                    stride_vb, stride_vn, stride_vh,
                    stride_ob, stride_om, stride_oh,
                    batch, seqlen_q, seqlen_k, nheads, group_size, qk_scale,
-                   HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PERSISTENT: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
                    # Packed sequences (the module docstring): None, and unused, without VARLEN.
                    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, max_seqlen_q=None, VARLEN: gl.constexpr = False):
-    """O and the LSE, BLOCK_M = 2 * ROWS query rows of one head a tile: one program per tile, or
-    PERSISTENT: one per SM, program p taking tile p and then the next untaken one (COUNTER, an int32
+    """O and the LSE, BLOCK_M = CONSUMERS * ROWS query rows of one head a tile: one program per tile,
+    or PERSISTENT: one per SM, program p taking tile p and then the next untaken one (COUNTER, an int32
     that is 0 at launch and again at the end). The first consumer warp group is the kernel's own warps
-    (num_warps=4), the second and the producer warp are workers."""
+    (num_warps=4), the other consumers and the producer warp are workers (CONSUMER_REGS registers a
+    thread for each consumer, PRODUCER_REGS for the producer)."""
     gl.static_assert(num_warps == 4, "each consumer is one warp group")
     dtype: gl.constexpr = Q.dtype.element_ty
-    n_m = gl.cdiv(max_seqlen_q if VARLEN else seqlen_q, 2 * ROWS)
+    n_m = gl.cdiv(max_seqlen_q if VARLEN else seqlen_q, CONSUMERS * ROWS)
     n_tiles = n_m * nheads * batch
     lse_rows = 0                    # unused without VARLEN
     if VARLEN:
         lse_rows = seqlen_q
     gl.static_assert(PERSISTENT or not VARLEN, "packed sequences run persistent")
 
-    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM],
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, ROWS, HEAD_DIM],
                                        gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype))
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_layout)
@@ -452,40 +467,71 @@ def _attn_fwd_sm90(Q, K, V, O, LSE, COUNTER,
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     # The next tile's index (persistent), with its sequence's offsets and lengths (VARLEN, _hand_over).
     if VARLEN:
         next_tile = gl.allocate_shared_memory(gl.int32, [2, 8], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     else:
         next_tile = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_empty, count=2)                     # free once both consumers are done with it
+    mbarrier.init(q_empty, count=CONSUMERS)             # free once every consumer is done with it
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
 
-    gl.warp_specialize([
-        (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                     next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
-                     n_tiles, qk_scale, lse_rows, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT,
-                     VARLEN)),
-        (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                     next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
-                     n_tiles, qk_scale, lse_rows, 1, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT,
-                     VARLEN)),
-        (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, next_tile,
-                     COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                     stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
-                     CU_SEQLENS_Q, CU_SEQLENS_K, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, PERSISTENT, VARLEN)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # (Gluon keeps constexprs only in argument tuples written out in the call: each entry is spelled out.)
+    if CONSUMERS == 3:
+        gl.warp_specialize([
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                         next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                         n_tiles, qk_scale, lse_rows, 0, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                         next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                         n_tiles, qk_scale, lse_rows, 1, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                         next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                         n_tiles, qk_scale, lse_rows, 2, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+            (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                         next_tile, COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                         stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+                         CU_SEQLENS_Q, CU_SEQLENS_K, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                         next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                         n_tiles, qk_scale, lse_rows, 0, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+            (_consumer, (O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
+                         next_tile, stride_ob, stride_om, stride_oh, nheads, group_size, seqlen_q, seqlen_k, n_m,
+                         n_tiles, qk_scale, lse_rows, 1, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+            (_producer, (Q, K, V, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                         next_tile, COUNTER, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                         stride_vb, stride_vn, stride_vh, batch, nheads, group_size, seqlen_q, seqlen_k, n_m, n_tiles,
+                         CU_SEQLENS_Q, CU_SEQLENS_K, HEAD_DIM, ROWS, CONSUMERS, BLOCK_N, STAGES, IS_CAUSAL,
+                         PERSISTENT, VARLEN)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 _launch_fwd_sm90 = Launcher(_attn_fwd_sm90, scratch=True)
+
+
+def build_constexprs(head_dim: int, causal: bool) -> dict:
+    """The kernel's constexprs for a head dim, causal or not (also what tests/ops/sm90_compile.py
+    compiles)."""
+    consumers = CONSUMERS[head_dim]
+    return dict(HEAD_DIM=head_dim, ROWS=ROWS, CONSUMERS=consumers, BLOCK_N=BLOCK_N[head_dim],
+                STAGES=STAGES[head_dim, causal], IS_CAUSAL=causal, CONSUMER_REGS=CONSUMER_REGS[consumers])
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -502,7 +548,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     if cu_seqlens_q is not None:
         varlen = dict(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k, max_seqlen_q=max_seqlen_q, VARLEN=True)
         batch, rows, seqlen = cu_seqlens_q.numel() - 1, max_seqlen_q, max(max_seqlen_q, max_seqlen_k)
-    n_tiles = cdiv(rows, BLOCK_M) * nheads * batch
+    n_tiles = cdiv(rows, BLOCK_M[head_dim]) * nheads * batch
     # Packed sequences always run persistent (the module docstring; benchmarks/TUNING.md, varlen-forward).
     persistent = cu_seqlens_q is not None or configs.ping_pong_persistent(head_dim, causal, seqlen, q.device)
     grid = min(n_tiles, configs.sm_resources(q.device)[0]) if persistent else n_tiles
@@ -511,8 +557,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     _launch_fwd_sm90((grid, 1, 1), q, k, v, o, lse, counter,
                      *strides(q), *strides(k), *strides(v), *strides(o),
                      batch, seqlen_q, seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E.value,
-                     HEAD_DIM=head_dim, ROWS=ROWS, BLOCK_N=BLOCK_N[head_dim], STAGES=STAGES[head_dim, causal],
-                     IS_CAUSAL=causal, PERSISTENT=persistent, num_warps=NUM_WARPS, num_stages=1, **varlen)
+                     **build_constexprs(head_dim, causal), PERSISTENT=persistent, num_warps=NUM_WARPS, num_stages=1,
+                     **varlen)
     return o, lse
 
 
