@@ -31,13 +31,12 @@ def test_binding_fills_defaults_in_parameter_order():
 def test_binding_gives_a_num_warps_parameter_the_launchs_warps():
     """A Gluon kernel takes num_warps as a constexpr parameter: it binds to the launch's num_warps
     (else every launch of it took Triton's slower path)."""
-    from flashattn.ops.triton.forward_sm90 import _attn_fwd_sm90
+    from flashattn.ops.triton.forward_sm90 import _attn_fwd_sm90, build_constexprs
 
     launcher = Launcher(_attn_fwd_sm90)
     names = launcher.names
     args = [0] * names.index("HEAD_DIM")
-    values = launcher._values(tuple(args), dict(HEAD_DIM=128, ROWS=64, BLOCK_N=128, STAGES=2, IS_CAUSAL=False,
-                                                PERSISTENT=False), 4)
+    values = launcher._values(tuple(args), dict(build_constexprs(128, False), PERSISTENT=False), 4)
     assert values is not None and values[names.index("num_warps")] == 4
 
 

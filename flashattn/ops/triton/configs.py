@@ -140,10 +140,11 @@ _BWD_ONEPASS = {(64, False): (4096, 8192), (64, True): (8192, None),
 # The ping-pong forward (forward_sm90), from the length where it measured faster than the kernels
 # above, and persistent (one program per SM taking the next untaken tile from an atomic counter) up to
 # the length where that measured faster than one program per tile (§ ping-pong-forward; on the H200,
-# § switch-over). Head dim 64 is not listed: a 64-wide step is too little matrix work for its softmax
-# and barriers.
+# § switch-over). Head dim 64 runs three consumer warp groups (forward_sm90.CONSUMERS) from 8k: below,
+# the warp-specialized and portable kernels measured as fast or faster.
 # (head dim, causal) -> (from this sequence length, persistent up to this one or None).
-_FWD_PINGPONG = {(128, False): (512, math.inf), (128, True): (1024, math.inf),
+_FWD_PINGPONG = {(64, False): (8192, None), (64, True): (8192, math.inf),
+                 (128, False): (512, math.inf), (128, True): (1024, math.inf),
                  (256, False): (2048, None), (256, True): (1024, math.inf)}
 
 # Tables per compute capability; an architecture without its own table uses sm_90's shapes, and

@@ -305,6 +305,10 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
     and the LSE rows are lse_rows (total_q) apart from one head to the next."""
     dtype: gl.constexpr = O.dtype.element_ty
     BLOCK_M: gl.constexpr = CONSUMERS * ROWS
+    # Which P a step carries into the next: with 240 registers the 32-bit P, converted to 16 bits
+    # while the next S is computed; with 160 (three warp groups) the 16-bit P, converted once P V
+    # of the step before is done with its registers (else the step spills).
+    P16_CARRIED: gl.constexpr = CONSUMERS > 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -359,7 +363,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                 p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, False)
             else:
                 p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, 0, True)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)                     # [ROWS, BLOCK_N]
+            if P16_CARRIED:
+                p_op = gl.convert_layout(p.to(dtype), p_layout)                 # [ROWS, BLOCK_N]
             for j in range(1, n_blocks):
                 c = it + j
                 s = c % STAGES
@@ -367,6 +372,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                 mbarrier.wait(k_ready.index(s), (c // STAGES) & 1)
                 _my_turn(turn, turns + j, WG)
                 qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                if not P16_CARRIED:
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)             # [ROWS, BLOCK_N]
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
                 mbarrier.wait(v_ready.index(prev), ((c - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
@@ -380,7 +387,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                     p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, qk_scale, limit, cols, j * BLOCK_N, True)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
                 mbarrier.arrive(v_empty.index(prev), count=1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                if P16_CARRIED:
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
             # Every S of the tile is computed: the next tile's Q may load while the last P V runs.
             mbarrier.arrive(q_empty, count=1)
             c = it + n_blocks - 1
@@ -391,6 +399,8 @@ def _consumer(O, LSE, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, 
                     mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
                     _clear_rows(v_smem.index(last), valid, BLOCK_N, HEAD_DIM)
             _my_turn(turn, turns + n_blocks, WG)
+            if not P16_CARRIED:
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             mbarrier.wait(v_ready.index(last), (c // STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
