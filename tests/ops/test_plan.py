@@ -163,9 +163,11 @@ def test_only_calls_on_a_side_stream_ask_whether_a_graph_is_being_captured(monke
 
 # (batch, seqlen_q, seqlen_k, heads, kv heads, head dim, causal): the portable kernels at short lengths,
 # the ping-pong forward one program per tile and persistent and the one-pass backward (D128 2k, D256
-# 2k), the warp-specialized forward (D64 4k on sm_90), split-KV (one query: no forward plan), GQA.
+# 2k), the warp-specialized forward (D64 4k on sm_90), the three-warp-group ping-pong forward (D64 8k),
+# split-KV (one query: no forward plan), GQA.
 GPU_CASES = [(2, 128, 128, 4, 4, 64, False), (1, 2048, 2048, 8, 2, 128, True), (1, 2048, 2048, 4, 4, 256, False),
-             (1, 4096, 4096, 4, 4, 64, False), (3, 1, 700, 8, 2, 128, False), (2, 300, 517, 6, 3, 128, True)]
+             (1, 4096, 4096, 4, 4, 64, False), (1, 8192, 8192, 2, 1, 64, True), (3, 1, 700, 8, 2, 128, False),
+             (2, 300, 517, 6, 3, 128, True)]
 
 
 def test_the_backwards_plans_tell_deterministic_calls_apart(monkeypatch, plans):
