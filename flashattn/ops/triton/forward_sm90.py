@@ -4,11 +4,11 @@ forward._attn_fwd_ws leaves the schedule to Triton's automatic warp specializati
 consumer warp group's exponentials and its matrix products one after the other. Here the schedule is
 written out, as FlashAttention-3 does it:
   - a producer warp loads Q once and K_j, V_j into rings of STAGES slots by TMA. K and V have
-    barriers of their own: K_j's slot is free once both S_j are computed, V_j's only after
-    P_j V_j, a step later; K_{j+1} is loaded before V_j, so that neither waits for the other;
-  - two consumer warp groups of ROWS query rows each (three at head dim 64: CONSUMERS). Step j issues S_j = Q K_j^T and then
-    O += P_{j-1} V_{j-1} and runs the softmax of block j while the second product is still in the
-    tensor cores (within a warp group);
+    barriers of their own: K_j's slot is free once every consumer's S_j is computed, V_j's only
+    after P_j V_j, a step later; K_{j+1} is loaded before V_j, so that neither waits for the other;
+  - two consumer warp groups of ROWS query rows each (three at head dim 64: CONSUMERS). Step j
+    issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1} and runs the softmax of block j while the
+    second product is still in the tensor cores (within a warp group);
   - the warp groups take turns to issue their products (mbarriers `turn`, round robin), so that one's
     exponentials run while another's products occupy the tensor cores (between warp groups).
 
