@@ -116,13 +116,10 @@ class Launcher:
         start before the previous kernel on the stream ends, so it must execute `gdc_wait()`
         before it touches memory."""
         if self.scratch:
-            contextvars.copy_context().run(self._with_scratch, grid, args, num_warps, num_stages, launch_pdl, kwargs)
+            contextvars.copy_context().run(_with_scratch, self._launch, grid, args, num_warps, num_stages, launch_pdl,
+                                           kwargs)
         else:
             self._launch(grid, args, num_warps, num_stages, launch_pdl, kwargs)
-
-    def _with_scratch(self, grid, args, num_warps, num_stages, pdl, kwargs) -> None:
-        triton.set_allocator(_scratch)
-        self._launch(grid, args, num_warps, num_stages, pdl, kwargs)
 
     def _launch(self, grid: tuple[int, int, int], args: tuple, num_warps: int, num_stages: int, pdl: bool,
                 kwargs: dict) -> None:
@@ -165,13 +162,9 @@ class Launcher:
         """Launch a kept kernel with every parameter's value given, on `stream`, the current one (a
         plan's launch, plan.py)."""
         if self.scratch:
-            contextvars.copy_context().run(self._replay_with_scratch, kernel, grid, values, stream)
+            contextvars.copy_context().run(_with_scratch, _run, kernel, grid, values, stream)
         else:
             _run(kernel, grid, values, stream)
-
-    def _replay_with_scratch(self, kernel, grid, values, stream) -> None:
-        triton.set_allocator(_scratch)
-        _run(kernel, grid, values, stream)
 
     def _triton(self, grid, args, num_warps, num_stages, pdl, kwargs):
         """Triton's own launch path (it compiles a new key). launch_pdl is a compile option there,
@@ -184,6 +177,13 @@ class Launcher:
 def _run(kernel, grid: tuple, values: list, stream: int) -> None:
     kernel.run(grid[0], grid[1], grid[2], stream,
                kernel.function, kernel.packed_metadata, None, None, None, *values)
+
+
+def _with_scratch(launch, *args) -> None:
+    """launch(*args) with _scratch as Triton's allocator (in a copied context: the caller's setting
+    stays as it was)."""
+    triton.set_allocator(_scratch)
+    launch(*args)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
