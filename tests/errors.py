@@ -7,8 +7,12 @@ import torch
 
 # The one table of allowed factors.
 ERROR_FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0,
-                 # the layers (flashattn.nn): attention weights returned, gradients of inputs and parameters
-                 "weights": 2.0, "dinput": 3.0, "dparam": 3.0}
+                 # the layers (flashattn.nn): attention weights returned, gradients of inputs and parameters.
+                 # A parameter's gradient sums every token's share after the whole layer's backward, and
+                 # which of two fp32 orders lands nearer float64 varies with the CPU's kernels: 3 held on
+                 # an Intel Xeon, but on an AMD EPYC, over six seeds of each layer case, (ours - rounding)
+                 # / same-dtype error reached 3.1 once (2.2 otherwise), at about ten fp32 units.
+                 "weights": 2.0, "dinput": 3.0, "dparam": 4.0}
 
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
