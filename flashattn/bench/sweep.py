@@ -18,7 +18,7 @@ import triton
 from triton.testing import do_bench
 
 from flashattn.ops.triton import backward as triton_backward
-from flashattn.ops.triton import configs
+from flashattn.ops.triton import choice, configs
 from flashattn.ops.triton import forward as triton_forward
 from flashattn.ops.triton import plan
 
@@ -70,9 +70,7 @@ def main() -> None:
     # portable kernels alone (the tables send plain calls to the Hopper kernels from 512-8k on).
     configs._FWD_SHORT.clear()
     configs._BWD_SHORT.clear()
-    configs.one_pass_backward = lambda *args, **kwargs: False
-    configs.ping_pong_forward = lambda *args, **kwargs: False
-    configs.warp_specialized = lambda *args, **kwargs: False
+    choice.kernel_for = lambda *args, **kwargs: choice.PORTABLE
     for d, n, causal in itertools.product([int(x) for x in args.head_dims.split(",")],
                                           [int(x) for x in args.seqlens.split(",")],
                                           [bool(int(c)) for c in args.causal.split(",")]):
