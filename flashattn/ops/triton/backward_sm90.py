@@ -147,12 +147,14 @@ def _column_split(cols, num_warps):
 
 
 @gluon.constexpr_function
-def _kv_layout(block_n, head_dim, num_warps):
-    """The layout of dK, dV [BLOCK_N, HEAD_DIM]: split between the warp groups by keys (64 each) when the
-    block has 128, else by head dim."""
-    if block_n == 16 * num_warps:
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_dim, 16])
-    return _column_split(head_dim, num_warps)
+def _row_split(rows, cols, num_warps):
+    """The layout of an accumulator [rows, cols] (dK, dV [BLOCK_N, HEAD_DIM]; dQ_i [BLOCK_M, HEAD_DIM])
+    split between the warp groups by rows (64 each) when it has 128, else by columns. By rows each warp
+    group's product is 64 x cols: at head dim 64, dQ_i split by columns would be two 32-column products
+    per warp group, which read their A operand (dS) from shared memory twice as often for the same work."""
+    if rows == 16 * num_warps:
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
+    return _column_split(cols, num_warps)
 
 
 @gluon.jit
@@ -192,7 +194,7 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = _column_split(BLOCK_N, num_warps)
     DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
-    dq_layout: gl.constexpr = _column_split(DQ_COLS, num_warps)
+    dq_layout: gl.constexpr = _row_split(BLOCK_M, DQ_COLS, num_warps)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
@@ -341,7 +343,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
     run the steps and store dK_j, dV_j."""
     gl.static_assert(num_warps == 8, "two warp groups, one per half of the key block")
     dtype: gl.constexpr = Q.dtype.element_ty
-    kv_layout: gl.constexpr = _kv_layout(BLOCK_N, HEAD_DIM, num_warps)
+    kv_layout: gl.constexpr = _row_split(BLOCK_N, HEAD_DIM, num_warps)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
