@@ -9,17 +9,19 @@ bit-reproducible. Gluon gives what automatic pipelining in `tl` does not: the pr
 at a time, so the exponentials of P run while dP's product is still in the tensor cores, and the loads
 of the next tiles come by TMA into a ring of STAGES buffers, each with its mbarrier.
 
-One program (8 compute warps: two warp groups, each computing S and dP for BLOCK_N / 2 keys and owning
-their rows of dK and dV, or at head dim 256 half of dK's and dV's columns; with DETERMINISTIC, one more
-warp that writes dQ) per (key block, kv head, batch), looping over the query heads of its GQA group and
-over their query blocks:
-    qk  = Q_i K^T                     [BLOCK_M, BLOCK_N]   (each warp group: its BLOCK_N / 2 columns)
+One program (8 compute warps: two warp groups, each owning half of the rows of dK and dV, or at head
+dim 256 half of their columns, and computing S and dP for its BLOCK_N / 2 keys, or with 128-row steps
+(head dim 64) for its 64 of the rows and all the keys; with DETERMINISTIC, one more warp that writes dQ)
+per (key block, kv head, batch), looping over the query heads of its GQA group and over their query
+blocks:
+    qk  = Q_i K^T                     [BLOCK_M, BLOCK_N]   (each warp group: its half: _row_split)
     dp  = dO_i V^T                    [BLOCK_M, BLOCK_N]
     p   = exp2(qk * qk_scale - lse_i * log2(e))   (0 at masked or padding queries)
     dV += p^T dO_i                    [BLOCK_N, HEAD_DIM]  (p^T through shared memory)
     ds  = p * (dp - delta_i)
     dK += ds^T Q_i                    [BLOCK_N, HEAD_DIM]  (times softmax_scale at the end)
-    dQ_i  = dS K      -> added into DQ_ACC (fp32, (B, H, Sq, HEAD_DIM)), scaled and cast to dQ by
+    dQ_i  = dS K      (dS from shared memory, or with S split by rows from registers)
+                      -> added into DQ_ACC (fp32, (B, H, Sq, HEAD_DIM)), scaled and cast to dQ by
                          _dq_convert afterwards
 Glossary: lse is the forward's natural-log log-sum-exp (+inf for rows that see no key, and loaded as
 +inf past seqlen_q, which makes their pT exactly 0); delta = rowsum(dO * O) - dlse (backward.py's
@@ -139,19 +141,20 @@ def _semaphores(SEM, off_b, off_h, nheads, seqlen_q, total_q, q_start, BLOCK_M: 
 @gluon.constexpr_function
 def _column_split(cols, num_warps):
     """The layout of an accumulator of `cols` columns split between the two warp groups. For the
-    [BLOCK_M, BLOCK_N] tiles S, dP, P, dS (queries on rows) each warp group computes S and dP for its
-    own half of the keys; so lse and delta are per-row values (a few registers a thread), and its P and
-    dS columns are the rows of dV and dK that it owns."""
+    [BLOCK_M, BLOCK_N] tiles S, dP, P, dS of 64-row steps (queries on rows) each warp group computes S
+    and dP for its own half of the keys, whose P and dS columns are the rows of dV and dK it owns."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
                                      instr_shape=[16, cols // (num_warps // 4), 16])
 
 
 @gluon.constexpr_function
 def _row_split(rows, cols, num_warps):
-    """The layout of an accumulator [rows, cols] (dK, dV [BLOCK_N, HEAD_DIM]; dQ_i [BLOCK_M, HEAD_DIM])
-    split between the warp groups by rows (64 each) when it has 128, else by columns. By rows each warp
-    group's product is 64 x cols: at head dim 64, dQ_i split by columns would be two 32-column products
-    per warp group, which read their A operand (dS) from shared memory twice as often for the same work."""
+    """The layout of an accumulator [rows, cols] (dK, dV [BLOCK_N, HEAD_DIM]; S, dP [BLOCK_M, BLOCK_N];
+    dQ_i [BLOCK_M, HEAD_DIM]) split between the warp groups by rows (64 each) when it has 128, else by
+    columns (_column_split). By rows each warp group's product is one 64-row wgmma of all the columns:
+    split by columns, a 128-row tile is two 64-row products a warp group, each reading its B operand
+    from shared memory again, which at head dim 64 (shared memory the busiest pipe) costs time. With
+    S split by rows a warp group's dS rows are its dQ_i rows, so dQ_i's A operand stays in registers."""
     if rows == 16 * num_warps:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
     return _column_split(cols, num_warps)
@@ -192,10 +195,12 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
     dO are loaded once this one is done with its own."""
     gl.static_assert(not (DQ_WRITER and SPLIT_DQ), "the writer partition adds whole dQ_i tiles")
     dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = _column_split(BLOCK_N, num_warps)
+    s_layout: gl.constexpr = _row_split(BLOCK_M, BLOCK_N, num_warps)
     DQ_COLS: gl.constexpr = HEAD_DIM // 2 if SPLIT_DQ else HEAD_DIM
     dq_layout: gl.constexpr = _row_split(BLOCK_M, DQ_COLS, num_warps)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    # S split by rows (128-row steps): a warp group's dS rows are its dQ_i rows.
+    DS_IN_REGS: gl.constexpr = BLOCK_M == 16 * num_warps and not SPLIT_DQ
     start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
     q_tile = q_smem.index(s)                                                   # [BLOCK_M, HEAD_DIM]
@@ -221,7 +226,8 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
         seen = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + (start_m + offset - start_n), 1)
         p = gl.where(seen, p, 0.0)
     # P^T and dS^T are the A operands of dV's and dK's products: through shared memory (registers
-    # cannot be transposed), read back by the warp group that wrote them.
+    # cannot be transposed), each warp group reading the columns of its keys (with S split by rows,
+    # written by both warp groups: hence the CTA-wide barrier).
     p_smem.store(p.to(dtype))
     fence_async_shared()
     gl.thread_barrier()
@@ -229,8 +235,15 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
 
     dp = warpgroup_mma_wait(1, deps=(dp,))
     ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)                       # [BLOCK_M, BLOCK_N]
-    # dQ_i needs dS over all BLOCK_N keys, half of which the other warp group computed; a ring of
-    # two, so that a warp group one step ahead never overwrites what the other still reads.
+    if DS_IN_REGS:
+        # Each warp group holds dS for the rows of dQ_i it computes: dQ_i's product takes it from
+        # registers, and starts before dS goes to shared memory for dK's.
+        ds_op = gl.convert_layout(ds, gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2))
+        dq = warpgroup_mma(ds_op, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
+                           use_acc=False, is_async=True)
+    # dS goes to shared memory for dK's product (and, with S split by keys, dQ_i's: dQ_i needs dS
+    # over all BLOCK_N keys), part of which the other warp group computed; a ring of two, so that a
+    # warp group one step ahead never overwrites what the other still reads.
     ds_tile.store(ds)
     fence_async_shared()
     if not DQ_WRITER:
@@ -258,8 +271,9 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
         gl.thread_barrier()
         _add_dq(dq_hi, dq_smem.index(0), dq_desc, start_m, DQ_COLS)
     else:
-        dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
-                           use_acc=False, is_async=True)
+        if not DS_IN_REGS:
+            dq = warpgroup_mma(ds_tile, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout),
+                               use_acc=False, is_async=True)
         dk = warpgroup_mma(ds_tile.permute((1, 0)), q_tile, dk, is_async=True)
         dq, dv = warpgroup_mma_wait(1, deps=(dq, dv))
         if DQ_WRITER:
@@ -386,7 +400,7 @@ def _bwd_compute(Q, K, V, DO, LSE, DELTA, DQ_ACC, DK, DV, k_smem, v_smem, q_smem
         # Step 0's lse and delta; each step loads the next one's (_bwd_step).
         lse_log2, delta = _lse_delta(LSE + row, DELTA + row, _query_block(lo, 0, n_steps, BLOCK_M, DQ_WRITER),
                                      seqlen_q, n_steps > 0, BLOCK_M,
-                                     gl.SliceLayout(1, _column_split(BLOCK_N, num_warps)))
+                                     gl.SliceLayout(1, _row_split(BLOCK_M, BLOCK_N, num_warps)))
         for j in range(0, n_steps):
             dk, dv, lse_log2, delta = _bwd_step(
                 dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, bars, do_bar,
