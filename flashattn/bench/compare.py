@@ -8,6 +8,9 @@ and temperature drift hit both alike; the median over rounds is compared.
         [--cells 128:16384:causal,64:8192:full]
 Each cell times the forward, the backward and the backward with deterministic=True ("det").
 Passing the baseline as --candidate too measures the noise of the comparison itself (an A/A run).
+With --seconds S each pass runs back to back for S seconds instead (the mean time per call), which
+holds the GPU at its power cap as training does; do_bench's short bursts (25 ms warm-up, 100 ms)
+read level where such loops show a change of a few percent (benchmarks/TUNING.md, benchmark-method).
 """
 from __future__ import annotations
 
@@ -23,8 +26,25 @@ CELLS = [(d, n, c) for d in (64, 128, 256) for n in (2048, 8192) for c in (False
 PASSES = ("fwd", "bwd", "det")
 
 _CHILD = r"""
-import json, math, sys, torch
+import json, math, sys, time, torch
 from triton.testing import do_bench
+SECONDS = float(sys.argv[2])
+def timed(fn):
+    if SECONDS <= 0:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    calls, t0 = 0, time.perf_counter()
+    start.record()
+    while time.perf_counter() - t0 < SECONDS:
+        for _ in range(10):
+            fn()
+        calls += 10
+        torch.cuda.synchronize()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
 from flashattn.ops.triton import backward as B, forward as F
 from dataclasses import replace
 from flashattn.ops.variant import from_causal
@@ -34,21 +54,19 @@ for d, n, causal in json.loads(sys.argv[1]):
     q, k, v, do = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     scale = 1 / math.sqrt(d)
     o, lse = F.forward(q, k, v, scale, causal)
-    fwd = do_bench(lambda: F.forward(q, k, v, scale, causal), warmup=25, rep=100, return_mode="median")
-    bwd = do_bench(lambda: B.backward(do, q, k, v, o, lse, scale, causal), warmup=25, rep=100,
-                   return_mode="median")
+    fwd = timed(lambda: F.forward(q, k, v, scale, causal))
+    bwd = timed(lambda: B.backward(do, q, k, v, o, lse, scale, causal))
     det_variant = replace(from_causal(causal), deterministic=True)
-    det = do_bench(lambda: B.backward(do, q, k, v, o, lse, scale, det_variant), warmup=25, rep=100,
-                   return_mode="median")
+    det = timed(lambda: B.backward(do, q, k, v, o, lse, scale, det_variant))
     out.append(dict(d=d, n=n, causal=causal, fwd_ms=fwd, bwd_ms=bwd, det_ms=det))
 print("RESULT" + json.dumps(out))
 """
 
 
-def _time(tree: Path, cells) -> list[dict]:
+def _time(tree: Path, cells, seconds: float) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cells)], env=env, capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cells), str(seconds)], env=env,
+                          capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
@@ -59,6 +77,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cells", help="head_dim:seqlen:full|causal,... (default: head dims 64/128/256 at 2k "
                                     "and 8k, causal or not)")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="run each pass back to back for this long and take the mean time per call "
+                         "(default 0: do_bench's median)")
     ap.add_argument("--out", default="compare.json")
     args = ap.parse_args()
     cells = CELLS if not args.cells else [(int(d), int(n), c == "causal") for d, n, c in
@@ -68,7 +89,7 @@ def main() -> None:
         # Alternate which tree goes first, so that an order effect (clocks, temperature) is not read
         # as a difference between the trees.
         for name in (("baseline", "candidate") if i % 2 == 0 else ("candidate", "baseline")):
-            runs[name].append(_time(getattr(args, name), cells))
+            runs[name].append(_time(getattr(args, name), cells, args.seconds))
     rows = []
     print(f"{'cell':<22}" + "".join(f"{p + ' base':>10}{p + ' new':>10}{'ratio':>7}" for p in PASSES)
           + f"{'det/bwd new':>12}")
@@ -86,7 +107,8 @@ def main() -> None:
     worst = min(min(r["speed_ratio"].values()) for r in rows)
     print(f"worst speed ratio (candidate / baseline speed): {worst:.3f}")
     with open(args.out, "w") as f:
-        json.dump(dict(rounds=args.rounds, baseline=str(args.baseline), rows=rows, worst_ratio=worst), f, indent=1)
+        json.dump(dict(rounds=args.rounds, seconds=args.seconds, baseline=str(args.baseline), rows=rows,
+                       worst_ratio=worst), f, indent=1)
 
 
 if __name__ == "__main__":
