@@ -148,6 +148,12 @@ def _column_split(cols, num_warps):
 
 
 @gluon.constexpr_function
+def _splits_by_rows(rows, num_warps):
+    """Whether _row_split splits a tile of `rows` rows by rows: 64 rows to each warp group."""
+    return rows == 16 * num_warps
+
+
+@gluon.constexpr_function
 def _row_split(rows, cols, num_warps):
     """The layout of an accumulator [rows, cols] (dK, dV [BLOCK_N, HEAD_DIM]; S, dP [BLOCK_M, BLOCK_N];
     dQ_i [BLOCK_M, HEAD_DIM]) split between the warp groups by rows (64 each) when it has 128, else by
@@ -155,7 +161,7 @@ def _row_split(rows, cols, num_warps):
     split by columns, a 128-row tile is two 64-row products a warp group, each reading its B operand
     from shared memory again, which at head dim 64 (shared memory the busiest pipe) costs time. With
     S split by rows a warp group's dS rows are its dQ_i rows, so dQ_i's A operand stays in registers."""
-    if rows == 16 * num_warps:
+    if _splits_by_rows(rows, num_warps):
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, cols, 16])
     return _column_split(cols, num_warps)
 
@@ -200,7 +206,7 @@ def _bwd_step(dk, dv, lse_log2, delta, k_smem, v_smem, q_smem, do_smem, p_smem, 
     dq_layout: gl.constexpr = _row_split(BLOCK_M, DQ_COLS, num_warps)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     # S split by rows (128-row steps): a warp group's dS rows are its dQ_i rows.
-    DS_IN_REGS: gl.constexpr = BLOCK_M == 16 * num_warps and not SPLIT_DQ
+    DS_IN_REGS: gl.constexpr = _splits_by_rows(BLOCK_M, num_warps) and not SPLIT_DQ
     start_m = _query_block(lo, j, n_steps, BLOCK_M, DQ_WRITER)
     s = it % STAGES
     q_tile = q_smem.index(s)                                                   # [BLOCK_M, HEAD_DIM]
