@@ -3,7 +3,7 @@
 # comparison of two trees, the benchmark, the paper's claims.
 # The device machine has torch and triton preinstalled and no network, so this runs from the checkout
 # with PYTHONPATH instead of installing. Usage:
-#     bash benchmarks/gpu_run.sh [tests] [integration] [sweep] [host] [compare] [bench] [bench-quick] [paper]
+#     bash benchmarks/gpu_run.sh [tests] [integration] [sweep] [host] [compare] [bench] [bench-quick] [paper] [ring]
 #                                                                                      (default: tests bench)
 # Logs and results go to $OUT (bench-out/ when unset); a short summary is printed last.
 set -uo pipefail
@@ -69,6 +69,11 @@ for step in "${steps[@]}"; do
         bench)
             timeout 540 python3 -m flashattn.bench --out "$OUT" ${BENCH_ARGS:-} >>"$LOG" 2>&1
             summary+=("bench: rc=$?");;
+        ring)
+            # Ring attention over the visible GPUs (a multi-GPU kind): RING_ARGS, e.g. "--world-sizes 2".
+            timeout 580 python3 -m flashattn.bench ring --out "$OUT/ring" ${RING_ARGS:-} >>"$LOG" 2>&1
+            summary+=("ring: rc=$?")
+            grep -E "^ring W=" "$LOG" | tail -20;;
         bench-quick)
             timeout 400 python3 -m flashattn.bench --quick --out "$OUT" >>"$LOG" 2>&1
             summary+=("bench-quick: rc=$?");;

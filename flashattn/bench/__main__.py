@@ -8,6 +8,9 @@ torch SDPA. Writes bench.json, summary.md, tflops.png and memory.png to --out.
 
 python -m flashattn.bench paper [--help]: the FlashAttention paper's claims, measured against standard
 attention and torch SDPA, into one report (flashattn/bench/paper/).
+
+python -m flashattn.bench ring [--help]: ring attention over W processes (W GPUs, or gloo on the CPU)
+against the per-rank kernels and torch's context_parallel (flashattn/bench/ring.py).
 """
 from __future__ import annotations
 
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["paper"]:
         from flashattn.bench.paper import cli
         return cli.main(argv[1:])
+    if argv[:1] == ["ring"]:
+        from flashattn.bench import ring
+        return ring.main(argv[1:])
     args = parse_args(argv)
     console = Console()
     if not console.is_terminal:

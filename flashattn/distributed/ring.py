@@ -291,14 +291,20 @@ def ring_attn_func(q: Tensor, k: Tensor, v: Tensor, group=None, causal: bool = F
     _check_self_attention(q, k, 1)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    ring = _ring(group)
+    out, lse = _dense(q, k, v, _ring(group), call, softcap, dropout_p, deterministic)
+    return (out, lse) if return_lse else out
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, call, softcap: float, dropout_p: float,
+           deterministic: bool) -> tuple[Tensor, Tensor]:
+    """ring_attn_func below validation, over `ring` (flashattn.bench.ring passes one that keeps each
+    rank's own K/V, to time the compute without the exchanges)."""
     lengths = _agree(ring, q, k)
     segs = [layout.segments(sum(lengths), ring.size, r) for r in range(ring.size)]
     steps = [layout.dense_blocks(segs[ring.rank], segs[ring.source(s)], call.window_left, call.window_right)
              for s in range(ring.size)]
     plan = _Plan(ring, lengths, steps, call, softcap, dropout_p, deterministic)
-    out, lse = _RingAttention.apply(q, k, v, plan)
-    return (out, lse) if return_lse else out
+    return _RingAttention.apply(q, k, v, plan)
 
 
 def ring_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, group=None,
