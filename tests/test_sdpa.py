@@ -80,7 +80,52 @@ def test_refuses_what_torch_refuses_and_what_it_cannot_do():
     with pytest.raises(ValueError, match="both given"):
         scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE),
                                      is_causal=True)
-    with pytest.raises(ValueError, match="4 dims"):
-        scaled_dot_product_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        scaled_dot_product_attention(q[0, 0, 0], q[0, 0, 0], q[0, 0, 0])
+    with pytest.raises(ValueError, match="do not broadcast"):
+        scaled_dot_product_attention(q.expand(3, 4, 8, 16), q.expand(2, 4, 8, 16), q.expand(2, 4, 8, 16))
+    with pytest.raises(ValueError, match="divide"):
+        scaled_dot_product_attention(q, kv, torch.randn(1, 3, 8, 16, device=DEVICE), enable_gqa=True)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        scaled_dot_product_attention(q[None].expand(2, 1, 4, 8, 16), q[None], q[None],
+                                     attn_mask=torch.ones(3, 1, 1, 8, 8, dtype=torch.bool, device=DEVICE))
     with pytest.raises(NotImplementedError, match="head dim"):
         scaled_dot_product_attention(q, q, torch.randn(1, 4, 8, 32, device=DEVICE))
+
+
+# (query, key, value, mask) shapes torch takes beyond (batch, heads, L, E) with one batch and head count:
+# fewer or more leading dims, batch dims that broadcast, one key/value head broadcast without enable_gqa,
+# and under enable_gqa key and value head counts that differ.
+LEADING = [
+    ("3-dim", (4, 9, 16), (4, 12, 16), (4, 12, 16), None, False),
+    ("2-dim", (9, 16), (12, 16), (12, 16), (9, 12), False),
+    ("5-dim", (2, 3, 4, 9, 16), (2, 3, 2, 12, 16), (2, 3, 2, 12, 16), (3, 1, 9, 12), True),
+    ("5-dim-mask-batch", (2, 3, 2, 9, 16), (2, 3, 2, 12, 16), (2, 3, 2, 12, 16), (2, 1, 1, 1, 12), False),
+    ("batch-broadcast", (1, 4, 9, 16), (3, 4, 12, 16), (3, 4, 12, 16), None, False),
+    ("key-batch-broadcast", (2, 3, 4, 9, 16), (3, 4, 12, 16), (1, 3, 4, 12, 16), (2, 1, 4, 9, 12), False),
+    ("mqa-by-broadcast", (2, 4, 9, 16), (2, 1, 12, 16), (2, 1, 12, 16), None, False),
+    ("query-head-broadcast", (2, 1, 9, 16), (2, 4, 12, 16), (2, 1, 12, 16), None, False),
+    ("gqa-key-value-heads-differ", (2, 6, 9, 16), (2, 2, 12, 16), (2, 3, 12, 16), None, True),
+    ("gqa-value-one-head", (2, 4, 9, 16), (2, 2, 12, 16), (2, 1, 12, 16), (2, 4, 9, 12), True),
+]
+
+
+@pytest.mark.parametrize("case", LEADING, ids=[c[0] for c in LEADING])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_broadcasting_match_torch(backend, case, use_backend):
+    use_backend(backend)
+    _, q_shape, k_shape, v_shape, mask_shape, gqa = case
+    torch.manual_seed(0)
+    dtype = _dtype()
+    q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype) for shape in (q_shape, k_shape, v_shape))
+    mask = None if mask_shape is None else torch.randn(mask_shape, device=DEVICE, dtype=dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ours = scaled_dot_product_attention(*leaves, attn_mask=mask, enable_gqa=gqa)
+    torch_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    theirs = F.scaled_dot_product_attention(*torch_leaves, attn_mask=mask, enable_gqa=gqa)
+    assert ours.shape == theirs.shape
+    tol = _tolerance(dtype)
+    torch.testing.assert_close(ours, theirs, **tol)
+    do = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, leaves, do), torch.autograd.grad(theirs, torch_leaves, do)):
+        torch.testing.assert_close(a, b, **tol)
