@@ -4,7 +4,9 @@
 backward needs (Q, K, V, O, lse, and the option tensors: ALiBi slopes, the dropout seed, the bias or
 mask, the block mask) and nothing more; with dropout the backward regenerates the mask from the
 seed. Validation happens before this layer (flashattn/interface.py); the options are packed into
-one Variant after it (flashattn/ops/dispatch.py).
+one Variant after it (flashattn/ops/dispatch.py). Under torch.func's transforms (vmap, grad, jacrev)
+the same function in the form those need, with vmap rules for the forward and the backward
+(_AttentionTransformed, _AttentionBackward).
 
 Under torch.compile, or any tracing or dispatch mode (make_fx, FakeTensorMode, FlopCounterMode), or
 with tensor subclasses, the function calls the registered custom operators `flashattn::attention_
@@ -158,6 +160,38 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return op(dout, q, k, v, out, lse, dlse, softmax_scale, *options_bias_grad_backend)
 
 
+def _save(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, call: tuple) -> None:
+    softmax_scale, *options, backend = call
+    tensors = [i for i in _TENSOR_ARGS if options[i] is not None]
+    ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensors))
+    ctx.tensor_positions = tensors
+    # ctx keeps no tensor outside save_for_backward. (A new list: torch 2.11's dynamo takes the
+    # starred `options` above for a tuple and cannot trace item assignment into it.)
+    ctx.options = [None if i in tensors else value for i, value in enumerate(options)] if tensors else options
+    ctx.softmax_scale, ctx.backend = softmax_scale, backend
+    ctx.set_materialize_grads(False)
+
+
+def _grads(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple:
+    q, k, v, out, lse, *saved = ctx.saved_tensors
+    options = list(ctx.options)
+    for i, value in zip(ctx.tensor_positions, saved):
+        options[i] = value
+    if dout is None:
+        dout = torch.zeros_like(out)
+    bias_grad = bool(ctx.needs_input_grad[3])
+    if torch._C._are_functorch_transforms_active():
+        # torch.func's transforms (vmap of grad: per-sample gradients) run this backward on their
+        # wrapped tensors, which no kernel takes: an operation of its own, with its own vmap rule.
+        bias, options[_ATTN_BIAS] = options[_ATTN_BIAS], None       # an argument of its own: vmap maps it
+        dq, dk, dv, dbias = _AttentionBackward.apply(dout, q, k, v, out, lse, dlse, bias,
+                                                     (ctx.softmax_scale, *options, ctx.backend), bias_grad)
+    else:
+        dq, dk, dv, dbias = _backward(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, *options, bias_grad,
+                                      ctx.backend)
+    return dq, dk, dv, dbias if bias_grad else None, None
+
+
 class _Attention(torch.autograd.Function):
     """Saves and restores; the work is in dispatch (eager) or the custom operators (traced). Only the
     differentiable tensors are arguments of their own; everything else travels in one tuple `call`
@@ -165,30 +199,117 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, attn_bias, call):
-        softmax_scale, *options, backend = call
         out, lse = _forward(q, k, v, *call)
-        tensors = [i for i in _TENSOR_ARGS if options[i] is not None]
-        ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensors))
-        ctx.tensor_positions = tensors
-        # ctx keeps no tensor outside save_for_backward. (A new list: torch 2.11's dynamo takes the
-        # starred `options` above for a tuple and cannot trace item assignment into it.)
-        ctx.options = [None if i in tensors else value for i, value in enumerate(options)] if tensors else options
-        ctx.softmax_scale, ctx.backend = softmax_scale, backend
-        ctx.set_materialize_grads(False)
+        _save(ctx, q, k, v, out, lse, call)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *saved = ctx.saved_tensors
-        options = list(ctx.options)
-        for i, value in zip(ctx.tensor_positions, saved):
-            options[i] = value
-        if dout is None:
-            dout = torch.zeros_like(out)
-        bias_grad = bool(ctx.needs_input_grad[3])
-        dq, dk, dv, dbias = _backward(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, *options, bias_grad,
-                                      ctx.backend)
-        return dq, dk, dv, dbias if bias_grad else None, None
+        return _grads(ctx, dout, dlse)
+
+
+class _AttentionTransformed(torch.autograd.Function):
+    """_Attention as torch.func's transforms need it (torch.vmap, torch.func.grad, jacrev: per-sample
+    gradients, say): a forward without ctx, setup_context, and a vmap rule. A class of its own because
+    apply binds a setup_context function's arguments by signature, a cost the eager path skips.
+    Attention is independent per batch entry, so vmap folds its dimension into the batch."""
+
+    @staticmethod
+    def forward(q, k, v, attn_bias, call):
+        return _forward(q, k, v, *call)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, call = inputs
+        _save(ctx, q, k, v, *output, call)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _grads(ctx, dout, dlse)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, attn_bias, call):
+        """(V, B, ...) inputs as (V * B, ...) ones: the mapped dim folded into the batch (an unmapped q,
+        k or v expanded to it first, which copies what the V calls share). The option tensors stay per
+        call: packed sequences and block masks, whose tensors are per batch entry, are refused."""
+        size, batch = info.batch_size, _vmapped_batch(q, in_dims[0])
+        bias = _fold(attn_bias, in_dims[3], size, batch, shared=True)
+        out, lse = _AttentionTransformed.apply(_fold(q, in_dims[0], size, batch), _fold(k, in_dims[1], size, batch),
+                                               _fold(v, in_dims[2], size, batch), bias,
+                                               _vmapped_call(call, in_dims[4], size, bias))
+        return (_unfold(out, size), _unfold(lse, size)), (0, 0)
+
+
+class _AttentionBackward(torch.autograd.Function):
+    """_Attention's backward as an operation of its own, called only under torch.func's transforms: its
+    vmap rule folds the mapped dim into the batch, as _Attention's does for the forward. Its own
+    backward (a second derivative) is not implemented."""
+
+    @staticmethod
+    def forward(dout, q, k, v, out, lse, dlse, attn_bias, call, bias_grad):
+        softmax_scale, *options, backend = call
+        options[_ATTN_BIAS] = attn_bias
+        return _backward(dout, q, k, v, out, lse, dlse, softmax_scale, *options, bias_grad, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("flashattn's attention has no second derivative (its backward is not "
+                                  "differentiable)")
+
+    @staticmethod
+    def vmap(info, in_dims, dout, q, k, v, out, lse, dlse, attn_bias, call, bias_grad):
+        """Each mapped call's gradients: every input folded into the batch, an unmapped one expanded
+        (so that k's gradient, say, comes back per mapped call, as vmap returns it)."""
+        size, batch = info.batch_size, _vmapped_batch(q, in_dims[1])
+        folded = [_fold(x, d, size, batch) for x, d in zip((dout, q, k, v, out, lse, dlse), in_dims[:7])]
+        dq, dk, dv, dbias = _AttentionBackward.apply(
+            *folded, _fold(attn_bias, in_dims[7], size, batch, shared=not bias_grad),
+            _vmapped_call(call, in_dims[8], size, None), bias_grad)
+        return (tuple(_unfold(x, size) for x in (dq, dk, dv, dbias)), (0, 0, 0, None if dbias is None else 0))
+
+
+def _vmapped_batch(x: Tensor, dim: int | None) -> int:
+    return x.shape[1] if dim is not None else x.shape[0]
+
+
+def _vmapped_call(call: tuple, option_dims, size: int, bias: Tensor | None) -> tuple:
+    """The options of a call whose batch the vmap rules multiply by `size`, with the folded bias; refused
+    where they are mapped or are per batch entry in a way folding cannot keep (packed sequences, block
+    masks)."""
+    bias_dim = 1 + _ATTN_BIAS                       # the bias is folded as an argument of its own
+    if option_dims is not None and any(d is not None for i, d in enumerate(option_dims) if i != bias_dim):
+        raise NotImplementedError("torch.vmap over flashattn's option tensors (alibi_slopes, block_mask, "
+                                  "cu_seqlens): map over q, k, v and attn_bias only")
+    softmax_scale, *options, backend = call
+    if options[VARIANT_ARGS.index("cu_seqlens_q")] is not None or options[VARIANT_ARGS.index("block_mask")] \
+            is not None:
+        raise NotImplementedError("torch.vmap over packed sequences (varlen) or a block mask is not supported: "
+                                  "call with the mapped calls as a batch instead")
+    alibi = VARIANT_ARGS.index("alibi_slopes")
+    if options[alibi] is not None and options[alibi].dim() == 2:      # (B, H): one row per batch entry
+        options[alibi] = options[alibi].repeat(size, 1)
+    options[_ATTN_BIAS] = bias
+    return (softmax_scale, *options, backend)
+
+
+def _fold(x: Tensor | None, dim: int | None, size: int, batch: int, shared: bool = False) -> Tensor | None:
+    """x (mapped at `dim`, or unmapped) as (size * batch, ...): the mapped dim in front, folded into the
+    batch dim (of `batch` entries, or 1 for a bias broadcast over them). `shared`: an unmapped x of batch
+    1 stays as it is, broadcast over every entry (a bias that needs no gradient)."""
+    if x is None or (dim is None and shared and x.shape[0] == 1):
+        return x
+    x = x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+    if x.shape[1] != batch:                       # a bias's batch of 1: one per entry
+        x = x.expand(size, batch, *x.shape[2:])
+    return x.reshape(size * batch, *x.shape[2:])
+
+
+def _unfold(x: Tensor | None, size: int) -> Tensor | None:
+    return None if x is None else x.view(size, x.shape[0] // size, *x.shape[1:])
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_and_backend,
@@ -206,4 +327,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options_an
     if k is q or v is q or v is k:
         k = k.view_as(k) if k is q else k
         v = v.view_as(v) if v is q or v is k else v
-    return _Attention.apply(q, k, v, attn_bias, (softmax_scale, *options_and_backend))
+    function = _AttentionTransformed if torch._C._are_functorch_transforms_active() else _Attention
+    return function.apply(q, k, v, attn_bias, (softmax_scale, *options_and_backend))
