@@ -1,6 +1,8 @@
 """flashattn.scaled_dot_product_attention against torch's own function: same signature, layout and
 results (outputs and gradients, masks included), on both backends."""
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -129,3 +131,49 @@ def test_leading_dims_and_broadcasting_match_torch(backend, case, use_backend):
     do = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, leaves, do), torch.autograd.grad(theirs, torch_leaves, do)):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="float64 on the PyTorch path: the shapes, not the kernels, are under test")
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])    # the backend, set once for all
+@given(st.data())
+def test_random_shapes_match_torch(use_backend, data):
+    """Any leading dims, batch and head dims that broadcast, GQA with any dividing key/value head counts,
+    masks of any broadcastable shape, L != S: outputs and gradients equal torch's wherever torch
+    computes the call (float64, the PyTorch path)."""
+    use_backend("reference")
+    draw = lambda strategy, label: data.draw(strategy, label=label)       # noqa: E731
+    batch = draw(st.lists(st.integers(1, 3), max_size=3), "batch dims")
+    gqa = draw(st.booleans(), "enable_gqa")
+    heads = draw(st.sampled_from([1, 2, 4, 6]), "query heads")
+    dividers = [h for h in range(1, heads + 1) if heads % h == 0]
+    heads_k, heads_v = (draw(st.sampled_from(dividers if gqa else [1, heads]), name) for name in ("key heads",
+                                                                                                  "value heads"))
+    L, S, E = draw(st.integers(1, 12), "L"), draw(st.integers(1, 12), "S"), draw(st.sampled_from([8, 16]), "E")
+
+    def shape(h: int, n: int) -> list[int]:      # some batch dims broadcast (1), leading ones dropped
+        dims = [d if draw(st.booleans(), "kept") else 1 for d in batch]
+        return dims[draw(st.integers(0, len(dims)), "dropped"):] + [h, n, E]
+    q, k, v = (torch.randn(shape(h, n), dtype=torch.float64) for h, n in ((heads, L), (heads_k, S), (heads_v, S)))
+    kind = draw(st.sampled_from(["none", "causal", "bool", "float"]), "mask")
+    mask = None
+    if kind in ("bool", "float"):
+        full = [*batch, heads, L, S]
+        dims = [d if draw(st.booleans(), "mask dim kept") else 1 for d in full[:-1]] + [S]
+        dims = dims[draw(st.integers(0, len(dims) - 1), "mask dims dropped"):]
+        mask = torch.rand(dims) > 0.3 if kind == "bool" else torch.randn(dims, dtype=torch.float64)
+    kwargs = dict(attn_mask=mask, is_causal=kind == "causal", enable_gqa=gqa)
+    torch_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    try:
+        theirs = F.scaled_dot_product_attention(*torch_leaves, **kwargs)
+    except (RuntimeError, IndexError):
+        return                           # a call torch refuses (some broadcasts it does not implement)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ours = scaled_dot_product_attention(*leaves, **kwargs)
+    assert ours.shape == theirs.shape
+    seen = theirs.isfinite()             # torch's rows that may attend to no key are NaN; ours are 0
+    torch.testing.assert_close(ours[seen], theirs[seen])
+    do = torch.randn_like(ours).masked_fill(~seen, 0.0)
+    for a, b in zip(torch.autograd.grad(ours, leaves, do), torch.autograd.grad(theirs.masked_fill(~seen, 0.0),
+                                                                              torch_leaves, do)):
+        torch.testing.assert_close(a, b)
