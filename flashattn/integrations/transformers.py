@@ -37,6 +37,12 @@ How a model's mask reaches the attention (the same split as transformers' own fl
   `max_length_q`, `max_length_k`, as `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`
   produces) and no mask go through flash_attn_varlen_func.
 
+A model's additive position bias, passed as `position_bias` (T5 and its family: relative position
+buckets, learned), becomes the kernels' `attn_bias`, merged with the mask as transformers' SDPA path
+merges them, and gets its gradient. Models whose attention layers compute attention themselves (MPT,
+MPNet: no `AttentionInterface` call) cannot take this implementation, nor SDPA's or flex's registered
+names: their own code then receives this library's key-padding mask and fails.
+
 GQA/MQA run without repeating keys and values (the kernels take nheads_k). `softcap` (Gemma 2),
 `scaling`, `dropout` (applied only while `module.training`, as eager's `nn.functional.dropout`) and
 `is_causal` are honoured; attention sinks (`s_aux`, gpt-oss) are not implemented and raise
@@ -219,8 +225,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         softcap: scores x become softcap * tanh(x / softcap) (Gemma 2).
         is_causal: None: module.is_causal (default True).
         s_aux: attention sinks: not implemented (NotImplementedError).
-        kwargs: `cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`, `max_length_k` (packed sequences),
-            `deterministic`; others (position_ids, the cache, ...) are not needed and ignored.
+        kwargs: `position_bias`, an additive float bias broadcastable to (batch, nheads, q_len, kv_len)
+            (T5's relative position buckets, MPT's ALiBi, ...: a gradient reaches it); `cu_seq_lens_q`,
+            `cu_seq_lens_k`, `max_length_q`, `max_length_k` (packed sequences), `deterministic`; others
+            (position_ids, the cache, ...) are not needed and ignored.
 
     Returns:
         (attn_output (batch, q_len, nheads, head_dim_v), None): the layout transformers' attention
@@ -255,7 +263,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     deterministic = bool(kwargs.get("deterministic") or torch.are_deterministic_algorithms_enabled())
     options = dict(dropout_p=dropout_p, softmax_scale=scale, softcap=softcap, deterministic=deterministic)
 
-    if attention_mask is not None and attention_mask.dim() == 4:
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        out = _with_position_bias(q, k, v, position_bias, attention_mask, causal, _window(sliding_window, causal),
+                                  options)
+    elif attention_mask is not None and attention_mask.dim() == 4:
         out = flash_attn_func(q, k, v, **options, attn_bias=_dense_mask(attention_mask, q, k.shape[1]))
     elif attention_mask is not None:
         out = _padded(q, k, v, attention_mask, causal, _window(sliding_window, causal), options)
@@ -268,6 +280,30 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         out = flash_attn_func(q, k, v, causal=causal, window_size=_window(sliding_window, causal), **options)
     return (out[..., :head_dim_v] if out.shape[-1] != head_dim_v else out), None
+
+
+def _with_position_bias(q: Tensor, k: Tensor, v: Tensor, position_bias: Tensor, mask: Tensor | None, causal: bool,
+                        window: tuple[int, int], options: dict) -> Tensor:
+    """Attention with a model's additive position bias (passed as `position_bias`, as T5 and MPT do):
+    the bias is attn_bias, merged with the mask as SDPA's path merges them (-inf where a 4D bool or the
+    key-padding mask forbids; a float mask added). Causal masking and windows stay the kernels' flags
+    (bottom-right aligned) unless a 4D mask decides alone. The bias is expanded only where a padding
+    mask must be merged into it; without one it is never expanded."""
+    if position_bias.dtype not in (q.dtype, torch.float32):
+        position_bias = position_bias.to(torch.float32)
+    if mask is not None and mask.dim() == 4:
+        mask = _dense_mask(mask, q, k.shape[1])
+        bias = position_bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else (
+            position_bias + mask)
+        return flash_attn_func(q, k, v, **options, attn_bias=bias)
+    if mask is not None:       # a key-padding mask, aligned to the keys as _padded aligns it
+        if mask.shape[1] > k.shape[1]:
+            mask = mask[:, -k.shape[1]:]
+        elif mask.shape[1] < k.shape[1]:
+            k, v, position_bias = k[:, :mask.shape[1]], v[:, :mask.shape[1]], position_bias[..., :mask.shape[1]]
+        keep = mask if mask.dtype == torch.bool else mask != 0
+        position_bias = position_bias.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return flash_attn_func(q, k, v, causal=causal, window_size=window, **options, attn_bias=position_bias)
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: bool, window: tuple[int, int],

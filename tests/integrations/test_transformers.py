@@ -21,7 +21,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import (AttentionInterface, AutoModelForCausalLM, Gemma2Config, GPT2Config,  # noqa: E402
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoModelForSeq2SeqLM, Gemma2Config,  # noqa: E402
+                          GPT2Config, T5Config,
                           LlamaConfig, MistralConfig, Qwen2Config)
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
@@ -255,6 +256,40 @@ def test_gemma2_softcap_and_alternating_window():
     assert_within_factor("out", ours, masked_logits(build(config, "eager"), ids, mask), ref64, torch.float32, 16)
     ids, mask = batch("left")
     assert torch.equal(greedy(build(config, NAME), ids, mask), greedy(build(config, "eager"), ids, mask))
+
+
+def test_t5_position_bias():
+    """T5 passes its relative position bias as `position_bias` (an additive bias with a gradient: the
+    bucket table's): encoder (bidirectional, padded), decoder (causal) and cross-attention, logits and
+    every parameter's gradient against eager and float64 SDPA, and seq2seq greedy generation."""
+    config = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, **TOKENS)
+
+    def seq2seq(implementation, dtype=torch.float32):
+        torch.manual_seed(0)
+        return AutoModelForSeq2SeqLM.from_config(copy.deepcopy(config), attn_implementation=implementation).to(dtype)
+
+    ids, mask = batch("left")
+    targets = ids[:, :6]
+
+    def run(model):
+        """Logits of the decoder's real positions and every parameter's gradient of their loss."""
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=targets).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:7].reshape(-1)).backward()
+        return logits, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_logits, ref_grads = run(seq2seq("sdpa", torch.float64))
+    eager_logits, eager_grads = run(seq2seq("eager"))
+    logits, grads = run(seq2seq(NAME))
+    assert_within_factor("out", logits, eager_logits, ref_logits, torch.float32, 16)
+    assert grads.keys() == eager_grads.keys() and any("relative_attention_bias" in n for n in grads)
+    for n in grads:
+        assert_within_factor("dparam", grads[n], eager_grads[n], ref_grads[n], torch.float32, 16)
+    with torch.no_grad():
+        expected = seq2seq("eager").eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert torch.equal(seq2seq(NAME).eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                           do_sample=False), expected)
 
 
 def test_patterns_beyond_padding_take_the_dense_mask():
