@@ -54,7 +54,6 @@ from flashattn.bench.measure import Measurement
 from flashattn.bench.peers import describe_error
 from flashattn.distributed import ring as ring_module
 from flashattn.distributed import shard_sequence
-from flashattn.interface import _validate
 
 Tensor = torch.Tensor
 PASSES = ("fwd", "fwd+bwd")
@@ -221,17 +220,16 @@ def _cell(cfg: RingConfig, tokens: int, causal: bool, device: torch.device) -> l
     full = [torch.randn(1, tokens, cfg.nheads, cfg.headdim, generator=gen, device=device, dtype=dtype)
             for _ in range(3)]
     q, k, v = (shard_sequence(x, world, rank).requires_grad_() for x in full)
-    call = _validate(q, k, v, 0.0, None, causal, (-1, -1), 0.0, None, False, False, None, None)
-    rings = {"ring": ring_module._Ring(None), "compute": _LocalRing(None)}
     rows = []
     for pass_ in PASSES:
         row = RingRow(world, tokens, causal, pass_, flops(tokens, cfg, causal, pass_))
         timers = {}
-        for name, ring in rings.items():
-            attend = (lambda ring=ring: ring_module._dense(q, k, v, ring, call, 0.0, 0.0, False)[0])
+        for name, ring_type in (("ring", ring_module._Ring), ("compute", _LocalRing)):
+            attend = (lambda ring_type=ring_type: ring_module._dense(q, k, v, None, causal, None, 0.0, (-1, -1), 0.0,
+                                                                     False, ring_type)[0])
             timers[name] = _round_timer(_differentiate(attend, [q, k, v], pass_), cfg.calls, device)
-        timers["comm"] = _round_timer(_exchanges(rings["ring"], torch.stack((k.detach(), v.detach())), pass_),
-                                      cfg.calls, device)
+        timers["comm"] = _round_timer(_exchanges(ring_module._Ring(None), torch.stack((k.detach(), v.detach())),
+                                                 pass_), cfg.calls, device)
         for name, timer in timers.items():
             timer()                                      # warm-up: compiles, NCCL channels
         row.timings = measure.time_rounds(timers, cfg.rounds)

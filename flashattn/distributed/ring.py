@@ -210,12 +210,12 @@ class _RingAttention(torch.autograd.Function):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _ring(group) -> _Ring:
+def _ring(group, ring_type: type = _Ring) -> _Ring:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring attention needs torch.distributed initialised: call "
                            "torch.distributed.init_process_group (NCCL on GPUs, gloo on CPUs) first, e.g. "
                            "under torchrun")
-    return _Ring(group)
+    return ring_type(group)
 
 
 def _agree(ring: _Ring, q: Tensor, k: Tensor, fingerprint: tuple[int, ...] = ()) -> list[int]:
@@ -286,19 +286,21 @@ def ring_attn_func(q: Tensor, k: Tensor, v: Tensor, group=None, causal: bool = F
         merged in float32 (float64 for float64), so float16/bfloat16 outputs carry one rounding per ring
         step's block on top of flash_attn_func's.
     """
-    call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, None, deterministic,
-                     False, None, None)
-    _check_self_attention(q, k, 1)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    out, lse = _dense(q, k, v, _ring(group), call, softcap, dropout_p, deterministic)
+    out, lse = _dense(q, k, v, group, causal, softmax_scale, dropout_p, window_size, softcap, deterministic)
     return (out, lse) if return_lse else out
 
 
-def _dense(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, call, softcap: float, dropout_p: float,
-           deterministic: bool) -> tuple[Tensor, Tensor]:
-    """ring_attn_func below validation, over `ring` (flashattn.bench.ring passes one that keeps each
-    rank's own K/V, to time the compute without the exchanges)."""
+def _dense(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, softmax_scale: float | None, dropout_p: float,
+           window_size: tuple[int, int], softcap: float, deterministic: bool, ring_type: type = _Ring,
+           ) -> tuple[Tensor, Tensor]:
+    """ring_attn_func's (out, lse), over a ring of `ring_type` (_Ring; flashattn.bench.ring passes one
+    that keeps each rank's own K/V, to time the compute without the exchanges)."""
+    call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, None, deterministic,
+                     False, None, None)
+    _check_self_attention(q, k, 1)
+    ring = _ring(group, ring_type)
     lengths = _agree(ring, q, k)
     segs = [layout.segments(sum(lengths), ring.size, r) for r in range(ring.size)]
     steps = [layout.dense_blocks(segs[ring.rank], segs[ring.source(s)], call.window_left, call.window_right)
