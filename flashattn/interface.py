@@ -234,6 +234,19 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, dropout_p, softmax_scale, causal,
                  _check_tile_size(tile_size, block_mask))
 
 
+def _autocast(*tensors):
+    """Under torch.autocast for the inputs' device, attention is an op of the lower-precision list, as
+    torch's scaled_dot_product_attention is: every floating-point input but float64 (q, k, v, a float
+    attn_bias) is cast to the autocast dtype. Outside autocast, or for inputs that are not tensors
+    (validation then says so), they are returned as they are."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+                 else x for x in tensors)
+
+
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
                     softmax_scale: float | None = None, causal: bool = False,
                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
@@ -294,7 +307,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
     implement every option.
 
     Dtypes: float16, bfloat16 and float32 (float32 products are exact fp32, not tf32); on the
-    PyTorch path float64 too. Head dims 1 to 256. CUDA tensors run the Triton kernels, other
+    PyTorch path float64 too. Under torch.autocast, float32 inputs (and a float attn_bias) are cast to
+    the autocast dtype first, as torch's scaled_dot_product_attention's are. Head dims 1 to 256. CUDA tensors run the Triton kernels, other
     devices the PyTorch implementation of the same algorithm; FLASHATTN_BACKEND=triton|reference
     forces one, and TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors.
 
@@ -305,6 +319,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
         there it has the layout torch.empty_like(q) gives: q's own when q is dense (a transposed
         view, say).
     """
+    q, k, v, attn_bias = _autocast(q, k, v, attn_bias)
     call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                      deterministic, return_attn_probs, attn_bias, block_mask, tile_size=tile_size)
     return _attend(q, k, v, call, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)

@@ -13,7 +13,8 @@ import weakref
 
 import torch
 
-from flashattn.interface import _attend, _check_packed, _check_tensor, _check_traced, _is_int, _validate
+from flashattn.interface import (_attend, _autocast, _check_packed, _check_tensor, _check_traced, _is_int,
+                                 _validate)
 
 Tensor = torch.Tensor
 
@@ -139,6 +140,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         return _paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, softmax_scale, causal,
                       window_size, softcap, alibi_slopes)
     n_seq = cu_seqlens_q.numel() - 1
+    q, k, v = _autocast(q, k, v)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)       # (1, total, H, D)
     call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                      deterministic, return_attn_probs, None, None, n_seq=n_seq,

@@ -389,3 +389,30 @@ def test_no_size_limit_but_the_kernels_row_indices(use_backend):
     with pytest.raises(ValueError, match=r"k: nheads x headdim = 8388864"):
         _check_extents(small, many_heads, (4, 4))
     _check_extents(small, many_heads[:, :, 1:], (4, 4))                                # 2^23: the last fits
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_casts_the_inputs_as_torch_sdpa_does(backend, use_backend):
+    """Under torch.autocast, float32 inputs (and a float bias) are cast to the autocast dtype, as
+    torch's scaled_dot_product_attention's are; float64 is left alone; gradients reach the float32
+    leaves in float32. The packed and varlen forms take the same path."""
+    use_backend(backend)
+    torch.manual_seed(0)
+    low = torch.bfloat16
+    q, k, v = (torch.randn(2, 17, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 17, 17, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=low):
+        out = flash_attn_func(q, k.to(low), v, causal=True, attn_bias=bias)
+        assert out.dtype == low
+        packed = flash_attn_qkvpacked_func(torch.stack((q, k, v), dim=2), causal=True)
+        assert packed.dtype == low
+        cu = torch.tensor([0, 17, 34], dtype=torch.int32, device=DEVICE)
+        varlen = flashattn.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 17, 17,
+                                                  causal=True)
+        assert varlen.dtype == low
+        if backend == "reference":
+            assert flash_attn_func(q.double(), k.double(), v.double()).dtype == torch.float64
+    expected = flash_attn_func(*(x.detach().to(low) for x in (q, k, v)), causal=True, attn_bias=bias.to(low))
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(packed, varlen.view_as(packed), atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0

@@ -177,3 +177,17 @@ def test_random_shapes_match_torch(use_backend, data):
     for a, b in zip(torch.autograd.grad(ours, leaves, do), torch.autograd.grad(theirs.masked_fill(~seen, 0.0),
                                                                               torch_leaves, do)):
         torch.testing.assert_close(a, b)
+
+
+def test_autocast_as_torch(use_backend):
+    """Under torch.autocast the drop-in computes in the autocast dtype, as torch's function does, mixed
+    input dtypes included (the Triton kernels on a GPU; on the CPU the PyTorch path: the interpreter
+    takes no bfloat16)."""
+    use_backend("triton" if HAS_CUDA else "reference")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 17, 16, device=DEVICE) for _ in range(3))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        ours = scaled_dot_product_attention(q, k.bfloat16(), v, is_causal=True)
+        theirs = F.scaled_dot_product_attention(q, k.bfloat16(), v, is_causal=True)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)

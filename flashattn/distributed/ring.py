@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from flashattn.distributed import layout
-from flashattn.interface import _check_tensor, _is_int, _validate
+from flashattn.interface import _autocast, _check_tensor, _is_int, _validate
 from flashattn.ops import dispatch, philox
 from flashattn.varlen import _check_cu_seqlens
 
@@ -192,7 +192,8 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan):
-        out, lse = ring_forward(q, k, v, plan)
+        with dispatch.no_autocast(q):
+            out, lse = ring_forward(q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
@@ -203,7 +204,8 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, dlse, ctx.plan)
+        with dispatch.no_autocast(q):
+            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, dlse, ctx.plan)
         return dq, dk, dv, None
 
 
@@ -297,6 +299,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, group, causal: bool, softmax_scale: 
            ) -> tuple[Tensor, Tensor]:
     """ring_attn_func's (out, lse), over a ring of `ring_type` (_Ring; flashattn.bench.ring passes one
     that keeps each rank's own K/V, to time the compute without the exchanges)."""
+    q, k, v = _autocast(q, k, v)
     call = _validate(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, None, deterministic,
                      False, None, None)
     _check_self_attention(q, k, 1)
@@ -338,6 +341,7 @@ def ring_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, m
         raise ValueError(f"cu_seqlens must be an int32 tensor of shape (batch + 1,) with batch >= 1, got dtype "
                          f"{cu_seqlens.dtype} and shape {tuple(cu_seqlens.shape)}")
     n_seq = cu_seqlens.numel() - 1
+    q, k, v = _autocast(q, k, v)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     call = _validate(q4, k4, v4, dropout_p, softmax_scale, causal, window_size, softcap, None, deterministic,
                      False, None, None, n_seq=n_seq, max_seqlens=(max_seqlen, max_seqlen) if _is_int(max_seqlen)

@@ -51,7 +51,8 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options
                  ) -> tuple[Tensor, Tensor]:
     *options, backend = options_and_backend
     variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
-    return dispatch.forward(q, k, v, softmax_scale, variant, backend)
+    with dispatch.no_autocast(q):
+        return dispatch.forward(q, k, v, softmax_scale, variant, backend)
 
 
 def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -59,7 +60,8 @@ def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     *options, bias_grad, backend = options_bias_grad_backend
     variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
-    return dispatch.backward(dout, q, k, v, out, lse, dlse, softmax_scale, variant, bias_grad, backend)
+    with dispatch.no_autocast(q):
+        return dispatch.backward(dout, q, k, v, out, lse, dlse, softmax_scale, variant, bias_grad, backend)
 
 
 @torch.library.custom_op("flashattn::attention_forward", mutates_args=())
@@ -140,7 +142,8 @@ def _(q, k_cache, v_cache, *rest):
 def kv_cache(q: Tensor, *args) -> tuple[Tensor, Tensor]:
     """The cache operator: the registered custom operator when traced, dispatch directly in eager."""
     op = kv_cache_attention if _traced(q) else dispatch.kv_cache_forward
-    return op(q, *args)
+    with dispatch.no_autocast(q):
+        return op(q, *args)
 
 
 def _traced(q: Tensor) -> bool:

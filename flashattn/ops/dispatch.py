@@ -7,6 +7,7 @@ on zero-size grids), and making the last dim contiguous.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,6 +40,14 @@ def select_backend(device: torch.device) -> str:
     if device.type == "cuda" or (device.type == "cpu" and triton_interpreter()):
         return "triton"
     return "reference"
+
+
+def no_autocast(x: Tensor):
+    """A context in which torch.autocast is off for x's device: the kernels and the PyTorch path compute
+    in the dtypes they are given (the public functions cast the inputs under autocast; inside, a matmul
+    of the PyTorch path or the host's conversions must not be cast again)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def spec(backend: str) -> capabilities.KernelSpec:
