@@ -1,6 +1,7 @@
 """torch.func's transforms through flashattn's autograd (flashattn/ops/custom_ops.py): torch.vmap of the
-forward, torch.func.grad, per-sample gradients (vmap of grad) and jacrev, each against the same calls
-made one by one; on both backends (the Triton kernels under their interpreter on the CPU)."""
+forward, torch.func.grad, per-sample gradients (vmap of grad; through the nn layers too) and jacrev,
+each against the same calls made one by one; on both backends (the Triton kernels under their
+interpreter on the CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,3 +85,28 @@ def test_vmap_refusals(use_backend):
         torch.vmap(lambda a: flash_attn_varlen_func(a, a, a, cu, cu, 10, 10))(q[:, 0])
     with pytest.raises(NotImplementedError, match="second derivative"):
         torch.func.grad(lambda a: torch.func.grad(lambda b: flash_attn_func(b, k[0], v[0]).sum())(a).sum())(q[0])
+
+
+def test_per_sample_gradients_through_the_layers(use_backend):
+    """torch.func.functional_call under vmap of grad, as per-sample-gradient training does, through
+    flashattn.nn.FlashAttention and flashattn.nn.MultiheadAttention."""
+    use_backend("reference")
+    from flashattn.nn import FlashAttention, MultiheadAttention
+    torch.manual_seed(0)
+    x = torch.randn(MAPPED, 7, 32, device=DEVICE)
+    for layer in (FlashAttention(32, 4, causal=True), MultiheadAttention(32, 4, batch_first=True)):
+        layer = layer.to(DEVICE)
+        self_attention = isinstance(layer, MultiheadAttention)
+
+        def loss(params, xi):
+            args = (xi[None],) * (3 if self_attention else 1)
+            out = torch.func.functional_call(layer, params, args)
+            return (out[0] if self_attention else out).square().sum()
+
+        params = {n: p.detach() for n, p in layer.named_parameters()}
+        grads = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        for i in range(MAPPED):
+            layer.zero_grad()
+            loss(dict(layer.named_parameters()), x[i]).backward()
+            for n, p in layer.named_parameters():
+                torch.testing.assert_close(grads[n][i], p.grad, atol=1e-4, rtol=1e-4)
