@@ -192,8 +192,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan):
-        with dispatch.no_autocast(q):
-            out, lse = ring_forward(q, k, v, plan)
+        out, lse = ring_forward(q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
@@ -204,8 +203,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        with dispatch.no_autocast(q):
-            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, dlse, ctx.plan)
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, dlse, ctx.plan)
         return dq, dk, dv, None
 
 

@@ -51,8 +51,7 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, *options
                  ) -> tuple[Tensor, Tensor]:
     *options, backend = options_and_backend
     variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
-    with dispatch.no_autocast(q):
-        return dispatch.forward(q, k, v, softmax_scale, variant, backend)
+    return dispatch.forward(q, k, v, softmax_scale, variant, backend)
 
 
 def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -60,8 +59,7 @@ def _run_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     *options, bias_grad, backend = options_bias_grad_backend
     variant = dispatch.make_variant(q.shape[0], q.shape[2], *options)
-    with dispatch.no_autocast(q):
-        return dispatch.backward(dout, q, k, v, out, lse, dlse, softmax_scale, variant, bias_grad, backend)
+    return dispatch.backward(dout, q, k, v, out, lse, dlse, softmax_scale, variant, bias_grad, backend)
 
 
 @torch.library.custom_op("flashattn::attention_forward", mutates_args=())
@@ -142,8 +140,7 @@ def _(q, k_cache, v_cache, *rest):
 def kv_cache(q: Tensor, *args) -> tuple[Tensor, Tensor]:
     """The cache operator: the registered custom operator when traced, dispatch directly in eager."""
     op = kv_cache_attention if _traced(q) else dispatch.kv_cache_forward
-    with dispatch.no_autocast(q):
-        return op(q, *args)
+    return op(q, *args)
 
 
 def _traced(q: Tensor) -> bool:

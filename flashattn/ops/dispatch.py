@@ -42,10 +42,11 @@ def select_backend(device: torch.device) -> str:
     return "reference"
 
 
-def no_autocast(x: Tensor):
-    """A context in which torch.autocast is off for x's device: the kernels and the PyTorch path compute
-    in the dtypes they are given (the public functions cast the inputs under autocast; inside, a matmul
-    of the PyTorch path or the host's conversions must not be cast again)."""
+def _no_autocast(x: Tensor):
+    """A context in which torch.autocast is off for x's device, around the PyTorch path: it computes in
+    the dtypes it is given (the public functions cast the inputs under autocast; its matmuls must not
+    be cast again, its float32 accumulations not lowered). The Triton kernels and torch's fused CPU
+    kernel are not autocast ops, and their host code has none."""
     device = x.device.type
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
@@ -115,7 +116,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, variant: Vari
         result = cpu.forward(q, k, v, softmax_scale, variant.causal)
         if result is not None:
             return result
-    return reference.flash_attention_forward(q, k, v, softmax_scale, variant, *_reference_tiles(variant))
+    with _no_autocast(q):
+        return reference.flash_attention_forward(q, k, v, softmax_scale, variant, *_reference_tiles(variant))
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -137,8 +139,9 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         grads = cpu.backward(dout, q, k, v, out, lse, softmax_scale, variant.causal)
         if grads is not None:
             return (*grads, None)
-    return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
-                                              *_reference_tiles(variant), bias_grad=bias_grad)
+    with _no_autocast(q):
+        return reference.flash_attention_backward(dout, q, k, v, out, lse, softmax_scale, variant, dlse,
+                                                  *_reference_tiles(variant), bias_grad=bias_grad)
 
 
 def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
@@ -169,6 +172,7 @@ def kv_cache_forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | No
                                                   device=q.device)
         return decode.forward(_last_dim_contiguous(q), k_cache, v_cache, softmax_scale, variant, cache, num_splits,
                               after_append=decode.appends(k, rotary_cos))
-    q = reference.kv_cache_append(q, k_cache, v_cache, k, v, cache, rotary_cos, rotary_sin, rotary_interleaved,
-                                  q_all_positions)
-    return reference.kv_cache_forward(q, k_cache, v_cache, softmax_scale, variant, cache)
+    with _no_autocast(q):
+        q = reference.kv_cache_append(q, k_cache, v_cache, k, v, cache, rotary_cos, rotary_sin, rotary_interleaved,
+                                      q_all_positions)
+        return reference.kv_cache_forward(q, k_cache, v_cache, softmax_scale, variant, cache)
