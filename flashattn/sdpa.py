@@ -84,7 +84,7 @@ def _as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, 
                          f"sequence length ({value.shape[-2]})")
     if (query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
             and key.shape[1] == value.shape[1] and (query.shape[1] == key.shape[1] or (
-                enable_gqa and query.shape[1] % key.shape[1] == 0))):
+                enable_gqa and key.shape[1] > 0 and query.shape[1] % key.shape[1] == 0))):
         return query, key, value, attn_mask, None               # the common call: nothing to reshape
     rank = max(x.dim() for x in (query, key, value)) - 2        # leading dims, heads the last of them
     lead = [(1,) * (rank - (x.dim() - 2)) + tuple(x.shape[:-2]) for x in (query, key, value)]
@@ -95,6 +95,9 @@ def _as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, 
         raise ValueError(f"the batch dims of query {lead[0][:-1]}, key {lead[1][:-1]} and value {lead[2][:-1]} "
                          "do not broadcast")
     heads_q, heads_k, heads_v = (dims[-1] for dims in lead)
+    if 0 in (heads_q, heads_k, heads_v):
+        raise ValueError(f"query, key and value must have at least one head each, got {heads_q}, {heads_k} and "
+                         f"{heads_v} (dim -3)")
     heads = _check_heads(heads_q, heads_k, heads_v, enable_gqa)
     heads_kv = math.lcm(heads_k, heads_v)
     n = math.prod(batch)

@@ -82,6 +82,8 @@ def test_refuses_what_torch_refuses_and_what_it_cannot_do():
     with pytest.raises(ValueError, match="both given"):
         scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE),
                                      is_causal=True)
+    with pytest.raises(ValueError, match="at least one head"):
+        scaled_dot_product_attention(q, kv[:, :0], kv[:, :0], enable_gqa=True)
     with pytest.raises(ValueError, match="at least 2 dims"):
         scaled_dot_product_attention(q[0, 0, 0], q[0, 0, 0], q[0, 0, 0])
     with pytest.raises(ValueError, match="do not broadcast"):
