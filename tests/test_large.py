@@ -1,5 +1,6 @@
 """No size limit short of the GPU's memory: tensors past 2^31 elements (the kernels' bases are 64-bit),
-dense and packed, forward and backward, against float32 math on sampled rows.
+dense and packed, forward and backward, and KV caches contiguous and paged, against float32 math on
+sampled rows.
 
 Every tensor here has 2^20 + 2^14 rows of 16 x 128 elements, 2^31 + 2^25 elements: each kernel's
 offsets pass 2^31 in each input and output. A float32 reference over all keys costs as much as the
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, HAS_CUDA
-from flashattn import flash_attn_func, flash_attn_varlen_func
+from flashattn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 ROWS = 2 ** 20 + 2 ** 14
 NHEADS, HEAD_DIM = 16, 128
@@ -197,3 +198,55 @@ def test_packed_past_2_31_elements(causal, kernels, lse_without_probs):
             seq = (q[r], k[r], v[r], do[r], out[r], lse[:, r])
             _check_rows(*seq, dq[r], _samples(n, generator), causal, window)
             _check_keys(*seq, dk[r], dv[r], _samples(n, generator), causal, window)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged", "paged-gaps"])
+def test_kv_cache_past_2_31_elements(layout):
+    """flash_attn_with_kvcache appending one token and decoding (32 query heads over 16 KV heads, 128,
+    bf16) on a cache of 2^20 + 2^14 rows of 16 x 128 elements: contiguous (4 sequences), a pool of
+    16-slot pages in random order (pages page_size rows apart: the kernel's 32-bit row index times the
+    row stride), and the same pool with a gap after each page (64-bit offsets throughout). Appended
+    slots and keys past 2^31 elements; against float32 math over each sequence's keys, and every slot
+    but the appended ones bit-identical after the call."""
+    batch, page = 4, 16
+    seqlens = [ROWS // batch - 1, ROWS // batch * 3 // 8, 7, ROWS // batch - 1]   # the last: past 2^31
+    torch.manual_seed(0)
+    table = None
+    if layout == "contiguous":
+        k_cache, v_cache = (torch.randn(batch, ROWS // batch, NHEADS, HEAD_DIM, device=DEVICE,
+                                        dtype=torch.bfloat16) for _ in range(2))
+    else:
+        pages = ROWS // page
+        slots = page + (layout == "paged-gaps")
+        k_cache, v_cache = (torch.randn(pages, slots, NHEADS, HEAD_DIM, device=DEVICE,
+                                        dtype=torch.bfloat16)[:, :page] for _ in range(2))
+        table = torch.randperm(pages, device=DEVICE, dtype=torch.int32).view(batch, -1)
+    q = torch.randn(batch, 1, 2 * NHEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    k_new, v_new = (torch.randn(batch, 1, NHEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+                    for _ in range(2))
+    lengths = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
+                                       block_table=table, return_softmax_lse=True)
+
+    def rows(cache, b):
+        """(slots, KV heads, D): sequence b's slots in order."""
+        return cache[b] if table is None else cache[table[b].long()].flatten(0, 1)
+
+    with torch.no_grad():
+        for b, n in enumerate(seqlens):
+            k_seq, v_seq = rows(k_cache, b), rows(v_cache, b)
+            assert torch.equal(k_seq[n], k_new[b, 0]) and torch.equal(v_seq[n], v_new[b, 0])
+            # Nothing else written: put the old slot back and compare all of the cache below.
+            k_seq_before, v_seq_before = rows(k_before, b), rows(v_before, b)
+            k_seq_before[n], v_seq_before[n] = k_new[b, 0], v_new[b, 0]
+            if table is not None:
+                k_before[table[b].long()] = k_seq_before.view(-1, page, NHEADS, HEAD_DIM)
+                v_before[table[b].long()] = v_seq_before.view(-1, page, NHEADS, HEAD_DIM)
+            for hk in range(NHEADS):
+                kh, vh = k_seq[: n + 1, hk].float(), v_seq[: n + 1, hk].float()      # [n + 1, D]
+                s = q[b, 0, 2 * hk: 2 * hk + 2].float() @ kh.T * SCALE              # [2, n + 1]
+                ref_lse = torch.logsumexp(s, -1)
+                torch.testing.assert_close(lse[b, 2 * hk: 2 * hk + 2, 0], ref_lse, atol=1e-3, rtol=0)
+                _assert_rows_close("out", out[b, 0, 2 * hk: 2 * hk + 2], torch.softmax(s, -1) @ vh)
+        assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
