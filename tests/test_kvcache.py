@@ -386,31 +386,27 @@ def test_one_length_for_every_sequence(backend, layout, use_backend):
 
 @pytest.mark.parametrize("layout,leftpad", [("paged", True), ("paged32", False)])
 def test_offset_widths_give_the_same_attention(layout, leftpad, use_backend, monkeypatch):
-    """The paged kernel's row offsets all 32-bit (a pool below 2^31 elements), a row index in 32 bits
-    times the row stride (a pool of rows past 2^31 elements), or all 64-bit: the same cache rows, bit
-    for bit the same result."""
+    """The paged kernel's row offsets 32-bit (a pool of at most 2^31 elements) or 64-bit: the same
+    cache rows, bit for bit the same result."""
     use_backend("triton")
     results = []
-    for widths in ((True, False), (False, True), (False, False)):
-        monkeypatch.setattr(decode, "offset_widths", lambda page_size, k, v, widths=widths: widths)
+    for narrow in (True, False):
+        monkeypatch.setattr(decode, "pool32", lambda page_size, k, v, narrow=narrow: narrow)
         torch.manual_seed(5)
         cache = _Cache(layout, len(SEQLENS), leftpad)
         q = torch.randn(len(SEQLENS), 1, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
         results.append(flash_attn_with_kvcache(q, cache.k, cache.v, **cache.kwargs(), num_splits=2,
                                                return_softmax_lse=True))
-    for out, lse in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
 
 
-def test_offset_widths():
+def test_pool32():
     """32-bit offsets while the pool's largest offset is below 2^31 (a pool of exactly 2^31 elements
-    still); past that, a 32-bit row index while the pool is one run of rows; else 64 bits."""
+    still), else 64 bits; never for a contiguous cache (page_size 0)."""
     def pool(pages, page=16, heads=8, dim=128):
         return torch.empty(pages, page, heads, dim, device="meta")
     exact = pool(2 ** 31 // (16 * 8 * 128))
-    assert decode.offset_widths(16, exact, exact) == (True, False)
-    bigger = pool(exact.shape[0] + 1)
-    assert decode.offset_widths(16, exact, bigger) == (False, True)
-    gaps = pool(2 * bigger.shape[0])[::2]                      # pages 32 rows apart
-    assert decode.offset_widths(16, bigger, gaps) == (False, False)
-    assert decode.offset_widths(0, exact, exact) == (False, False)
+    assert decode.pool32(16, exact, exact)
+    assert not decode.pool32(16, exact, pool(exact.shape[0] + 1))
+    assert not decode.pool32(16, pool(2 * exact.shape[0])[::2], exact)   # as many pages, spread past 2^31
+    assert not decode.pool32(0, exact, exact)

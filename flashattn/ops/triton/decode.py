@@ -65,28 +65,24 @@ def _dependent_start(PDL: tl.constexpr):
 
 @triton.jit
 def _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_cb, stride_cn,
-              PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr, POOL_32: tl.constexpr, ROWS_32: tl.constexpr):
+              PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr, POOL_32: tl.constexpr):
     """Element offsets (int64) of the rows holding keys `pos` (one tile: consecutive, the first valid)
     of one sequence, from the cache's base (plus the head's offset, added by the caller); the block
     table is read only where `valid`, or once with TILE_IN_PAGE (pages are whole multiples of the
     tile, which starts at a multiple of its size, with no leftpad, so one page holds it; and offsets
     within a page are below 2^31). A paged tile's gathered rows cost address arithmetic between its
     products and its next loads (and registers): 64-bit only where an offset needs it.
-    POOL_32: every offset into the pool is below 2^31. ROWS_32: the pool is one run of rows (pages
-    page_size rows apart) of fewer than 2^31 rows: a row's offset is its index, 32-bit, times the row
-    stride."""
+    POOL_32: every offset into the pool fits 32 bits (pool32)."""
     if TILE_IN_PAGE:
         # One page holds the whole tile: one table entry (its first key's), rows as in a contiguous cache,
         # their offsets in the page 32-bit.
         slot = pos + leftpad
         page = tl.load(BLOCK_TABLE + cache_b * stride_btb + tl.min(slot, 0) // PAGE_SIZE).to(tl.int64)
         return page * stride_cb + ((slot % PAGE_SIZE) * stride_cn).to(tl.int64)
-    if PAGE_SIZE > 0 and (POOL_32 or ROWS_32):
+    if PAGE_SIZE > 0 and POOL_32:
         slot = pos + leftpad
         page = tl.load(BLOCK_TABLE + cache_b * stride_btb + slot // PAGE_SIZE, mask=valid, other=0)
-        if POOL_32:
-            return (page * stride_cb + (slot % PAGE_SIZE) * stride_cn).to(tl.int64)
-        return (page * PAGE_SIZE + slot % PAGE_SIZE).to(tl.int64) * stride_cn
+        return (page * stride_cb + (slot % PAGE_SIZE) * stride_cn).to(tl.int64)
     slot = pos.to(tl.int64) + leftpad
     if PAGE_SIZE > 0:
         page = tl.load(BLOCK_TABLE + cache_b * stride_btb + slot // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
@@ -109,8 +105,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
                   PAGE_SIZE: tl.constexpr = 0, HAS_WINDOW: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
                   DOT_PRECISION: tl.constexpr = "ieee", PDL: tl.constexpr = False,
-                  TILE_IN_PAGE: tl.constexpr = False, POOL_32: tl.constexpr = False,
-                  ROWS_32: tl.constexpr = False):
+                  TILE_IN_PAGE: tl.constexpr = False, POOL_32: tl.constexpr = False):
     """One program: the rows [pid_m * BLOCK_M, +BLOCK_M) of (query, head) pairs of one (batch, KV
     head) against one split of the keys. Grid (batch * KV heads, row blocks, splits): the product
     that grows with the batch on the axis of 2^31 - 1 programs (the others hold 65535)."""
@@ -170,7 +165,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
         valid = pos < seqlen_k
         key_ok = valid[:, None] & d_ok[None, :]
         k_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_kb, stride_kn, PAGE_SIZE,
-                           TILE_IN_PAGE, POOL_32, ROWS_32)
+                           TILE_IN_PAGE, POOL_32)
         k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, _ = scores(qk, i[:, None], pos[None, :], seqlen_q, seqlen_k, qk_scale, softcap_scale, softcap_log2,
@@ -182,7 +177,7 @@ def _split_kv_fwd(Q, K, V, O, LSE, O_PART, LSE_PART,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = _key_rows(pos, valid, leftpad, cache_b, BLOCK_TABLE, stride_btb, stride_vb, stride_vn, PAGE_SIZE,
-                           TILE_IN_PAGE, POOL_32, ROWS_32)
+                           TILE_IN_PAGE, POOL_32)
         v = tl.load(V + v_rows[:, None] + offs_d[None, :], mask=key_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -453,7 +448,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     # benchmarks/TUNING.md, § split-kv).
     chained = _pdl(q.device)
     overlap = chained and not after_append
-    pool_32, rows_32 = offset_widths(page_size, k, v)
     _launch_split(
         (batch * nheads_k, m_blocks, num_splits), q, k, v, o, lse, o_part, lse_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
@@ -466,7 +460,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         IS_CAUSAL=variant.causal, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), PDL=chained,
         TILE_IN_PAGE=_tile_in_page(page_size, t.block_n, cache, k, v),
-        POOL_32=pool_32, ROWS_32=rows_32,
+        POOL_32=pool32(page_size, k, v),
         num_warps=t.num_warps, num_stages=t.num_stages, launch_pdl=overlap)
     if split:
         _launch_combine((batch * seqlen_q * nheads, 1, 1), o_part, lse_part, o, lse, *o.stride()[:3], batch, seqlen_q,
@@ -481,15 +475,12 @@ def _extent(x: torch.Tensor) -> int:
     return 1 + sum((n - 1) * stride for n, stride in zip(x.shape, x.stride()))
 
 
-def offset_widths(page_size: int, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, bool]:
-    """(POOL_32, ROWS_32) of a paged cache's kernel (_key_rows): whether every element offset into
-    the pools fits 32 bits (a pool of exactly 2^31 elements, largest offset 2^31 - 1, still does);
-    else whether each pool is one run of rows, pages page_size rows apart, with fewer than 2^31 rows."""
-    if page_size == 0:
-        return False, False
-    if max(_extent(k), _extent(v)) <= 2 ** 31:
-        return True, False
-    return False, all(x.stride(0) == page_size * x.stride(1) and x.shape[0] * page_size <= 2 ** 31 for x in (k, v))
+def pool32(page_size: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The paged kernel's POOL_32 (_key_rows): whether every element offset into the pools fits 32
+    bits (a pool of exactly 2^31 elements, largest offset 2^31 - 1, still does). Larger pools gather
+    in 64 bits: a 32-bit row index times the row stride read no faster (benchmarks/TUNING.md,
+    § split-kv)."""
+    return page_size > 0 and max(_extent(k), _extent(v)) <= 2 ** 31
 
 
 def _tile_in_page(page_size: int, block_n: int, cache: KVCache | None, k: torch.Tensor, v: torch.Tensor) -> bool:
