@@ -8,8 +8,9 @@ decode through), torch SDPA's cuDNN backend (GQA native, enable_gqa=True) and Fl
 it is importable, in the same process. Every implementation is timed inside a CUDA graph of
 GRAPH_CALLS calls, so the figure is the GPU's time per step, not the host's (a decode loop that
 cares runs in a CUDA graph: flash_attn_with_kvcache reads no device value while one is captured);
-a replay of the graph is one round of measure.time_rounds (median, spread, reruns of a noisy cell).
-On the CPU each implementation is timed as the grid's cells are.
+a replay of the graph is one round of measure.time_rounds (median, spread, reruns of a noisy cell),
+the implementations of a cell interleaved round by round. On the CPU each implementation is timed as
+the grid's cells are.
 Paged cells: a block table of random pages; the peers' figures there are those of the contiguous
 cache of the same shape (timed once, in the contiguous row).
 """
@@ -94,16 +95,38 @@ class DecodeRow:
         return d
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> Measurement:
-    """Milliseconds per call: on CUDA, rounds of one replay of a graph of GRAPH_CALLS calls each; else
-    the grid's CPU timing."""
+def _time(calls: dict[str, Callable[[], object]], device: torch.device) -> dict[str, Measurement]:
+    """Milliseconds per call of each implementation of one cell, their rounds interleaved
+    (measure.time_rounds): on CUDA a round is one replay of a graph of GRAPH_CALLS calls, every
+    graph captured before the first round, so that a disturbance in time (clocks recovering from
+    the previous cell, the host) falls on every implementation alike rather than on the first one
+    timed; elsewhere the grid's CPU timing. An implementation that fails to run or be captured fails
+    its entry only."""
     if device.type != "cuda":
         timer, rounds = measure.timing(device)
-        return measure.time_prepared({"": ([fn], [])}, timer, rounds)[""]
+        return measure.time_prepared({name: ([fn], []) for name, fn in calls.items()}, timer, rounds)
+    results: dict[str, Measurement] = {}
+    replays: dict[str, Callable[[], float]] = {}
+    graphs = []
+    for name, fn in calls.items():
+        graph, failure = measure.attempt(lambda: _capture(fn))
+        if failure is not None:
+            results[name] = failure
+            torch.cuda.synchronize()
+            continue
+        graphs.append(graph)
+        replays[name] = lambda graph=graph: _replay(graph)
+    results.update(measure.time_rounds(replays, ROUNDS))
+    del graphs
+    return {name: results[name] for name in calls}
+
+
+def _capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of GRAPH_CALLS calls of fn, after three outside it (compile, allocate, warm up)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):                       # compile, allocate, warm up outside the graph
+        for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
@@ -111,18 +134,17 @@ def _time(fn: Callable[[], object], device: torch.device) -> Measurement:
         for _ in range(GRAPH_CALLS):
             fn()
     graph.replay()
+    return graph
 
-    def replay() -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / GRAPH_CALLS
 
-    result = measure.time_rounds({"": replay}, ROUNDS)[""]
-    del graph
-    return result
+def _replay(graph: torch.cuda.CUDAGraph) -> float:
+    """One round: ms per call over one replay."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / GRAPH_CALLS
 
 
 def _fa4():
@@ -143,15 +165,19 @@ def _cell(cfg: DecodeConfig, kv_heads: int, batch: int, cache: int, layout: str,
     k = torch.randn(batch, cache, kv_heads, d, dtype=dtype, device=device)
     v = torch.randn_like(k)
 
-    def attempt(name: str, make: Callable[[], Callable[[], object]]) -> None:
-        timing, failure = measure.attempt(lambda: _time(make(), device))
-        row.timings[name] = failure or timing
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    calls: dict[str, Callable[[], object]] = {}
+
+    def add(name: str, make: Callable[[], Callable[[], object]]) -> None:
+        """An implementation's call, made up front (a failure there fails its entry)."""
+        call, failure = measure.attempt(make)
+        if failure is not None:
+            row.timings[name] = failure
+        else:
+            calls[name] = call
 
     if layout == "contiguous":
-        attempt(SUBJECT, lambda: lambda: flash_attn_with_kvcache(q, k, v))
-        attempt("flashattn dense", lambda: lambda: flash_attn_func(q, k, v))
+        add(SUBJECT, lambda: lambda: flash_attn_with_kvcache(q, k, v))
+        add("flashattn dense", lambda: lambda: flash_attn_func(q, k, v))
     else:
         page = int(layout.split("-")[1])
         blocks = cache // page
@@ -160,10 +186,10 @@ def _cell(cfg: DecodeConfig, kv_heads: int, batch: int, cache: int, layout: str,
         pool_k[table.long()] = k.view(batch, blocks, page, kv_heads, d)
         pool_v = torch.empty_like(pool_k)
         pool_v[table.long()] = v.view(batch, blocks, page, kv_heads, d)
+        del k, v
         seqlens = torch.full((batch,), cache, dtype=torch.int32, device=device)
-        attempt(SUBJECT, lambda: lambda: flash_attn_with_kvcache(q, pool_k, pool_v, cache_seqlens=seqlens,
-                                                                 block_table=table))
-        del pool_k, pool_v
+        add(SUBJECT, lambda: lambda: flash_attn_with_kvcache(q, pool_k, pool_v, cache_seqlens=seqlens,
+                                                             block_table=table))
     if layout == "contiguous" and device.type == "cuda":
         def sdpa():
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -173,9 +199,13 @@ def _cell(cfg: DecodeConfig, kv_heads: int, batch: int, cache: int, layout: str,
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
             return call
-        attempt("SDPA cuDNN", sdpa)
+        add("SDPA cuDNN", sdpa)
         if fa4 is not None:
-            attempt("FlashAttention-4", lambda: lambda: fa4(q, k, v))
+            add("FlashAttention-4", lambda: lambda: fa4(q, k, v))
+    row.timings.update(_time(calls, device))
+    calls.clear()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return row
 
 
