@@ -204,10 +204,9 @@ def test_packed_past_2_31_elements(causal, kernels, lse_without_probs):
 def test_kv_cache_past_2_31_elements(layout):
     """flash_attn_with_kvcache appending one token and decoding (32 query heads over 16 KV heads, 128,
     bf16) on a cache of 2^20 + 2^14 rows of 16 x 128 elements: contiguous (4 sequences), a pool of
-    16-slot pages in random order (pages page_size rows apart: the kernel's 32-bit row index times the
-    row stride), and the same pool with a gap after each page (64-bit offsets throughout). Appended
-    slots and keys past 2^31 elements; against float32 math over each sequence's keys, and every slot
-    but the appended ones bit-identical after the call."""
+    16-slot pages in random order, and the same pool with a gap after each page (the paged kernel's
+    64-bit offsets, decode.pool32). Appended slots and keys past 2^31 elements; against float32 math
+    over each sequence's keys, and every slot but the appended ones bit-identical after the call."""
     batch, page = 4, 16
     seqlens = [ROWS // batch - 1, ROWS // batch * 3 // 8, 7, ROWS // batch - 1]   # the last: past 2^31
     torch.manual_seed(0)
