@@ -4,8 +4,10 @@ A peer turns a case and a device into an attention function `fn(q, k, v) -> out`
 once per shape (a FlexAttention block mask, a compiled function) happens there, outside the
 timed region. Layouts: flashattn and flash-attn take (B, N, H, D); SDPA, FlexAttention and standard
 attention take (B, H, N, D). Both are allocated contiguous, so no peer pays for a transpose. On the CPU,
-flashattn also runs through its SDPA drop-in on SDPA's (B, H, N, D) tensors: torch's fused CPU kernel,
-which serves both, is a little faster on that layout, so that entry compares the two at equal layouts.
+flashattn also runs through its SDPA drop-in on SDPA's (B, H, N, D) tensors, and SDPA on flashattn's
+(B, N, H, D) tensors as transposed views (as a model that projects to (B, N, H, D) calls it): torch's
+fused CPU kernel, which serves both, is a little faster on (B, H, N, D), so those two entries compare
+the two libraries at equal layouts.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 SUBJECT = "flashattn"  # the library under test; every other implementation is a peer
 DETERMINISTIC = "flashattn-deterministic"   # the same with deterministic=True (target: >= 0.8x SUBJECT)
 SDPA_DROP_IN = "flashattn-sdpa"             # flashattn.scaled_dot_product_attention on SDPA's layout
+SDPA_VIEWS = "sdpa-bnhd"                    # torch SDPA on (B, N, H, D) memory: flashattn's layout
 OURS = (SUBJECT, DETERMINISTIC, SDPA_DROP_IN)   # never counted as the best peer
 
 
@@ -92,6 +95,16 @@ def _standard(case: Case, device: torch.device) -> AttentionFn:
 
 def _sdpa_default(case: Case, device: torch.device) -> AttentionFn:
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+
+
+def _sdpa_views(case: Case, device: torch.device) -> AttentionFn:
+    """SDPA on (B, N, H, D) tensors, given as (B, H, N, D) views: how a model that projects to (B, N, H,
+    D) calls it; the output goes back to the inputs' layout as a view, as flashattn's is."""
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=case.causal)
+        return out.transpose(1, 2)
+    return fn
 
 
 def _sdpa_forced(backend_name: str) -> Callable[[Case, torch.device], AttentionFn]:
@@ -177,6 +190,8 @@ def registry(mode: str) -> list[Peer]:
                  description="this library through its SDPA drop-in, on SDPA's layout"),
             Peer("standard", "bhnd", _standard, max_seqlen=4096, description=_STANDARD),
             Peer("sdpa", "bhnd", _sdpa_default, description="torch SDPA, default CPU backend"),
+            Peer(SDPA_VIEWS, "bnhd", _sdpa_views,
+                 description="torch SDPA on flashattn's (B, N, H, D) tensors as transposed views"),
         ]
     return [
         Peer(SUBJECT, "bnhd", _flashattn, description="this library (Triton kernels)"),

@@ -44,7 +44,7 @@ def test_cpu_run_writes_json_markdown_and_plot(tmp_path):
     assert {row["seqlen"] for row in rows} == {64, 128}
     for row in rows:
         assert row["headdim"] == 32
-        assert set(row["results"]) == {"flashattn", "flashattn-sdpa", "standard", "sdpa"}
+        assert set(row["results"]) == {"flashattn", "flashattn-sdpa", "standard", "sdpa", "sdpa-bnhd"}
         for name, result in row["results"].items():
             assert result["status"] == "ok", (name, result)
             assert result["ms"] > 0 and result["tflops"] > 0
@@ -52,7 +52,7 @@ def test_cpu_run_writes_json_markdown_and_plot(tmp_path):
             assert len(result["rounds_ms"]) == measure.CPU_ROUNDS and result["spread"] >= 0
             assert 0 <= result["reruns"] <= measure.MAX_RERUNS and isinstance(result["noisy"], bool)
             assert result["noisy"] == (result["spread"] > measure.NOISE_LIMIT)
-        assert row["best_peer"] in {"standard", "sdpa"}
+        assert row["best_peer"] in {"standard", "sdpa", "sdpa-bnhd"}
         assert row["flashattn_over_best_peer"] > 0
     assert "spread" in report["method"]["noise"]
     assert "skipped" in report["memory"]
@@ -147,6 +147,22 @@ def test_sdpa_drop_in_entry_is_ours():
         peers.SUBJECT: Measurement("ok", tflops=100.0), peers.SDPA_DROP_IN: Measurement("ok", tflops=300.0),
         "sdpa": Measurement("ok", tflops=50.0)})
     assert row.best_peer() == "sdpa" and row.ratio() == 2.0
+    views = next(p for p in peers.registry("cpu") if p.name == peers.SDPA_VIEWS)
+    assert views.layout == "bnhd" and views.name not in peers.OURS
+
+
+def test_sdpa_views_entry_matches_sdpa():
+    """The same-layout SDPA entry takes flashattn's (B, N, H, D) tensors and returns SDPA's result in that
+    layout."""
+    import torch
+    import torch.nn.functional as F
+    from flashattn.bench import peers
+
+    entry = next(p for p in peers.registry("cpu") if p.name == peers.SDPA_VIEWS)
+    case = Case("fp32", 1, 2, 16, 8, True, "fwd")
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    expected = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(entry.build(case, q.device)(q, k, v), expected.transpose(1, 2), rtol=0, atol=0)
 
 
 def _noisy_results():
