@@ -73,6 +73,8 @@ STAGES = {64: 2, 128: 2, 256: 2}
 SPLIT_DQ = {64: False, 128: False, 256: True}
 DETERMINISTIC_STAGES = {64: 2, 128: 2, 256: 1}
 DQ_STAGES = 1       # dQ_i tiles handed to the writer partition (one fits in shared memory at head dim 128)
+DETERMINISTIC_DQ_STAGES = {64: 1, 128: 1, 256: 1}
+POLL_AHEAD = gl.constexpr(True)
 NUM_WARPS = 8       # the compute partition's; the writer partition adds one warp
 WRITER_REGS = gl.constexpr(24)
 
@@ -329,18 +331,25 @@ def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nh
                                              strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM],
                                              layout=dq_layout)
         sem_h = _semaphores(SEM, off_b, off_h, nheads, seqlen_q, total_q, q_start, BLOCK_M, VARLEN)
+        turn = pid_n - 1                # no read of step 0's semaphore yet
         for j in range(n_steps):
             start_m = _query_block(lo, j, n_steps, BLOCK_M, True)
             d = it % DQ_STAGES
             mbarrier.wait(dq_full.index(d), (it // DQ_STAGES) & 1)
             sem = sem_h + start_m // BLOCK_M
-            turn = gl.atomic_add(sem, 0, sem="acquire")
             while turn != pid_n:
                 turn = gl.atomic_add(sem, 0, sem="acquire")
             _ptx("fence.proxy.async.global;")         # the TMA add comes after the acquire
             _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(d))
             tma.store_wait(0)
             mbarrier.arrive(dq_empty.index(d), count=1)
+            # The next block's semaphore is read while this add completes: a hand-on then costs
+            # the add's completion or the read's round trip, whichever is longer, not both.
+            turn = pid_n - 1
+            if POLL_AHEAD:
+                if j + 1 < n_steps:
+                    turn = gl.atomic_add(sem_h + _query_block(lo, j + 1, n_steps, BLOCK_M, True) // BLOCK_M, 0,
+                                         sem="acquire")
             # Complete in global memory (store_wait only waits until shared memory is read), and
             # ordered before the release.
             _ptx("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;")
@@ -572,7 +581,8 @@ def dq_buffer(q: torch.Tensor) -> torch.Tensor:
 def build_constexprs(head_dim: int, deterministic: bool) -> dict:
     """The kernel's tile constexprs for a head dim and build (also what tests compile for sm_90)."""
     return dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M[head_dim], BLOCK_N=BLOCK_N[head_dim],
-                STAGES=(DETERMINISTIC_STAGES if deterministic else STAGES)[head_dim], DQ_STAGES=DQ_STAGES,
+                STAGES=(DETERMINISTIC_STAGES if deterministic else STAGES)[head_dim],
+                DQ_STAGES=DETERMINISTIC_DQ_STAGES[head_dim] if deterministic else DQ_STAGES,
                 SPLIT_DQ=SPLIT_DQ[head_dim] and not deterministic, DETERMINISTIC=deterministic)
 
 
