@@ -73,8 +73,10 @@ STAGES = {64: 2, 128: 2, 256: 2}
 SPLIT_DQ = {64: False, 128: False, 256: True}
 DETERMINISTIC_STAGES = {64: 2, 128: 2, 256: 1}
 DQ_STAGES = 1       # dQ_i tiles handed to the writer partition (one fits in shared memory at head dim 128)
-DETERMINISTIC_DQ_STAGES = {64: 1, 128: 1, 256: 1}
-POLL_AHEAD = gl.constexpr(True)
+# The deterministic writer reads the next query block's semaphore while its add completes, so that a
+# hand-on costs the longer of the two rather than both: faster at head dim 256 (one Q_i / dO_i stage,
+# the hand-on on the critical path), slower at 64 and 128 (§ one-pass-backward).
+POLL_AHEAD = {64: False, 128: False, 256: True}
 NUM_WARPS = 8       # the compute partition's; the writer partition adds one warp
 WRITER_REGS = gl.constexpr(24)
 
@@ -317,7 +319,7 @@ def _ptx(statement, _semantic=None):
 @gluon.jit
 def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size, seqlen_q,
                total_q, q_start, lo, n_steps, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-               DQ_STAGES: gl.constexpr, VARLEN: gl.constexpr):
+               DQ_STAGES: gl.constexpr, POLL_AHEAD: gl.constexpr, VARLEN: gl.constexpr):
     """The writer partition of the deterministic kernel (one warp): adds each dQ_i the compute warps
     hand over into DQ_ACC by a TMA reduce-add, in a fixed order: the key blocks that reach query block
     i (always 0..N_i) add in that order; key block pid_n waits until the block's semaphore says pid_n,
@@ -449,7 +451,8 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                    seqlen_q, seqlen_k, nheads, group_size, softmax_scale, qk_scale,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, STAGES: gl.constexpr, DQ_STAGES: gl.constexpr,
-                   SPLIT_DQ: gl.constexpr, DETERMINISTIC: gl.constexpr, num_warps: gl.constexpr,
+                   SPLIT_DQ: gl.constexpr, DETERMINISTIC: gl.constexpr, POLL_AHEAD: gl.constexpr,
+                   num_warps: gl.constexpr,
                    # Packed sequences (the module docstring): None, and unused, without VARLEN.
                    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, VARLEN: gl.constexpr = False):
     """dK, dV of one key block of one kv head, and dQ's share of every query head of its group: 8
@@ -532,7 +535,8 @@ def _attn_bwd_sm90(Q, K, V, DO, LSE, DELTA, DQ_ACC, SEM, DK, DV,
                             qk_scale, lo, n_masked, n_steps, offset, total_q, q_start, HEAD_DIM, BLOCK_M,
                             BLOCK_N, STAGES, DQ_STAGES, False, True, IS_CAUSAL, VARLEN, num_warps)),
             (_dq_writer, (dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nheads, group_size,
-                          seqlen_q, total_q, q_start, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES, VARLEN)),
+                          seqlen_q, total_q, q_start, lo, n_steps, BLOCK_M, HEAD_DIM, DQ_STAGES, POLL_AHEAD,
+                          VARLEN)),
         ], [1], [WRITER_REGS])
     else:
         # The same arguments as above, spelled out: a tuple unpacked into a call (`*args`) loses
@@ -581,9 +585,9 @@ def dq_buffer(q: torch.Tensor) -> torch.Tensor:
 def build_constexprs(head_dim: int, deterministic: bool) -> dict:
     """The kernel's tile constexprs for a head dim and build (also what tests compile for sm_90)."""
     return dict(HEAD_DIM=head_dim, BLOCK_M=BLOCK_M[head_dim], BLOCK_N=BLOCK_N[head_dim],
-                STAGES=(DETERMINISTIC_STAGES if deterministic else STAGES)[head_dim],
-                DQ_STAGES=DETERMINISTIC_DQ_STAGES[head_dim] if deterministic else DQ_STAGES,
-                SPLIT_DQ=SPLIT_DQ[head_dim] and not deterministic, DETERMINISTIC=deterministic)
+                STAGES=(DETERMINISTIC_STAGES if deterministic else STAGES)[head_dim], DQ_STAGES=DQ_STAGES,
+                SPLIT_DQ=SPLIT_DQ[head_dim] and not deterministic, DETERMINISTIC=deterministic,
+                POLL_AHEAD=POLL_AHEAD[head_dim] and deterministic)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
