@@ -133,7 +133,7 @@ _FWD_WS = {
 # The one-pass backward (backward_sm90), from the length where it measured faster than the portable
 # backward (§ one-pass-backward; on the H200, § switch-over): (head dim, causal) -> (from this length,
 # and from this length with deterministic=True, or None).
-_BWD_ONEPASS = {(64, False): (2048, 2048), (64, True): (4096, 4096),
+_BWD_ONEPASS = {(64, False): (2048, 2048), (64, True): (4096, None),
                 (128, False): (1024, 1024), (128, True): (2048, 4096),
                 (256, False): (512, 512), (256, True): (512, 2048)}
 
