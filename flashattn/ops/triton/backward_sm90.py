@@ -345,8 +345,8 @@ def _dq_writer(dq_smem, dq_full, dq_empty, DQ_ACC, SEM, pid_n, off_b, off_hk, nh
             _tma_reduce_add(dq_desc, [start_m, 0], dq_smem.index(d))
             tma.store_wait(0)
             mbarrier.arrive(dq_empty.index(d), count=1)
-            # The next block's semaphore is read while this add completes: a hand-on then costs
-            # the add's completion or the read's round trip, whichever is longer, not both.
+            # With POLL_AHEAD the next block's semaphore is read while this add completes: a hand-on
+            # then costs the add's completion or the read's round trip, whichever is longer, not both.
             turn = pid_n - 1
             if POLL_AHEAD:
                 if j + 1 < n_steps:
